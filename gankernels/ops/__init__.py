@@ -1,0 +1,26 @@
+"""Functional ops: the reference (spec), dispatch, torch.library registration."""
+
+from gankernels.ops import torch_backend as _torch_backend  # noqa: F401  (registers the reference backend)
+from gankernels.ops.dispatch import BackendUnavailable, Explanation, use_backend
+from gankernels.ops.functional import (
+    bias_act,
+    conv3x3,
+    conv3x3_pool,
+    explain,
+    max_pool2d,
+    up_conv3x3,
+    upsample_nearest2d,
+)
+
+__all__ = [
+    "BackendUnavailable",
+    "Explanation",
+    "bias_act",
+    "conv3x3",
+    "conv3x3_pool",
+    "explain",
+    "max_pool2d",
+    "up_conv3x3",
+    "upsample_nearest2d",
+    "use_backend",
+]

@@ -1,0 +1,312 @@
+"""The public functional API: argument checks, autocast, dispatch, the registered op.
+
+Every function takes ``backend=None`` (the default from ``gankernels.use_backend`` or
+``GANKERNELS_BACKEND``, else ``"auto"``), ``"auto"``, ``"torch"``, ``"triton"`` or
+``"cuda"``. Bad arguments raise ``TypeError``/``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from gankernels.ops import dispatch
+from gankernels.ops import registration as reg
+from gankernels.ops.reference import ACTIVATIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+# ----------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_tensor(t: Any, name: str, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}; "
+            f"convert it with {name}.float()"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_same(x: torch.Tensor, other: Optional[torch.Tensor], name: str, dtype: bool = True) -> None:
+    if other is None:
+        return
+    if other.device != x.device:
+        raise ValueError(f"{name}: is on {other.device} but x is on {x.device}; move both to the same device")
+    if dtype and other.dtype != x.dtype:
+        raise TypeError(
+            f"{name}: dtype {other.dtype} differs from x's {x.dtype}; cast it ({name}.to(x.dtype)) or run under torch.autocast"
+        )
+
+
+def _check_epilogue(act: Any, alpha: Any, gain: Any, clamp: Any) -> tuple[str, float, float, Optional[float]]:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    for name, v in (("alpha", alpha), ("gain", gain)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    if clamp is not None:
+        if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
+            raise TypeError(f"clamp: expected a non-negative number or None, got {type(clamp).__name__}")
+        if not clamp >= 0:
+            raise ValueError(f"clamp: must be >= 0 (the result is clipped to [-clamp, clamp]), got {clamp}")
+        clamp = float(clamp)
+    return act, float(alpha), float(gain), clamp
+
+
+def _autocast(*tensors: Optional[torch.Tensor]) -> tuple:
+    """Cast like ``F.conv2d`` under ``torch.autocast``: float32/16/bf16 inputs to the
+    autocast dtype; float64 is left alone."""
+    x = tensors[0]
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if (t is not None and t.dtype in _AUTOCAST_ELIGIBLE) else t for t in tensors)
+
+
+def _prepare_conv(x, w, b, act, alpha, gain, clamp) -> dict[str, Any]:
+    _check_tensor(x, "x", 4)
+    _check_tensor(w, "w", 4)
+    if b is not None:
+        _check_tensor(b, "b", 1)
+    if tuple(w.shape[2:]) != (3, 3):
+        raise ValueError(f"w: expected a 3×3 kernel of shape [Co, Ci, 3, 3], got {tuple(w.shape)}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w: has {w.shape[1]} input channels (w.shape[1]) but x has {x.shape[1]} (x.shape[1])")
+    if b is not None and b.shape[0] != w.shape[0]:
+        raise ValueError(f"b: expected length {w.shape[0]} (w.shape[0], the output channels), got {b.shape[0]}")
+    _check_same(x, w, "w", dtype=False)
+    _check_same(x, b, "b", dtype=False)
+    x, w, b = _autocast(x, w, b)
+    _check_same(x, w, "w")
+    _check_same(x, b, "b")
+    act, alpha, gain, clamp = _check_epilogue(act, alpha, gain, clamp)
+    return dict(x=x, w=w, b=b, act=act, alpha=alpha, gain=gain, clamp=clamp)
+
+
+def _prepare_bias_act(x, b, act, alpha, gain, clamp, dim) -> dict[str, Any]:
+    _check_tensor(x, "x")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim: expected an int, got {type(dim).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x: expected at least a 1-D tensor, got a scalar")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim: {dim} is out of range for x with {x.dim()} dimensions")
+    dim = dim % x.dim()
+    if b is not None:
+        _check_tensor(b, "b", 1)
+        _check_same(x, b, "b", dtype=False)
+        if b.shape[0] != x.shape[dim]:
+            raise ValueError(f"b: expected length {x.shape[dim]} (x.shape[{dim}]), got {b.shape[0]}")
+        b = b.to(x.dtype)  # documented: the bias is cast to x's dtype
+    act, alpha, gain, clamp = _check_epilogue(act, alpha, gain, clamp)
+    return dict(x=x, b=b, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+
+
+def _pair(v: Any, name: str, minimum: int) -> list[int]:
+    vals = list(v) if isinstance(v, (tuple, list)) else [v, v]
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or any(isinstance(i, bool) or not isinstance(i, int) for i in vals):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    if any(i < minimum for i in vals):
+        raise ValueError(f"{name}: every value must be >= {minimum}, got {v!r}")
+    return vals
+
+
+def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode) -> dict[str, Any]:
+    _check_tensor(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D [N, C, H, W] (or 3-D [C, H, W]) tensor, got shape {tuple(x.shape)}")
+    k = _pair(kernel_size, "kernel_size", 1)
+    s = k if (stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)) else _pair(stride, "stride", 1)
+    p = _pair(padding, "padding", 0)
+    d = _pair(dilation, "dilation", 1)
+    for i in range(2):
+        if p[i] > (d[i] * (k[i] - 1) + 1) // 2:
+            raise ValueError(f"padding: {p} must be at most half of the effective kernel size (kernel_size={k}, dilation={d})")
+    from gankernels.ops.reference import pool_output_size
+
+    for i, size in enumerate(x.shape[2:]):
+        if pool_output_size(size, k[i], s[i], p[i], d[i], bool(ceil_mode)) <= 0:
+            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size {k} (output would be empty)")
+    return dict(x=x, kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
+
+
+def _prepare_upsample(x, scale_factor) -> dict[str, Any]:
+    _check_tensor(x, "x", 4)
+    s = scale_factor
+    if isinstance(s, (tuple, list)):
+        if len(s) != 2 or s[0] != s[1]:
+            raise ValueError(f"scale_factor: expected one integer scale for both axes, got {s!r}")
+        s = s[0]
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or (isinstance(s, float) and not s.is_integer()):
+        raise ValueError(f"scale_factor: expected a positive integer (nearest upsampling by an integer factor), got {scale_factor!r}")
+    s = int(s)
+    if s < 1:
+        raise ValueError(f"scale_factor: expected a positive integer, got {scale_factor!r}")
+    return dict(x=x, scale_factor=s)
+
+
+# ----------------------------------------------------------------------------------
+# Public functions.
+
+
+def bias_act(
+    x: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+    dim: int = 1,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``clip(act(x + b) * gain, -clamp, clamp)``, ``b`` broadcast along ``dim`` (cast
+    to ``x``'s dtype). Gradients to ``x`` and ``b``, double backward supported."""
+    args = _prepare_bias_act(x, b, act, alpha, gain, clamp, dim)
+    name = dispatch.resolve("bias_act", backend, args)
+    return reg.bias_act_op(**args, backend=name)
+
+
+def _conv_doc(what: str) -> str:
+    return f"""{what}
+
+    ``x``: [N, Ci, H, W]; ``w``: [Co, Ci, 3, 3]; ``b``: [Co] or None; ``act``: one of
+    ``"linear" "relu" "lrelu" "tanh" "sigmoid" "silu"``; ``alpha``: the lrelu slope;
+    ``gain`` multiplies after the activation; ``clamp`` (>= 0) clips the result.
+    The output keeps ``x``'s memory format. Under ``torch.autocast`` the inputs are cast
+    as for ``F.conv2d``. Gradients to x, w, b; double backward supported.
+    """
+
+
+def conv3x3(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
+    name = dispatch.resolve("conv3x3", backend, args)
+    return reg.conv3x3_op(**args, backend=name)[0]
+
+
+def conv3x3_pool(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
+    name = dispatch.resolve("conv3x3_pool", backend, args)
+    return reg.conv3x3_pool_op(**args, backend=name)[0]
+
+
+def up_conv3x3(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
+    name = dispatch.resolve("up_conv3x3", backend, args)
+    return reg.up_conv3x3_op(**args, backend=name)[0]
+
+
+conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 3×3 convolution, bias, activation, fused.")
+conv3x3_pool.__doc__ = _conv_doc("``max_pool2d(conv3x3(x, w, b, ...), 2)``: the discriminator block, fused (odd H/W floor).")
+up_conv3x3.__doc__ = _conv_doc("``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W].")
+
+
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: Union[int, tuple[int, int]],
+    stride: Optional[Union[int, tuple[int, int]]] = None,
+    padding: Union[int, tuple[int, int]] = 0,
+    dilation: Union[int, tuple[int, int]] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``F.max_pool2d`` with the same signature and results (NaN propagates; indices
+    are flat per-plane positions). Accepts [N, C, H, W] or [C, H, W]."""
+    unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    args = _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode)
+    name = dispatch.resolve("max_pool2d", backend, args)
+    out, idx = reg.max_pool2d_op(**args, backend=name)
+    if unbatched:
+        out, idx = out.squeeze(0), idx.squeeze(0)
+    return (out, idx) if return_indices else out
+
+
+def upsample_nearest2d(
+    x: torch.Tensor, scale_factor: Union[int, float] = 2, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=s, mode="nearest")`` for an integer ``s``."""
+    args = _prepare_upsample(x, scale_factor)
+    name = dispatch.resolve("upsample_nearest2d", backend, args)
+    return reg.upsample_nearest2d_op(**args, backend=name)
+
+
+_PREPARE: dict[str, Callable[..., dict[str, Any]]] = {
+    "bias_act": _prepare_bias_act,
+    "conv3x3": _prepare_conv,
+    "conv3x3_pool": _prepare_conv,
+    "up_conv3x3": _prepare_conv,
+    "max_pool2d": _prepare_max_pool,
+    "upsample_nearest2d": _prepare_upsample,
+}
+_PUBLIC = {
+    "bias_act": bias_act,
+    "conv3x3": conv3x3,
+    "conv3x3_pool": conv3x3_pool,
+    "up_conv3x3": up_conv3x3,
+    "max_pool2d": max_pool2d,
+    "upsample_nearest2d": upsample_nearest2d,
+}
+
+
+def explain(op: Union[str, Callable], *args: Any, **kwargs: Any) -> dispatch.Explanation:
+    """Which backend would run ``op(*args, **kwargs)``, and why each other one would not.
+
+    >>> print(gankernels.explain("conv3x3", x, w, b, act="lrelu"))
+    """
+    name = op if isinstance(op, str) else getattr(op, "__name__", "")
+    if name not in _PUBLIC:
+        raise ValueError(f"op: unknown op {op!r}; expected one of {tuple(_PUBLIC)}")
+    bound = inspect.signature(_PUBLIC[name]).bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    backend = params.pop("backend")
+    params.pop("return_indices", None)
+    if name == "max_pool2d" and isinstance(params["x"], torch.Tensor) and params["x"].dim() == 3:
+        params["x"] = params["x"].unsqueeze(0)
+    prepared = _PREPARE[name](**params)
+    return dispatch.explain_args(name, backend, prepared)

@@ -1,0 +1,246 @@
+"""The ops as ``torch.library`` custom ops in the ``gankernels`` namespace.
+
+Each op takes its (validated) arguments plus the name of the backend chosen by
+``gankernels.ops.dispatch`` and runs that backend's implementation. Registered with
+fake kernels (so ``torch.compile(fullgraph=True)`` traces them), and autograd:
+
+* the first-order backward uses the backend's own ``backward`` when it has one;
+* otherwise, and always when a graph of the backward is being built (double
+  backward, e.g. an R1 penalty), the reference formulas of
+  ``gankernels.ops.reference``, which are differentiable.
+
+The 3×3 ops return ``(out, saved)``: ``saved`` is whatever the backend keeps for its
+backward (empty for the reference). Autocast is applied in ``functional`` before the
+op is called, as ``F.conv2d`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gankernels.ops import reference as ref
+from gankernels.ops.dispatch import get_impl
+
+LIB = "gankernels"
+
+
+def _empty_saved(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((0,))
+
+
+def _fresh(t: torch.Tensor, like: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    """Custom ops may not return an input (or a view of one): copy in that case."""
+    out = ref.same_memory_format(t, like)
+    for i in inputs:
+        if isinstance(i, torch.Tensor) and out.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() and i.numel():
+            return out.clone(memory_format=ref.memory_format_of(like))
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# bias_act
+
+
+@torch.library.custom_op(f"{LIB}::bias_act", mutates_args=())
+def bias_act_op(
+    x: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float, gain: float, clamp: Optional[float], dim: int, backend: str
+) -> torch.Tensor:
+    y = get_impl("bias_act", backend).forward(x=x, b=b, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+    return _fresh(y, x, (x, b))
+
+
+@bias_act_op.register_fake
+def _(x, b, act, alpha, gain, clamp, dim, backend):
+    return torch.empty_like(x, memory_format=ref.memory_format_of(x))
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, b, act, alpha, gain, clamp, dim, backend = inputs
+    ctx.cfg = (act, alpha, gain, clamp, dim, backend)
+    ctx.save_for_backward(x, b, output)
+
+
+def _bias_act_backward(ctx, grad):
+    x, b, y = ctx.saved_tensors
+    act, alpha, gain, clamp, dim, backend = ctx.cfg
+    impl = get_impl("bias_act", backend)
+    if impl.backward is not None and not torch.is_grad_enabled():
+        gx, gb = impl.backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+    else:
+        gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+    return gx, gb, None, None, None, None, None, None
+
+
+bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+
+
+# ----------------------------------------------------------------------------------
+# conv3x3, conv3x3_pool, up_conv3x3: one pattern, three shapes.
+
+
+def _conv_out_shape(op: str, x: torch.Tensor, w: torch.Tensor) -> tuple:
+    n, _, h, wd = x.shape
+    co = w.shape[0]
+    if op == "conv3x3":
+        return (n, co, h, wd)
+    if op == "conv3x3_pool":
+        return (n, co, h // 2, wd // 2)
+    return (n, co, 2 * h, 2 * wd)
+
+
+_CONV_REFERENCE_BACKWARD = {
+    "conv3x3": ref.conv3x3_backward,
+    "conv3x3_pool": ref.conv3x3_pool_backward,
+    "up_conv3x3": ref.up_conv3x3_backward,
+}
+
+
+def _make_conv_op(op: str):
+    @torch.library.custom_op(f"{LIB}::{op}", mutates_args=())
+    def conv_op(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: Optional[torch.Tensor],
+        act: str,
+        alpha: float,
+        gain: float,
+        clamp: Optional[float],
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, saved = get_impl(op, backend).forward(x=x, w=w, b=b, act=act, alpha=alpha, gain=gain, clamp=clamp)
+        return ref.same_memory_format(out, x), saved
+
+    @conv_op.register_fake
+    def _(x, w, b, act, alpha, gain, clamp, backend):
+        out = x.new_empty(_conv_out_shape(op, x, w)).contiguous(memory_format=ref.memory_format_of(x))
+        fake_saved = get_impl(op, backend).fake_saved
+        saved = _empty_saved(x) if fake_saved is None else fake_saved(x=x, w=w, b=b, act=act, alpha=alpha, gain=gain, clamp=clamp)
+        return out, saved
+
+    def setup(ctx, inputs, output):
+        x, w, b, act, alpha, gain, clamp, backend = inputs
+        ctx.cfg = (act, alpha, gain, clamp, backend)
+        ctx.save_for_backward(x, w, b, output[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad, _grad_saved):
+        x, w, b, out, saved = ctx.saved_tensors
+        act, alpha, gain, clamp, backend = ctx.cfg
+        needs = tuple(ctx.needs_input_grad[:3])
+        impl = get_impl(op, backend)
+        if impl.backward is not None and not torch.is_grad_enabled():
+            gx, gw, gb = impl.backward(
+                grad=grad, x=x, w=w, b=b, out=out, saved=saved, act=act, alpha=alpha, gain=gain, clamp=clamp, needs=needs
+            )
+        else:
+            gx, gw, gb = _CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
+        return gx, gw, gb, None, None, None, None, None
+
+    conv_op.register_autograd(backward, setup_context=setup)
+    return conv_op
+
+
+conv3x3_op = _make_conv_op("conv3x3")
+conv3x3_pool_op = _make_conv_op("conv3x3_pool")
+up_conv3x3_op = _make_conv_op("up_conv3x3")
+
+
+# ----------------------------------------------------------------------------------
+# max_pool2d (4-D input; returns values and PyTorch's flat per-plane indices)
+
+
+@torch.library.custom_op(f"{LIB}::max_pool2d", mutates_args=())
+def max_pool2d_op(
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, idx = get_impl("max_pool2d", backend).forward(
+        x=x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+    )
+    return ref.same_memory_format(out, x), ref.same_memory_format(idx, x)
+
+
+@max_pool2d_op.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode, backend):
+    n, c, h, w = x.shape
+    ho = ref.pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    wo = ref.pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    fmt = ref.memory_format_of(x)
+    out = x.new_empty((n, c, ho, wo)).contiguous(memory_format=fmt)
+    idx = x.new_empty((n, c, ho, wo), dtype=torch.int64).contiguous(memory_format=fmt)
+    return out, idx
+
+
+def _max_pool_setup(ctx, inputs, output):
+    x, kernel_size, stride, padding, dilation, ceil_mode, backend = inputs
+    ctx.cfg = (kernel_size, stride, padding, dilation, ceil_mode, backend)
+    ctx.x_shape = x.shape
+    ctx.save_for_backward(x, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _max_pool_backward(ctx, grad, _grad_idx):
+    x, idx = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, ceil_mode, backend = ctx.cfg
+    impl = get_impl("max_pool2d", backend)
+    if impl.backward is not None and not torch.is_grad_enabled():
+        gx = impl.backward(
+            grad=grad, x=x, indices=idx, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+        )
+    else:
+        gx = ref.max_pool2d_backward(grad, x, idx)
+    return gx, None, None, None, None, None, None
+
+
+max_pool2d_op.register_autograd(_max_pool_backward, setup_context=_max_pool_setup)
+
+
+# ----------------------------------------------------------------------------------
+# upsample_nearest2d
+
+
+@torch.library.custom_op(f"{LIB}::upsample_nearest2d", mutates_args=())
+def upsample_nearest2d_op(x: torch.Tensor, scale_factor: int, backend: str) -> torch.Tensor:
+    y = get_impl("upsample_nearest2d", backend).forward(x=x, scale_factor=scale_factor)
+    return _fresh(y, x, (x,))
+
+
+@upsample_nearest2d_op.register_fake
+def _(x, scale_factor, backend):
+    n, c, h, w = x.shape
+    return x.new_empty((n, c, h * scale_factor, w * scale_factor)).contiguous(memory_format=ref.memory_format_of(x))
+
+
+def _upsample_setup(ctx, inputs, output):
+    _, scale_factor, backend = inputs
+    ctx.cfg = (scale_factor, backend)
+
+
+def _upsample_backward(ctx, grad):
+    scale_factor, backend = ctx.cfg
+    impl = get_impl("upsample_nearest2d", backend)
+    if impl.backward is not None and not torch.is_grad_enabled():
+        gx = impl.backward(grad=grad, scale_factor=scale_factor)
+    else:
+        gx = ref.upsample_nearest2d_backward(grad, scale_factor)
+    return gx, None, None
+
+
+upsample_nearest2d_op.register_autograd(_upsample_backward, setup_context=_upsample_setup)
+
+
+OPS = {
+    "bias_act": bias_act_op,
+    "conv3x3": conv3x3_op,
+    "conv3x3_pool": conv3x3_pool_op,
+    "up_conv3x3": up_conv3x3_op,
+    "max_pool2d": max_pool2d_op,
+    "upsample_nearest2d": upsample_nearest2d_op,
+}
