@@ -22,7 +22,8 @@ else:
         "gankernels.triton.max_pool",  # max_pool2d
         "gankernels.triton.upsample",  # upsample_nearest2d
         "gankernels.triton.bias_act",  # bias_act
-        "gankernels.triton.conv3x3",  # conv3x3, conv3x3_pool, up_conv3x3 (forward + backward)
+        "gankernels.triton.conv3x3",  # conv3x3, conv3x3_pool, up_conv3x3 forward
+        "gankernels.triton.conv3x3_backward",  # their backward (re-registers the three ops)
     )
 
 for _module in FAMILIES:
