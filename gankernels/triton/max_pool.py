@@ -1,0 +1,297 @@
+"""Triton max-pool: forward (values + PyTorch's flat indices) and a gather backward.
+
+Serves the two configurations GANs use, 2×2 stride 2 and 3×3 stride 2 padding 1
+(dilation 1, ``ceil_mode`` either way); ``supports`` sends everything else to torch.
+
+Semantics, exactly as PyTorch's kernels (CPU and CUDA alike):
+
+* the window is scanned row-major; an element replaces the running max when it is
+  strictly greater or is NaN, so ties keep the first maximum and the *last* NaN of a
+  window wins; the running max starts at -inf with the index of the first in-bounds
+  element, so an all -inf window reports that element;
+* the index is ``h * W + w`` within the (n, c) plane; padding never wins; ``ceil_mode``
+  windows are clipped at the input's edge.
+
+Layout: a program handles a 2-D tile of outputs whose second axis is the output's
+contiguous dimension, C for channels_last and W for NCHW, so loads and stores run
+along memory. Inputs are addressed through their strides, so any strided input works
+without a copy; outputs are allocated in ``x``'s memory format.
+
+Backward (``gx`` from ``grad`` and the saved indices) is a gather: each input position
+visits the ``ceil(k / s)`` windows per axis that can cover it (1×1 for 2×2/2, 2×2
+for 3×3/2 pad 1), takes ``grad`` where the window's index names it and sums in a fixed
+order. No atomics, deterministic, and every element of ``gx`` is written once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gankernels.ops.dispatch import OpImpl, register
+from gankernels.ops.reference import memory_format_of, pool_output_size
+from gankernels.triton.utils import common_reasons
+
+# (kernel_size, stride, padding, dilation) the kernels are built and tested for.
+SERVED_CONFIGS: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]], ...] = (
+    ((2, 2), (2, 2), (0, 0), (1, 1)),
+    ((3, 3), (2, 2), (1, 1), (1, 1)),
+)
+
+# Tile size in output (forward) / input (backward) elements per program.
+_TILE = 2048
+_INT32_LIMIT = 2**31 - 1
+
+
+def _span(t: torch.Tensor) -> int:
+    """One past the largest element offset ``t`` addresses (its storage footprint)."""
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    return any(_span(t) > _INT32_LIMIT or t.numel() > _INT32_LIMIT for t in tensors)
+
+
+def _tile(inner: int, max_inner: int = 64) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K): BLOCK_K covers the contiguous dimension (up to
+    ``max_inner``), BLOCK_R fills the tile with rows."""
+    block_k = min(triton.next_power_of_2(max(inner, 1)), max_inner)
+    return max(1, _TILE // block_k), block_k
+
+
+# ----------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _max_pool_fwd_kernel(
+    x_ptr, out_ptr, idx_ptr,
+    C, H, W, Ho, Wo,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    n_rows, n_cols, n_col_blocks,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    CL: tl.constexpr, PAIR: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tile = [BLOCK_R, BLOCK_K] outputs; the column axis is the output's contiguous
+    # dimension (C for channels_last, Wo for NCHW).
+    pid = tl.program_id(0)
+    pid_r = pid // n_col_blocks
+    pid_k = pid % n_col_blocks
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    out_mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    if CL:  # rows enumerate (n, ho, wo), columns are channels
+        wo = (rows % Wo)[:, None]
+        t = rows // Wo
+        ho = (t % Ho)[:, None]
+        n = (t // Ho)[:, None]
+        c = cols[None, :]
+    else:  # rows enumerate (n, c, ho), columns are wo
+        ho = (rows % Ho)[:, None]
+        t = rows // Ho
+        c = (t % C)[:, None]
+        n = (t // C)[:, None]
+        wo = cols[None, :]
+    plane = x_ptr + n * sxn + c * sxc
+    h0 = ho * SH - PH
+    w0 = wo * SW - PW
+    best = tl.full([BLOCK_R, BLOCK_K], float("-inf"), tl.float32)
+    # PyTorch starts from the first in-bounds element of the (clipped) window.
+    best_idx = tl.maximum(h0, 0) * W + tl.maximum(w0, 0)
+    best_idx = best_idx.to(tl.int64) + tl.zeros([BLOCK_R, BLOCK_K], tl.int64)
+    if PAIR:
+        # NCHW, 2-wide stride-2 windows, unit W stride: one contiguous load of 2*BLOCK_K
+        # input columns per window row (vectorised), split into even/odd columns.
+        wi2 = pid_k * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
+        if INT64:
+            wi2 = wi2.to(tl.int64)
+        col_ok = (wi2 < W) & (wi2 < 2 * Wo)
+        row_ok = rows < n_rows
+        wo_even = 2 * wo
+        for kh in tl.static_range(KH):
+            hi = h0 + kh
+            ok = (row_ok[:, None] & (hi >= 0) & (hi < H)) & col_ok[None, :]
+            v = tl.load(plane + hi * sxh + wi2[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+            v0, v1 = tl.split(tl.reshape(v, (BLOCK_R, BLOCK_K, 2)))
+            upd = (v0 > best) | (v0 != v0)
+            best = tl.where(upd, v0, best)
+            best_idx = tl.where(upd, hi * W + wo_even, best_idx)
+            upd = (v1 > best) | (v1 != v1)
+            best = tl.where(upd, v1, best)
+            best_idx = tl.where(upd, hi * W + wo_even + 1, best_idx)
+    else:
+        for kh in tl.static_range(KH):
+            hi = h0 + kh
+            h_ok = (hi >= 0) & (hi < H)
+            for kw in tl.static_range(KW):
+                wi = w0 + kw
+                ok = out_mask & h_ok & (wi >= 0) & (wi < W)
+                # Masked (padding / clipped / out-of-tile) elements read -inf and never win.
+                v = tl.load(plane + hi * sxh + wi * sxw, mask=ok, other=float("-inf")).to(tl.float32)
+                upd = (v > best) | (v != v)
+                best = tl.where(upd, v, best)
+                best_idx = tl.where(upd, hi * W + wi, best_idx)
+    o = n * son + c * soc + ho * soh + wo * sow
+    tl.store(out_ptr + o, best.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(idx_ptr + o, best_idx, mask=out_mask)
+
+
+@triton.jit
+def _max_pool_bwd_kernel(
+    g_ptr, idx_ptr, gx_ptr,
+    C, H, W, Ho, Wo,
+    sgn, sgc, sgh, sgw,
+    sin, sic, sih, siw,
+    sxn, sxc, sxh, sxw,
+    n_rows, n_cols, n_col_blocks,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    CL: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tile = [BLOCK_R, BLOCK_K] *input* positions (columns: C for channels_last, W for NCHW).
+    pid = tl.program_id(0)
+    pid_r = pid // n_col_blocks
+    pid_k = pid % n_col_blocks
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    in_mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    if CL:  # rows enumerate (n, h, w), columns are channels
+        w = (rows % W)[:, None]
+        t = rows // W
+        h = (t % H)[:, None]
+        n = (t // H)[:, None]
+        c = cols[None, :]
+    else:  # rows enumerate (n, c, h), columns are w
+        h = (rows % H)[:, None]
+        t = rows // H
+        c = (t % C)[:, None]
+        n = (t // C)[:, None]
+        w = cols[None, :]
+    me = h * W + w  # the flat index a window names when its max is here
+    acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+    # Windows covering h: ho*SH - PH <= h <= ho*SH - PH + KH - 1; the largest such ho is
+    # (h + PH) // SH and at most ceil(KH / SH) of them exist (likewise along w).
+    ho_top = (h + PH) // SH
+    wo_top = (w + PW) // SW
+    for dh in tl.static_range((KH + SH - 1) // SH):
+        ho = ho_top - dh
+        h_ok = (ho >= 0) & (ho < Ho) & (h <= ho * SH - PH + KH - 1)
+        for dw in tl.static_range((KW + SW - 1) // SW):
+            wo = wo_top - dw
+            ok = in_mask & h_ok & (wo >= 0) & (wo < Wo) & (w <= wo * SW - PW + KW - 1)
+            won = tl.load(idx_ptr + n * sin + c * sic + ho * sih + wo * siw, mask=ok, other=-1)
+            ok = ok & (won == me)
+            g = tl.load(g_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
+            acc += g.to(tl.float32)
+    tl.store(gx_ptr + n * sxn + c * sxc + h * sxh + w * sxw, acc.to(gx_ptr.dtype.element_ty), mask=in_mask)
+
+
+# ----------------------------------------------------------------------------------
+# Host side
+
+
+def _config_reason(kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int]) -> Optional[str]:
+    cfg = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    if cfg in SERVED_CONFIGS:
+        return None
+    return (
+        f"kernel_size={tuple(kernel_size)}, stride={tuple(stride)}, padding={tuple(padding)}, dilation={tuple(dilation)}: "
+        "the triton kernel serves 2×2 stride 2 and 3×3 stride 2 padding 1 only (dilation 1)"
+    )
+
+
+def supports(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], ceil_mode: bool
+) -> list[str]:
+    """Every reason the triton max-pool cannot serve this call (empty: it can)."""
+    reasons = common_reasons(x)
+    why = _config_reason(kernel_size, stride, padding, dilation)
+    if why:
+        reasons.append(why)
+    return reasons
+
+
+def max_pool2d_forward(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], ceil_mode: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.max_pool2d(x, ..., return_indices=True)`` for a served configuration: values
+    and int64 flat per-plane indices, both in ``x``'s memory format."""
+    why = _config_reason(kernel_size, stride, padding, dilation)
+    if why:
+        raise ValueError(f"kernel_size/stride/padding/dilation: {why}")
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    ho = pool_output_size(h, kh, sh, ph, 1, ceil_mode)
+    wo = pool_output_size(w, kw, sw, pw, 1, ceil_mode)
+    fmt = memory_format_of(x)
+    out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    idx = torch.empty((n, c, ho, wo), dtype=torch.int64, device=x.device, memory_format=fmt)
+    if out.numel() == 0:
+        return out, idx
+    cl = fmt == torch.channels_last
+    n_rows, n_cols = (n * ho * wo, c) if cl else (n * c * ho, wo)
+    block_r, block_k = _tile(n_cols)
+    n_col_blocks = triton.cdiv(n_cols, block_k)
+    pair = (not cl) and kw == 2 and sw == 2 and pw == 0 and x.stride(3) == 1
+    grid = (triton.cdiv(n_rows, block_r) * n_col_blocks,)
+    _max_pool_fwd_kernel[grid](
+        x, out, idx,
+        c, h, w, ho, wo,
+        *x.stride(), *out.stride(),
+        n_rows, n_cols, n_col_blocks,
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
+        CL=cl, PAIR=pair, INT64=_needs_int64(x, idx),
+        BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return out, idx
+
+
+def max_pool2d_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` from the pooled ``grad`` and the forward's ``indices``, in
+    ``x``'s memory format (gather, deterministic, no atomics)."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    ho, wo = grad.shape[2], grad.shape[3]
+    gx = torch.empty(x.shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format_of(x))
+    if gx.numel() == 0:
+        return gx
+    cl = memory_format_of(x) == torch.channels_last
+    n_rows, n_cols = (n * h * w, c) if cl else (n * c * h, w)
+    block_r, block_k = _tile(n_cols)
+    n_col_blocks = triton.cdiv(n_cols, block_k)
+    grid = (triton.cdiv(n_rows, block_r) * n_col_blocks,)
+    _max_pool_bwd_kernel[grid](
+        grad, indices, gx,
+        c, h, w, ho, wo,
+        *grad.stride(), *indices.stride(), *gx.stride(),
+        n_rows, n_cols, n_col_blocks,
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
+        CL=cl, INT64=_needs_int64(grad, indices, gx),
+        BLOCK_R=block_r, BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return gx
+
+
+register("max_pool2d", "triton", OpImpl(forward=max_pool2d_forward, supports=supports, backward=max_pool2d_backward))
