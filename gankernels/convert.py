@@ -1,14 +1,400 @@
-"""Swap stock layers of an existing model for fused gankernels ones (placeholder; see issue 2)."""
+"""Swap the stock layers of an existing model for fused gankernels ones, in place.
+
+::
+
+    model, report = gankernels.convert(model)
+    print(report)
+
+Inside every ``nn.Sequential`` (at any depth, also inside custom modules) these runs
+are replaced, first match wins, scanning left to right:
+
+======================================================  =====================
+stock run                                               fused module
+======================================================  =====================
+``Upsample(nearest, ×2) → Conv2d(3×3, pad 1) [→ act]``  ``UpConv3x3``
+``Conv2d(3×3, pad 1) [→ act] → MaxPool2d(2)``           ``Conv3x3Pool``
+``Conv2d(3×3, pad 1) [→ act]``                          ``Conv3x3``
+lone ``MaxPool2d`` / ``Upsample(nearest, integer)``     ``gankernels.nn`` twin
+======================================================  =====================
+
+``act`` is ``ReLU``, ``LeakyReLU`` (its ``negative_slope`` becomes ``alpha``), ``Tanh``,
+``Sigmoid`` or ``SiLU`` (in place or not), or absent (linear). The pool is fused only
+after a monotone activation (pooling commutes with it; not SiLU, which keeps
+``Conv3x3`` followed by the pool). "Conv2d(3×3, pad 1)" means kernel 3×3, stride 1,
+padding 1 (or ``"same"``), dilation 1, groups 1, zero padding.
+
+The fused module takes the place of the run's ``Conv2d`` and the run's other modules
+become ``nn.Identity()``, so the Sequential keeps its length and indexing and the
+``state_dict`` keeps its keys (a stock checkpoint loads with ``strict=True``). The fused
+modules hold the very same ``Parameter`` objects, so an optimizer built before the
+conversion trains the converted model.
+
+Outside Sequentials (attributes of custom modules, ``ModuleList``/``ModuleDict``
+entries) the forward code is unknown, so nothing is fused; a 3×3 pad-1 ``Conv2d``,
+a ``MaxPool2d`` or a nearest integer ``Upsample`` is swapped for its
+``gankernels.nn`` subclass, which has the same attributes and the same results.
+
+Modules with hooks (e.g. the old ``spectral_norm``/``weight_norm``), parametrizations,
+or of a subclass of the torch class (unknown ``forward``) are never touched; every
+module that looked like a candidate but was left is in the report, with the reason.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gankernels import nn as gknn
+from gankernels.ops.dispatch import _check_backend_name
+from gankernels.ops.reference import MONOTONE_ACTIVATIONS
+
+__all__ = ["ConversionReport", "Left", "Replacement", "convert"]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One fused module put into the model.
+
+    ``path``: where the fused module now lives (the position of the run's ``Conv2d``,
+    or of the lone layer); ``stock``: the replaced modules as ``(path, type name)``;
+    ``fused``: ``"gankernels.nn."`` and the ``repr`` of the new module.
+    """
+
+    path: str
+    stock: tuple[tuple[str, str], ...]
+    fused: str
+
+    def __str__(self) -> str:
+        run = " → ".join(name for _, name in self.stock)
+        where = ", ".join(p for p, _ in self.stock)
+        return f"{self.path}: {run} ⇒ {self.fused}  (stock at {where})"
+
+
+@dataclass(frozen=True)
+class Left:
+    """A candidate module that was left as it is: ``path``, its ``module`` type name and
+    ``reason``, why it was not converted."""
+
+    path: str
+    module: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.module}): {self.reason}"
 
 
 @dataclass
 class ConversionReport:
-    replaced: list = field(default_factory=list)
-    left: list = field(default_factory=list)
+    """What :func:`convert` replaced and what it left, and why."""
+
+    replaced: list[Replacement] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"gankernels.convert: {len(self.replaced)} replaced, {len(self.left)} left"]
+        if self.replaced:
+            lines.append("replaced:")
+            lines += [f"  {r}" for r in self.replaced]
+        if self.left:
+            lines.append("left:")
+            lines += [f"  {e}" for e in self.left]
+        return "\n".join(lines)
 
 
-def convert(model):
-    raise NotImplementedError
+# ----------------------------------------------------------------------------------
+# Matching single modules. Each ``*_reason`` returns None when the module qualifies,
+# else why it does not.
+
+# Exact types only: a subclass may override forward().
+_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "lrelu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.SiLU: "silu",
+}
+_CONV_TYPES = (nn.Conv2d, gknn.Conv2d)
+_POOL_TYPES = (nn.MaxPool2d, gknn.MaxPool2d)
+_UPSAMPLE_TYPES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, gknn.Upsample)
+
+
+def _plain_reason(m: nn.Module, known: tuple[type, ...]) -> Optional[str]:
+    """Why ``m`` cannot be swapped at all: an unknown subclass, hooks, parametrizations."""
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return "has parametrizations (torch.nn.utils.parametrize, e.g. spectral_norm); fusing would bypass them"
+    if type(m) not in known:
+        return f"{type(m).__name__} is a subclass of {known[0].__name__} whose forward may differ"
+    hooks = (m._forward_pre_hooks, m._forward_hooks, m._backward_hooks, getattr(m, "_backward_pre_hooks", {}))
+    if any(len(h) for h in hooks):
+        return "has forward/backward hooks (e.g. spectral_norm or weight_norm); fusing would bypass them"
+    return None
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _conv_reason(m: nn.Conv2d) -> Optional[str]:
+    why = _plain_reason(m, _CONV_TYPES)
+    if why:
+        return why
+    k = _pair(m.kernel_size)
+    rule = "only 3×3 stride-1 pad-1 convolutions are fused"
+    if k != (3, 3):
+        return f"Conv2d {k[0]}×{k[1]}: {rule}"
+    if _pair(m.stride) != (1, 1):
+        return f"Conv2d stride {_pair(m.stride)}: {rule}"
+    if m.padding != "same" and _pair(m.padding) != (1, 1):
+        return f"Conv2d padding {m.padding!r}: {rule}"
+    if _pair(m.dilation) != (1, 1):
+        return f"Conv2d dilation {_pair(m.dilation)}: only dilation 1 is fused"
+    if m.groups != 1:
+        return f"Conv2d groups={m.groups}: only groups=1 is fused"
+    if m.padding_mode != "zeros":
+        return f"Conv2d padding_mode={m.padding_mode!r}: only zero padding is fused"
+    if not isinstance(m.weight, nn.Parameter) or (m.bias is not None and not isinstance(m.bias, nn.Parameter)):
+        return "weight or bias is not an nn.Parameter (computed by a hook?)"
+    return None
+
+
+def _conv_epilogue(m: nn.Conv2d) -> tuple[str, float, float, Optional[float]]:
+    """(act, alpha, gain, clamp) a conv applies itself: a gankernels Conv2d may carry one."""
+    if isinstance(m, gknn.Conv2d):
+        return m.act, m.alpha, m.gain, m.clamp
+    return "linear", 0.2, 1.0, None
+
+
+def _act_of(m: nn.Module) -> Optional[tuple[str, float]]:
+    """(act, alpha) if ``m`` is a supported activation module without hooks, else None."""
+    act = _ACTIVATIONS.get(type(m))
+    if act is None or _plain_reason(m, (type(m),)) is not None:
+        return None
+    return act, float(m.negative_slope) if act == "lrelu" else 0.2
+
+
+def _pool_reason(m: nn.MaxPool2d) -> Optional[str]:
+    """Why a MaxPool2d cannot be swapped for gankernels.nn.MaxPool2d (any configuration can)."""
+    return _plain_reason(m, _POOL_TYPES)
+
+
+def _is_pool2(m: nn.Module) -> bool:
+    """Whether ``m`` is exactly the 2×2 stride-2 max-pool the Conv3x3Pool block fuses."""
+    return (
+        isinstance(m, _POOL_TYPES)
+        and _pool_reason(m) is None
+        and _pair(m.kernel_size) == (2, 2)
+        and _pair(m.stride) == (2, 2)
+        and _pair(m.padding) == (0, 0)
+        and _pair(m.dilation) == (1, 1)
+        and not m.ceil_mode
+        and not m.return_indices
+    )
+
+
+def _integer_scale(scale_factor) -> Optional[int]:
+    s = scale_factor
+    if isinstance(s, (tuple, list)):
+        if len(s) != 2 or s[0] != s[1]:
+            return None
+        s = s[0]
+    if isinstance(s, (int, float)) and not isinstance(s, bool) and float(s).is_integer() and s >= 1:
+        return int(s)
+    return None
+
+
+def _upsample_reason(m: nn.Upsample) -> Optional[str]:
+    why = _plain_reason(m, _UPSAMPLE_TYPES)
+    if why:
+        return why
+    if m.mode != "nearest":
+        return f"Upsample mode={m.mode!r}: only mode='nearest' is fused"
+    if m.size is not None:
+        return f"Upsample size={m.size!r}: only an integer scale_factor is fused"
+    if _integer_scale(m.scale_factor) is None:
+        return f"Upsample scale_factor={m.scale_factor!r}: only integer scale factors are fused"
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Building replacements.
+
+
+def _share_params(fused: nn.Module, conv: nn.Conv2d) -> nn.Module:
+    """Give ``fused`` the conv's own Parameter objects (built on meta: no allocation, no
+    RNG draw), then its training mode."""
+    fused.weight = conv.weight
+    fused.bias = conv.bias  # a Parameter or None
+    return fused.train(conv.training)
+
+
+def _fused_conv(
+    cls: type, conv: nn.Conv2d, act: str, alpha: float, gain: float, clamp: Optional[float], backend: Optional[str]
+) -> nn.Module:
+    fused = cls(
+        conv.in_channels, conv.out_channels, conv.bias is not None, act, alpha, gain, clamp, backend=backend, device="meta"
+    )
+    return _share_params(fused, conv)
+
+
+def _gk_conv2d(conv: nn.Conv2d, backend: Optional[str]) -> gknn.Conv2d:
+    act, alpha, gain, clamp = _conv_epilogue(conv)
+    new = gknn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+        device="meta",
+        act=act,
+        alpha=alpha,
+        gain=gain,
+        clamp=clamp,
+        backend=backend,
+    )
+    return _share_params(new, conv)
+
+
+def _gk_pool(m: nn.MaxPool2d, backend: Optional[str]) -> gknn.MaxPool2d:
+    new = gknn.MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, m.ceil_mode, backend=backend)
+    return new.train(m.training)
+
+
+def _gk_upsample(m: nn.Upsample, backend: Optional[str]) -> gknn.Upsample:
+    new = gknn.Upsample(
+        size=m.size,
+        scale_factor=m.scale_factor,
+        mode=m.mode,
+        align_corners=m.align_corners,
+        recompute_scale_factor=m.recompute_scale_factor,
+        backend=backend,
+    )
+    return new.train(m.training)
+
+
+def _identity(like: nn.Module) -> nn.Identity:
+    return nn.Identity().train(like.training)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Converter:
+    def __init__(self, backend: Optional[str]) -> None:
+        self.backend = backend
+        self.report = ConversionReport()
+
+    def backend_for(self, m: nn.Module) -> Optional[str]:
+        # A gankernels module keeps its own backend unless one was asked for.
+        return self.backend if self.backend is not None else getattr(m, "backend", None)
+
+    def replace(self, parent: nn.Module, prefix: str, names: list[str], at: int, new: nn.Module) -> None:
+        """Put ``new`` at ``names[at]`` of ``parent`` and Identity at the other ``names``."""
+        stock = []
+        for i, name in enumerate(names):
+            old = parent._modules[name]
+            stock.append((_join(prefix, name), type(old).__name__))
+            setattr(parent, name, new if i == at else _identity(old))
+        self.report.replaced.append(Replacement(_join(prefix, names[at]), tuple(stock), f"gankernels.nn.{new!r}"))
+
+    def leave(self, path: str, m: nn.Module, reason: str) -> None:
+        self.report.left.append(Left(path, type(m).__name__, reason))
+
+    def lone(self, parent: nn.Module, prefix: str, name: str, fuse_conv: bool) -> None:
+        """Swap one stock layer for its gankernels twin (or say why not). ``fuse_conv``:
+        a conv becomes Conv3x3 (inside a Sequential) rather than gankernels.nn.Conv2d."""
+        m = parent._modules[name]
+        path = _join(prefix, name)
+        if isinstance(m, _CONV_TYPES):
+            why = _conv_reason(m)
+            if why:
+                self.leave(path, m, why)
+            elif fuse_conv:
+                self.replace(parent, prefix, [name], 0, _fused_conv(gknn.Conv3x3, m, *_conv_epilogue(m), self.backend_for(m)))
+            elif type(m) is nn.Conv2d:
+                self.replace(parent, prefix, [name], 0, _gk_conv2d(m, self.backend_for(m)))
+        elif isinstance(m, _POOL_TYPES):
+            why = _pool_reason(m)
+            if why:
+                self.leave(path, m, why)
+            elif type(m) is nn.MaxPool2d:
+                self.replace(parent, prefix, [name], 0, _gk_pool(m, self.backend))
+        elif isinstance(m, nn.Upsample):
+            why = _upsample_reason(m)
+            if why:
+                self.leave(path, m, why)
+            elif type(m) is not gknn.Upsample:
+                self.replace(parent, prefix, [name], 0, _gk_upsample(m, self.backend))
+
+    def sequential(self, seq: nn.Sequential, prefix: str) -> None:
+        names = list(seq._modules)
+        mods = [seq._modules[n] for n in names]
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            up = isinstance(m, nn.Upsample) and _upsample_reason(m) is None and _integer_scale(m.scale_factor) == 2
+            c = i + 1 if up else i
+            if c < len(mods) and isinstance(mods[c], _CONV_TYPES) and _conv_reason(mods[c]) is None:
+                conv = mods[c]
+                act, alpha, gain, clamp = _conv_epilogue(conv)
+                end = c + 1  # one past the run
+                if act == "linear" and gain == 1 and clamp is None and end < len(mods):
+                    found = _act_of(mods[end])
+                    if found is not None:
+                        act, alpha = found
+                        end += 1
+                backend = self.backend_for(conv)
+                if up:
+                    new = _fused_conv(gknn.UpConv3x3, conv, act, alpha, gain, clamp, backend)
+                elif end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0:
+                    new = _fused_conv(gknn.Conv3x3Pool, conv, act, alpha, gain, clamp, backend)
+                    end += 1
+                else:
+                    new = _fused_conv(gknn.Conv3x3, conv, act, alpha, gain, clamp, backend)
+                self.replace(seq, prefix, names[i:end], c - i, new)
+                i = end
+                continue
+            self.lone(seq, prefix, names[i], fuse_conv=True)
+            i += 1
+
+
+def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Module, ConversionReport]:
+    """Replace stock layers of ``model`` with fused gankernels modules, in place.
+
+    ``backend``: passed to every new module (``None``: the default dispatch, see
+    ``gankernels.use_backend``). Returns the same ``model`` object and a
+    :class:`ConversionReport` of what was replaced and what was left, and why. The
+    converted model computes the same function (float64: to rounding), has the same
+    ``state_dict`` keys, and shares its Parameter objects with the original. Converting
+    twice is harmless (the second pass finds nothing new).
+
+    Limitations: the fused ``Conv3x3``/``Conv3x3Pool``/``UpConv3x3`` need 4-D
+    ``[N, C, H, W]`` input (stock ``Conv2d`` also takes unbatched 3-D input); hooks
+    registered on a replaced activation/pool/upsample are not carried over (modules
+    with hooks are never absorbed into a run, so this only concerns modules whose hooks
+    were added afterwards); the root module itself is never replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        _check_backend_name(backend, "backend")
+    conv = _Converter(backend)
+    if isinstance(model, (*_CONV_TYPES, *_POOL_TYPES, nn.Upsample)):
+        conv.leave("(root)", model, "the model itself is a single layer; convert cannot replace the object it returns")
+    # Collect first: the walk must not see the modules it creates.
+    parents = [(prefix, m) for prefix, m in model.named_modules()]
+    for prefix, parent in parents:
+        if isinstance(parent, nn.Sequential):
+            conv.sequential(parent, prefix)
+        else:
+            for name in list(parent._modules):
+                if parent._modules[name] is not None:
+                    conv.lone(parent, prefix, name, fuse_conv=False)
+    return model, conv.report
