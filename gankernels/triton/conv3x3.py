@@ -1,0 +1,534 @@
+"""Triton fused 3×3 convolution, forward: ``conv3x3``, ``conv3x3_pool``, ``up_conv3x3``.
+
+One implicit-GEMM kernel serves the three ops (DESIGN.md §4). A program owns a tile
+of BLOCK_M "base" pixels × BLOCK_N output channels and, for each of its Q sub-problems,
+runs the K loop (taps × input channels) into an fp32 accumulator with ``tl.dot``,
+then applies the epilogue (bias, activation, gain, clamp) in registers:
+
+* ``conv3x3`` (MODE 0): base pixel = output pixel, Q = 1, 9 taps; one store.
+* ``conv3x3_pool`` (MODE 1): base pixel = pooled pixel, Q = 4 (the 2×2 window, dy-major);
+  each window position is a full 9-tap conv, its epilogue is applied and a running
+  max (first max wins, NaN wins as in PyTorch) is kept with its position; only the
+  pooled value and the int8 position ``dy*2 + dx`` are written.
+* ``up_conv3x3`` (MODE 2): base pixel = low-resolution pixel, Q = 4 output phases
+  (a, c), each a 2×2 conv on the low-resolution input with the sub-pixel phase
+  kernels (``reference.subpixel_phase_weights``), stored straight into pixel
+  (2i+a, 2j+c) of the 2× output; the upsampled tensor never exists (4/9 of the FLOPs).
+
+The K loop is one flat, software-pipelined loop. For wide inputs (Ci >= 16) a step is
+(tap, BLOCK_K input channels); for narrow ones (Ci < 16, e.g. RGB) the taps and
+channels are merged into one K axis of length taps·Ci so no step is mostly padding.
+The input is addressed through its four strides, so channels_last, NCHW and
+non-contiguous inputs are all read in place (channels_last is the fast one); the
+output is written through its strides in x's memory format. Pixel offsets are 64-bit.
+
+Weights are repacked once per parameter version into a K-major matrix
+``[taps·Ci, Co]`` (``[3, 3, Ci, Co]``, or ``[2, 2, 2, 2, Ci, Co]`` phase kernels for
+the up-conv), in x's dtype, and cached.
+
+Public, stable entry points (the backward family imports them):
+:func:`conv3x3_forward`, :func:`conv3x3_pool_forward`, :func:`up_conv3x3_forward`,
+each returning ``(out, saved)``; :func:`packed_weight`; :func:`fake_saved_pool`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gankernels.ops import reference as ref
+from gankernels.ops.dispatch import OpImpl, register
+from gankernels.triton.utils import INTERPRET, common_reasons
+
+__all__ = [
+    "conv3x3_forward",
+    "conv3x3_pool_forward",
+    "up_conv3x3_forward",
+    "packed_weight",
+    "fake_saved_pool",
+    "supports_conv3x3",
+    "supports_conv3x3_pool",
+    "supports_up_conv3x3",
+    "POISON_OUTPUTS",
+    "ACT_CODES",
+]
+
+ACT_CODES: dict[str, int] = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
+"""Activation name -> the kernel's ``ACT`` constexpr."""
+
+MODE_CONV, MODE_POOL, MODE_UP = 0, 1, 2
+
+POISON_OUTPUTS: bool = os.environ.get("GANKERNELS_POISON_OUTPUTS") == "1"
+"""Test hook: when true, every output this module allocates is filled with NaN (the
+pool argmax with -1) before the launch, so an element the kernel fails to write shows
+up in a comparison. Set by the tests (or ``GANKERNELS_POISON_OUTPUTS=1``); costs one
+extra write of the output, so leave it off otherwise."""
+
+# Below this many input channels the taps and channels share one K axis.
+_FLAT_K_BELOW = 16
+_INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------
+# The kernel.
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (portable across Triton versions and the interpreter):
+    # sign(x)·(1−e^{−2|x|})/(1+e^{−2|x|}), and the odd Taylor series near 0 where
+    # 1−e^{−2|x|} would cancel.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.0625, small, big)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _epilogue(p, alpha, gain, clamp, ACT: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_CLAMP: tl.constexpr):
+    """clip(act(p)·gain, −clamp, clamp) in fp32. Written with comparisons that keep
+    NaN (as torch's relu/leaky_relu/clamp do), not with min/max."""
+    if ACT == 1:  # relu
+        p = tl.where(p < 0.0, 0.0, p)
+    elif ACT == 2:  # lrelu
+        p = tl.where(p < 0.0, p * alpha, p)
+    elif ACT == 3:  # tanh
+        p = _tanh(p)
+    elif ACT == 4:  # sigmoid
+        p = 1.0 / (1.0 + tl.exp(-p))
+    elif ACT == 5:  # silu
+        p = p / (1.0 + tl.exp(-p))
+    if HAS_GAIN:
+        p = p * gain
+    if HAS_CLAMP:
+        p = tl.where(p > clamp, clamp, tl.where(p < -clamp, -clamp, p))
+    return p
+
+
+# N, H, W and the derived sizes change from layer to layer; specialising on them (==1,
+# divisible by 16) would only multiply compilations. Channel counts and strides stay
+# specialised: they decide how wide the loads can be.
+@triton.jit(do_not_specialize=["N", "H", "W", "HB", "WB", "M"])
+def _conv3x3_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr,
+    N, H, W, Ci, Co, HB, WB, M,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    alpha, gain, clamp,
+    MODE: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Tap geometry: KT×KT taps (3×3 conv, or the up-conv's 2×2 phase kernels), Q
+    # sub-problems per base pixel (1, the 4 pool-window positions, or the 4 phases).
+    if MODE == 2:
+        KT: tl.constexpr = 2
+    else:
+        KT: tl.constexpr = 3
+    T: tl.constexpr = KT * KT
+    if MODE == 0:
+        Q: tl.constexpr = 1
+    else:
+        Q: tl.constexpr = 4
+
+    # Co tiles fastest: the programs that share one tile of input pixels run together.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(Co, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid - pid_m * num_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < Co
+    offs_m = tl.where(m_ok, offs_m, 0)
+    # Base pixel (n, bh, bw), 64-bit from here on so > 2^31-element tensors address right.
+    m64 = offs_m.to(tl.int64)
+    bw = m64 % WB
+    t = m64 // WB
+    bh = t % HB
+    bn = t // HB
+    x_img = x_ptr + bn * sxn  # [BLOCK_M] pointers to each pixel's image
+    ar_k = tl.arange(0, BLOCK_K)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+
+    KTOT = T * Ci  # rows of one sub-problem's packed weight matrix
+    if FLAT_K:
+        n_steps = tl.cdiv(KTOT, BLOCK_K)
+    else:
+        k_chunks = tl.cdiv(Ci, BLOCK_K)
+        n_steps = T * k_chunks
+
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    best_q = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+
+    for q in tl.static_range(Q):
+        dy: tl.constexpr = q // 2
+        dx: tl.constexpr = q % 2
+        # Top-left input pixel of this sub-problem's taps, before the −1 halo shift.
+        if MODE == 0:
+            oh = bh
+            ow = bw
+            w_q = w_ptr
+        elif MODE == 1:
+            oh = bh * 2 + dy
+            ow = bw * 2 + dx
+            w_q = w_ptr
+        else:
+            oh = bh + dy
+            ow = bw + dx
+            w_q = w_ptr + q * KTOT * Co  # this phase's packed kernel
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(n_steps):
+            if FLAT_K:
+                kk = s * BLOCK_K + ar_k  # [BLOCK_K] rows of the packed weight
+                k_ok = kk < KTOT
+                tap = kk // Ci
+                ci = kk - tap * Ci
+                tr = tap // KT
+                tc = tap - tr * KT
+                ih = oh[:, None] + (tr[None, :] - 1)
+                iw = ow[:, None] + (tc[None, :] - 1)
+                a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_ptrs = x_img[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
+                w_rows = kk
+            else:
+                tap = s // k_chunks
+                ci0 = (s - tap * k_chunks) * BLOCK_K
+                tr = tap // KT
+                tc = tap - tr * KT
+                ci = ci0 + ar_k
+                k_ok = ci < Ci
+                ih = oh + (tr - 1)
+                iw = ow + (tc - 1)
+                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_ok = pix_ok[:, None] & k_ok[None, :]
+                a_ptrs = (x_img + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :]
+                w_rows = tap * Ci + ci
+            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            b_ptrs = w_q + w_rows[:, None] * Co + offs_n[None, :]
+            bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
+
+        if HAS_BIAS:
+            acc = acc + bias[None, :]
+        y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
+
+        if MODE == 1:
+            # PyTorch's max-pool rule: take v if v > best or v is NaN (scan order dy-major).
+            take = (y > best) | (y != y)
+            best = tl.where(take, y, best)
+            best_q = tl.where(take, q, best_q)
+        else:
+            if MODE == 0:
+                yh = bh
+                yw = bw
+            else:
+                yh = bh * 2 + dy
+                yw = bw * 2 + dx
+            o_ptrs = out_ptr + (bn * son + yh * soh + yw * sow)[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    if MODE == 1:
+        o_off = (bn * son + bh * soh + bw * sow)[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        o_mask = m_ok[:, None] & n_ok[None, :]
+        tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(idx_ptr + o_off, best_q.to(tl.int8), mask=o_mask)
+
+
+# ----------------------------------------------------------------------------------
+# Tuning: a small space per GPU family, keyed on the problem's shape and dtype (the
+# autotuner adds the dtypes of tensor arguments to the key itself).
+
+_TUNE_KEY = ["MODE", "N", "Ci", "Co", "H", "W", "FLAT_K"]
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Hopper (sm_90): large smem (228 KB), 4-stage pipelines affordable at 128×128×64 bf16.
+_CONFIGS_HOPPER = [
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(128, 32, 32, 4, 4),
+]
+# Ampere (sm_80/86) and anything else: 164 KB smem or less, shallower pipelines.
+_CONFIGS_AMPERE = [
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(128, 32, 32, 4, 4),
+]
+# The interpreter: one fixed small configuration (tuning is meaningless there).
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configurations whose tiles are far larger than the problem (a BLOCK_N
+    beyond Co, a BLOCK_K beyond Ci when channels are chunked per tap): they only
+    compute padding. Always keeps at least the smallest one."""
+    co, ci = named_args["Co"], named_args["Ci"]
+    flat = kwargs.get("FLAT_K", named_args.get("FLAT_K", False))
+    max_n = max(32, triton.next_power_of_2(co))
+    max_k = 1 << 30 if flat else max(32, triton.next_power_of_2(ci))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k]
+    if not kept:
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return kept
+
+
+_tuned: dict[str, object] = {}
+_tuned_lock = threading.Lock()
+
+
+def _gpu_family(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "hopper" if major >= 9 else "ampere"
+
+
+def _tuned_kernel(device: torch.device):
+    """The autotuned launcher for ``device``'s GPU family (built on first use, so
+    importing this module never initialises CUDA)."""
+    family = _gpu_family(device)
+    with _tuned_lock:
+        k = _tuned.get(family)
+        if k is None:
+            configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
+            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})(
+                _conv3x3_fwd_kernel
+            )
+            _tuned[family] = k
+    return k
+
+
+# ----------------------------------------------------------------------------------
+# Weight repacking, cached per parameter version.
+
+_PACK_CACHE_SIZE = 64
+_pack_cache: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()
+_pack_lock = threading.Lock()
+
+
+def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
+    w = w.detach()
+    if phases:
+        # Phase kernels summed in fp32 (fp64 if w is fp64), then cast once.
+        acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        pw = ref.subpixel_phase_weights(w.to(acc_dtype))  # [a, c, Co, Ci, tr, tc]
+        packed = pw.permute(0, 1, 4, 5, 3, 2)  # [a, c, tr, tc, Ci, Co]
+    else:
+        packed = w.permute(2, 3, 1, 0)  # [kh, kw, Ci, Co]
+    co = w.shape[0]
+    return packed.to(dtype).contiguous().reshape(-1, co)
+
+
+def packed_weight(w: torch.Tensor, dtype: torch.dtype, phases: bool = False) -> torch.Tensor:
+    """``w`` [Co, Ci, 3, 3] as the kernel's K-major matrix in ``dtype``:
+    ``[9·Ci, Co]`` (rows ordered kh, kw, ci) or, with ``phases``, the 16 sub-pixel
+    phase taps ``[16·Ci, Co]`` (rows ordered a, c, tr, tc, ci).
+
+    Cached per parameter version: the key is (data_ptr, ``_version``, dtype, device,
+    shape, phases), and a hit also requires the cached entry's tensor to be this very
+    tensor (a weak reference), so a new tensor that happens to reuse a freed one's
+    memory — e.g. the per-call bf16 copy autocast makes — is never served stale
+    weights. An in-place update (optimizer step) bumps ``_version`` and repacks."""
+    key = (w.data_ptr(), w._version, dtype, w.dtype, w.device, tuple(w.shape), bool(phases))
+    with _pack_lock:
+        hit = _pack_cache.get(key)
+        if hit is not None and hit[0]() is w:
+            _pack_cache.move_to_end(key)
+            return hit[1]
+    packed = _pack(w, dtype, phases)
+    try:
+        wref = weakref.ref(w)
+    except TypeError:  # some tensor subclasses are not weak-referenceable: no caching
+        return packed
+    with _pack_lock:
+        _pack_cache[key] = (wref, packed)
+        _pack_cache.move_to_end(key)
+        while len(_pack_cache) > _PACK_CACHE_SIZE:
+            _pack_cache.popitem(last=False)
+    return packed
+
+
+def clear_weight_cache() -> None:
+    """Forget every repacked weight (e.g. to release memory)."""
+    with _pack_lock:
+        _pack_cache.clear()
+
+
+# ----------------------------------------------------------------------------------
+# Support checks.
+
+
+def _shape_reasons(op: str, x: torch.Tensor, w: torch.Tensor) -> list[str]:
+    reasons = []
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    if op == "conv3x3_pool" and (h < 2 or wd < 2):
+        reasons.append(f"x: spatial size {h}×{wd} is smaller than the 2×2 pooling window (the pooled output would be empty)")
+    if 16 * ci * co > _INT32_MAX:
+        reasons.append(f"w: {co}×{ci} channels are too many for the packed weight's 32-bit indexing")
+    if ci == 0 or co == 0 or n == 0:
+        reasons.append("x/w: empty channel or batch dimension; use backend='torch'")
+    if x.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(x.device)
+        if major < 7:
+            reasons.append(f"the GPU (sm_{major}{minor}) is older than sm_70; Triton's tl.dot needs tensor cores")
+        elif x.dtype == torch.bfloat16 and major < 8:
+            reasons.append(f"bfloat16 needs sm_80 or newer, this GPU is sm_{major}{minor}")
+    return reasons
+
+
+def _supports(op: str):
+    def supports(x, w, b=None, act="linear", alpha=0.2, gain=1.0, clamp=None, **_):
+        why = common_reasons(x, w=w, b=b)
+        if x.dim() != 4 or w.dim() != 4:
+            return why + ["x and w must be 4-D"]
+        return why + _shape_reasons(op, x, w)
+
+    supports.__name__ = f"supports_{op}"
+    supports.__doc__ = f"Every reason the Triton backend cannot run ``{op}`` on these arguments (empty: it can)."
+    return supports
+
+
+supports_conv3x3 = _supports("conv3x3")
+supports_conv3x3_pool = _supports("conv3x3_pool")
+supports_up_conv3x3 = _supports("up_conv3x3")
+
+
+# ----------------------------------------------------------------------------------
+# Launch.
+
+
+def _precision(x: torch.Tensor) -> str:
+    # TF32 for fp32 exactly when cuDNN would use it; the interpreter is always exact.
+    if x.dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _empty_out(shape: tuple, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=ref.memory_format_of(like))
+    if POISON_OUTPUTS:
+        out.fill_(float("nan") if out.dtype.is_floating_point else -1)
+    return out
+
+
+def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float,
+            gain: float, clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    if act not in ACT_CODES:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    if w.shape[1] != ci:
+        raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    if mode == MODE_CONV:
+        hb, wb, out_shape = h, wd, (n, co, h, wd)
+    elif mode == MODE_POOL:
+        hb, wb, out_shape = h // 2, wd // 2, (n, co, h // 2, wd // 2)
+    else:
+        hb, wb, out_shape = h, wd, (n, co, 2 * h, 2 * wd)
+    out = _empty_out(out_shape, x)
+    idx = _empty_out(out_shape, x, torch.int8) if mode == MODE_POOL else x.new_empty((0,))
+    m = n * hb * wb
+    if out.numel() == 0:
+        return out, idx
+
+    wp = packed_weight(w, x.dtype, phases=(mode == MODE_UP))
+    bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
+    flat = ci < _FLAT_K_BELOW
+    args = (
+        x, wp, bias, out, idx if mode == MODE_POOL else out,
+        n, h, wd, ci, co, hb, wb, m,
+        *x.stride(), *out.stride(),
+        float(alpha), float(gain), float(clamp if clamp is not None else 0.0),
+    )
+    consts = dict(
+        MODE=mode, ACT=ACT_CODES[act], HAS_BIAS=b is not None, HAS_GAIN=float(gain) != 1.0,
+        HAS_CLAMP=clamp is not None, FLAT_K=flat, PRECISION=_precision(x),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
+
+    if INTERPRET or x.device.type != "cuda":
+        _conv3x3_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
+    else:
+        with torch.cuda.device(x.device):
+            _tuned_kernel(x.device)[grid](*args, **consts)
+    return out, idx
+
+
+def conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
+                    alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``clip(act(conv2d(x, w, padding=1) + b)·gain)`` by the Triton kernel.
+
+    Returns ``(out, saved)``: ``out`` [N, Co, H, W] in x's memory format (channels_last
+    stays channels_last, anything else comes back contiguous), ``saved`` an empty
+    tensor (the backward works from ``out``, recomputing the pre-activation where the
+    activation's derivative needs it). Arguments as validated by
+    ``gankernels.conv3x3``; ``x``, ``w``, ``b`` share one dtype and device."""
+    return _launch(MODE_CONV, x, w, b, act, alpha, gain, clamp)
+
+
+def conv3x3_pool_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
+                         alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max_pool2d(conv3x3(x, w, b, ...), 2)`` by the Triton kernel, pooling in registers.
+
+    Returns ``(out, saved)``: ``out`` [N, Co, H//2, W//2] (odd sizes floor) in x's
+    memory format; ``saved`` int8, same shape and memory format, the position of each
+    window's max, ``dy*2 + dx`` (0..3), the first max in dy-major scan order winning
+    and a NaN winning as in ``F.max_pool2d``. The activation is applied before the
+    max (needed for the non-monotone silu)."""
+    return _launch(MODE_POOL, x, w, b, act, alpha, gain, clamp)
+
+
+def up_conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
+                       alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv3x3(upsample_nearest(x, 2), w, b, ...)`` by the sub-pixel Triton kernel.
+
+    Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
+    an empty tensor. The phase kernels are summed in fp32 and cast to x's dtype once
+    per weight version."""
+    return _launch(MODE_UP, x, w, b, act, alpha, gain, clamp)
+
+
+def fake_saved_pool(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
+                    alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> torch.Tensor:
+    """The (empty-valued) ``saved`` of :func:`conv3x3_pool_forward` for fake tensors:
+    int8 [N, Co, H//2, W//2] in x's memory format."""
+    n, _, h, wd = x.shape
+    return x.new_empty((n, w.shape[0], h // 2, wd // 2), dtype=torch.int8).contiguous(memory_format=ref.memory_format_of(x))
+
+
+register("conv3x3", "triton", OpImpl(forward=conv3x3_forward, supports=supports_conv3x3))
+register("conv3x3_pool", "triton", OpImpl(forward=conv3x3_pool_forward, supports=supports_conv3x3_pool, fake_saved=fake_saved_pool))
+register("up_conv3x3", "triton", OpImpl(forward=up_conv3x3_forward, supports=supports_up_conv3x3))
