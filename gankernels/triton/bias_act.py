@@ -42,6 +42,19 @@ _BWD_ROW_ITERS = 8  # row tiles one backward program walks (fewer gb partials to
 _INT32_LIMIT = 2**31 - 1
 
 
+# Tests set this to True: every output buffer is then filled with NaN (-1 for indices)
+# before the kernel runs, so an element a kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` (or ``torch.empty_like`` when given a tensor), poisoned if asked."""
+    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+    return t
+
+
 # ----------------------------------------------------------------------------------
 # Kernels
 
@@ -244,7 +257,7 @@ def bias_act_forward(
     has ``x``'s layout (a contiguous one if ``x`` is a non-dense view)."""
     flags = _epilogue_flags(act, gain, clamp)
     xd, R, K, C, on_cols = _matrix_view(x, dim)
-    y = torch.empty_like(xd)  # same strides as the dense xd: same [R, K] storage order
+    y = _empty(xd)  # same strides as the dense xd: same [R, K] storage order
     if y.numel() == 0:
         return y
     block_r, block_k = _blocks(R, K)
@@ -276,7 +289,7 @@ def bias_act_backward(
     derivative is recomputed from ``x``."""
     flags = _epilogue_flags(act, gain, clamp)
     xd, R, K, C, on_cols = _matrix_view(x, dim)
-    gx = torch.empty_like(xd)
+    gx = _empty(xd)
     # grad must walk the same storage order as xd.
     if grad.shape != xd.shape or any(grad.stride(d) != xd.stride(d) for d in range(xd.dim()) if xd.shape[d] > 1):
         grad = torch.empty_like(xd).copy_(grad)
@@ -290,7 +303,7 @@ def bias_act_backward(
     n_row_groups = triton.cdiv(n_row_blocks, iters)
     if need_gb:
         part_shape = (n_row_groups, K) if on_cols else (R, n_col_blocks)
-        part = torch.empty(part_shape, dtype=torch.float32, device=x.device)
+        part = _empty(part_shape, dtype=torch.float32, device=x.device)
     else:
         part = gx  # unused
     grid = (n_row_groups * n_col_blocks,)

@@ -46,6 +46,19 @@ _TILE = 2048
 _INT32_LIMIT = 2**31 - 1
 
 
+# Tests set this to True: every output buffer is then filled with NaN (-1 for indices)
+# before the kernel runs, so an element a kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` (or ``torch.empty_like`` when given a tensor), poisoned if asked."""
+    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+    return t
+
+
 def _span(t: torch.Tensor) -> int:
     """One past the largest element offset ``t`` addresses (its storage footprint)."""
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
@@ -235,8 +248,8 @@ def max_pool2d_forward(
     ho = pool_output_size(h, kh, sh, ph, 1, ceil_mode)
     wo = pool_output_size(w, kw, sw, pw, 1, ceil_mode)
     fmt = memory_format_of(x)
-    out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-    idx = torch.empty((n, c, ho, wo), dtype=torch.int64, device=x.device, memory_format=fmt)
+    out = _empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    idx = _empty((n, c, ho, wo), dtype=torch.int64, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out, idx
     cl = fmt == torch.channels_last
@@ -273,7 +286,7 @@ def max_pool2d_backward(
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     ho, wo = grad.shape[2], grad.shape[3]
-    gx = torch.empty(x.shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format_of(x))
+    gx = _empty(x.shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format_of(x))
     if gx.numel() == 0:
         return gx
     cl = memory_format_of(x) == torch.channels_last

@@ -33,6 +33,19 @@ _TILE = 1024  # input (forward) / grad-input (backward) elements per program
 _INT32_LIMIT = 2**31 - 1
 
 
+# Tests set this to True: every output buffer is then filled with NaN (-1 for indices)
+# before the kernel runs, so an element a kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` (or ``torch.empty_like`` when given a tensor), poisoned if asked."""
+    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+    return t
+
+
 def _span(t: torch.Tensor) -> int:
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
 
@@ -168,7 +181,7 @@ def upsample_nearest2d_forward(x: torch.Tensor, scale_factor: int) -> torch.Tens
         raise ValueError(f"scale_factor: the triton kernel serves integers 1..{MAX_SCALE}, got {scale_factor!r}")
     n, c, h, w = x.shape
     fmt = memory_format_of(x)
-    y = torch.empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device, memory_format=fmt)
+    y = _empty((n, c, h * s, w * s), dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
     cl = fmt == torch.channels_last
@@ -192,7 +205,7 @@ def upsample_nearest2d_backward(grad: torch.Tensor, scale_factor: int) -> torch.
         raise ValueError(f"grad: spatial size {(hs, ws)} is not a multiple of scale_factor={s}")
     h, w = hs // s, ws // s
     fmt = memory_format_of(grad)
-    gx = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
+    gx = _empty((n, c, h, w), dtype=grad.dtype, device=grad.device, memory_format=fmt)
     if gx.numel() == 0:
         return gx
     cl = fmt == torch.channels_last
