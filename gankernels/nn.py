@@ -184,8 +184,9 @@ class _FusedConv3x3(tnn.Module):
         self.act, self.alpha, self.gain, self.clamp = act, float(alpha), float(gain), clamp
         self.backend = backend
         self.weight = tnn.Parameter(torch.empty((out_channels, in_channels, 3, 3), **factory))
-        self.bias = tnn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = tnn.Parameter(torch.empty(out_channels, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
