@@ -147,10 +147,10 @@ def _conv_reason(m: nn.Conv2d) -> Optional[str]:
         return f"Conv2d {k[0]}×{k[1]}: {rule}"
     if _pair(m.stride) != (1, 1):
         return f"Conv2d stride {_pair(m.stride)}: {rule}"
-    if m.padding != "same" and _pair(m.padding) != (1, 1):
-        return f"Conv2d padding {m.padding!r}: {rule}"
     if _pair(m.dilation) != (1, 1):
         return f"Conv2d dilation {_pair(m.dilation)}: only dilation 1 is fused"
+    if m.padding != "same" and _pair(m.padding) != (1, 1):
+        return f"Conv2d padding {m.padding!r}: {rule}"
     if m.groups != 1:
         return f"Conv2d groups={m.groups}: only groups=1 is fused"
     if m.padding_mode != "zeros":
