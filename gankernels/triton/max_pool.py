@@ -166,10 +166,12 @@ def _max_pool_bwd_kernel(
     sxn, sxc, sxh, sxw,
     n_rows, n_cols, n_col_blocks,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    CL: tl.constexpr, INT64: tl.constexpr,
+    CL: tl.constexpr, PAIR: tl.constexpr, INT64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Tile = [BLOCK_R, BLOCK_K] *input* positions (columns: C for channels_last, W for NCHW).
+    # Tile = [BLOCK_R, BLOCK_K] *input* positions (columns: C for channels_last, W for
+    # NCHW), except with PAIR (NCHW 2×2/2): columns are output columns wo, each giving
+    # the two input columns 2*wo and 2*wo + 1.
     pid = tl.program_id(0)
     pid_r = pid // n_col_blocks
     pid_k = pid % n_col_blocks
@@ -191,23 +193,42 @@ def _max_pool_bwd_kernel(
         c = (t % C)[:, None]
         n = (t // C)[:, None]
         w = cols[None, :]
-    me = h * W + w  # the flat index a window names when its max is here
-    acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
-    # Windows covering h: ho*SH - PH <= h <= ho*SH - PH + KH - 1; the largest such ho is
-    # (h + PH) // SH and at most ceil(KH / SH) of them exist (likewise along w).
-    ho_top = (h + PH) // SH
-    wo_top = (w + PW) // SW
-    for dh in tl.static_range((KH + SH - 1) // SH):
-        ho = ho_top - dh
-        h_ok = (ho >= 0) & (ho < Ho) & (h <= ho * SH - PH + KH - 1)
-        for dw in tl.static_range((KW + SW - 1) // SW):
-            wo = wo_top - dw
-            ok = in_mask & h_ok & (wo >= 0) & (wo < Wo) & (w <= wo * SW - PW + KW - 1)
-            won = tl.load(idx_ptr + n * sin + c * sic + ho * sih + wo * siw, mask=ok, other=-1)
-            ok = ok & (won == me)
-            g = tl.load(g_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
-            acc += g.to(tl.float32)
-    tl.store(gx_ptr + n * sxn + c * sxc + h * sxh + w * sxw, acc.to(gx_ptr.dtype.element_ty), mask=in_mask)
+    if PAIR:
+        # Windows do not overlap: input (h, 2wo + j) can only be named by window
+        # (h // 2, wo). Load that window's index and grad once (contiguous along wo),
+        # route grad to column j = 0 or 1, and store the interleaved pair as one
+        # contiguous row of gx. Positions no window covers (odd H/W, floor) get 0.
+        wo = w  # with PAIR the columns are output columns
+        ho = h // 2
+        ok = in_mask & (ho < Ho) & (wo < Wo)
+        won = tl.load(idx_ptr + n * sin + c * sic + ho * sih + wo * siw, mask=ok, other=-1)
+        g = tl.load(g_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0).to(tl.float32)
+        base = h * W + 2 * wo
+        pair = tl.join(tl.where(won == base, g, 0.0), tl.where(won == base + 1, g, 0.0))
+        wi = pid_k * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
+        if INT64:
+            wi = wi.to(tl.int64)
+        gx = tl.reshape(pair, (BLOCK_R, 2 * BLOCK_K))
+        st_mask = (rows < n_rows)[:, None] & (wi < W)[None, :]
+        tl.store(gx_ptr + n * sxn + c * sxc + h * sxh + wi[None, :], gx.to(gx_ptr.dtype.element_ty), mask=st_mask)
+    else:
+        me = h * W + w  # the flat index a window names when its max is here
+        acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        # Windows covering h: ho*SH - PH <= h <= ho*SH - PH + KH - 1; the largest such ho is
+        # (h + PH) // SH and at most ceil(KH / SH) of them exist (likewise along w).
+        ho_top = (h + PH) // SH
+        wo_top = (w + PW) // SW
+        for dh in tl.static_range((KH + SH - 1) // SH):
+            ho = ho_top - dh
+            h_ok = (ho >= 0) & (ho < Ho) & (h <= ho * SH - PH + KH - 1)
+            for dw in tl.static_range((KW + SW - 1) // SW):
+                wo = wo_top - dw
+                ok = in_mask & h_ok & (wo >= 0) & (wo < Wo) & (w <= wo * SW - PW + KW - 1)
+                won = tl.load(idx_ptr + n * sin + c * sic + ho * sih + wo * siw, mask=ok, other=-1)
+                ok = ok & (won == me)
+                g = tl.load(g_ptr + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=ok, other=0.0)
+                acc += g.to(tl.float32)
+        tl.store(gx_ptr + n * sxn + c * sxc + h * sxh + w * sxw, acc.to(gx_ptr.dtype.element_ty), mask=in_mask)
 
 
 # ----------------------------------------------------------------------------------
@@ -290,7 +311,8 @@ def max_pool2d_backward(
     if gx.numel() == 0:
         return gx
     cl = memory_format_of(x) == torch.channels_last
-    n_rows, n_cols = (n * h * w, c) if cl else (n * c * h, w)
+    pair = (not cl) and (kh, kw, sh, sw, ph, pw) == (2, 2, 2, 2, 0, 0) and gx.stride(3) == 1
+    n_rows, n_cols = (n * h * w, c) if cl else (n * c * h, triton.cdiv(w, 2) if pair else w)
     block_r, block_k = _tile(n_cols)
     n_col_blocks = triton.cdiv(n_cols, block_k)
     grid = (triton.cdiv(n_rows, block_r) * n_col_blocks,)
@@ -300,7 +322,7 @@ def max_pool2d_backward(
         *grad.stride(), *indices.stride(), *gx.stride(),
         n_rows, n_cols, n_col_blocks,
         KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
-        CL=cl, INT64=_needs_int64(grad, indices, gx),
+        CL=cl, PAIR=pair, INT64=_needs_int64(grad, indices, gx),
         BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=4,
     )
