@@ -36,8 +36,9 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,6 @@ def copy_bandwidth(timer, device: str, nbytes: int) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
-    del src, dst
     return gbps(2 * nbytes, ms)
 
 
@@ -215,91 +215,99 @@ def run_cases(timer, device: str, shape: tuple[int, ...], copy_gbps: float, dtyp
         print(markdown(rows[-1:], []).splitlines()[-1], flush=True)
 
     k2, s2, p0, d1 = [2, 2], [2, 2], [0, 0], [1, 1]
+
+    def bench(dtype: torch.dtype, layout: str) -> None:
+        """Every case of one dtype and layout (a function, so its tensors are freed on return)."""
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+        def rnd(*shp):
+            return torch.randn(shp, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+        x = rnd(*shape)
+        b = torch.randn(c, generator=gen).to(device=device, dtype=dtype)
+
+        # max_pool2d 2×2
+        ref_out, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+        add(
+            "max_pool2d", "fwd", dtype, layout,
+            lambda: F.max_pool2d(x, 2),
+            lambda: tmp.max_pool2d_forward(x, k2, s2, p0, d1, False),
+            lambda: gankernels.max_pool2d(x, 2, backend="triton"),
+            lambda: all(
+                _same(a, r, True) for a, r in zip(tmp.max_pool2d_forward(x, k2, s2, p0, d1, False), (ref_out, ref_idx), strict=True)
+            ),
+        )
+        g = rnd(*ref_out.shape)
+        add(
+            "max_pool2d", "bwd", dtype, layout,
+            lambda: torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx),
+            lambda: tmp.max_pool2d_backward(g, x, ref_idx, k2, s2, p0, d1, False),
+            None,
+            lambda: _same(
+                tmp.max_pool2d_backward(g, x, ref_idx, k2, s2, p0, d1, False),
+                torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx),
+                True,
+            ),
+        )
+
+        # nearest 2× upsample
+        add(
+            "upsample2x", "fwd", dtype, layout,
+            lambda: F.interpolate(x, scale_factor=2, mode="nearest"),
+            lambda: tup.upsample_nearest2d_forward(x, 2),
+            lambda: gankernels.upsample_nearest2d(x, 2, backend="triton"),
+            lambda: _same(tup.upsample_nearest2d_forward(x, 2), F.interpolate(x, scale_factor=2, mode="nearest"), True),
+        )
+        g = rnd(n, c, 2 * h, 2 * w)
+
+        def up_bwd_stock():
+            return torch.ops.aten.upsample_nearest2d_backward(g, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+
+        add(
+            "upsample2x", "bwd", dtype, layout,
+            up_bwd_stock,
+            lambda: tup.upsample_nearest2d_backward(g, 2),
+            None,
+            lambda: _same(tup.upsample_nearest2d_backward(g, 2).float(), up_bwd_stock().float(), False),
+        )
+
+        # bias + leaky ReLU
+        def ba_stock():
+            return F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2)
+
+        add(
+            "bias_lrelu", "fwd", dtype, layout,
+            ba_stock,
+            lambda: tba.bias_act_forward(x, b, "lrelu", 0.2, 1.0, None, 1),
+            lambda: gankernels.bias_act(x, b, "lrelu", backend="triton"),
+            lambda: _same(tba.bias_act_forward(x, b, "lrelu", 0.2, 1.0, None, 1), ba_stock(), False),
+        )
+        p = x + b.view(1, -1, 1, 1)
+        g = rnd(*shape)
+        add(
+            "bias_lrelu", "bwd", dtype, layout,
+            lambda: torch.ops.aten.leaky_relu_backward(g, p, 0.2, False),
+            lambda: tba.bias_act_backward(g, x, b, None, "lrelu", 0.2, 1.0, None, 1),
+            None,
+            lambda: _same(
+                tba.bias_act_backward(g, x, b, None, "lrelu", 0.2, 1.0, None, 1)[0],
+                torch.ops.aten.leaky_relu_backward(g, p, 0.2, False),
+                False,
+            ),
+        )
+
     for dtype in dtypes:
         for layout in layouts:
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
-            def rnd(*shp):
-                return torch.randn(shp, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-
-            x = rnd(*shape)
-            b = torch.randn(c, generator=gen).to(device=device, dtype=dtype)
-
-            # max_pool2d 2×2
-            ref_out, ref_idx = F.max_pool2d(x, 2, return_indices=True)
-            add(
-                "max_pool2d", "fwd", dtype, layout,
-                lambda: F.max_pool2d(x, 2),
-                lambda: tmp.max_pool2d_forward(x, k2, s2, p0, d1, False),
-                lambda: gankernels.max_pool2d(x, 2, backend="triton"),
-                lambda: all(_same(a, r, True) for a, r in zip(tmp.max_pool2d_forward(x, k2, s2, p0, d1, False), (ref_out, ref_idx))),
-            )
-            g = rnd(*ref_out.shape)
-            add(
-                "max_pool2d", "bwd", dtype, layout,
-                lambda: torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx),
-                lambda: tmp.max_pool2d_backward(g, x, ref_idx, k2, s2, p0, d1, False),
-                None,
-                lambda: _same(
-                    tmp.max_pool2d_backward(g, x, ref_idx, k2, s2, p0, d1, False),
-                    torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx),
-                    True,
-                ),
-            )
-            del ref_out, ref_idx, g
-
-            # nearest 2× upsample
-            add(
-                "upsample2x", "fwd", dtype, layout,
-                lambda: F.interpolate(x, scale_factor=2, mode="nearest"),
-                lambda: tup.upsample_nearest2d_forward(x, 2),
-                lambda: gankernels.upsample_nearest2d(x, 2, backend="triton"),
-                lambda: _same(tup.upsample_nearest2d_forward(x, 2), F.interpolate(x, scale_factor=2, mode="nearest"), True),
-            )
-            g = rnd(n, c, 2 * h, 2 * w)
-
-            def up_bwd_stock():
-                return torch.ops.aten.upsample_nearest2d_backward(g, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
-
-            add(
-                "upsample2x", "bwd", dtype, layout,
-                up_bwd_stock,
-                lambda: tup.upsample_nearest2d_backward(g, 2),
-                None,
-                lambda: _same(tup.upsample_nearest2d_backward(g, 2).float(), up_bwd_stock().float(), False),
-            )
-            del g
-
-            # bias + leaky ReLU
-            def ba_stock():
-                return F.leaky_relu(x + b.view(1, -1, 1, 1), 0.2)
-
-            add(
-                "bias_lrelu", "fwd", dtype, layout,
-                ba_stock,
-                lambda: tba.bias_act_forward(x, b, "lrelu", 0.2, 1.0, None, 1),
-                lambda: gankernels.bias_act(x, b, "lrelu", backend="triton"),
-                lambda: _same(tba.bias_act_forward(x, b, "lrelu", 0.2, 1.0, None, 1), ba_stock(), False),
-            )
-            p = x + b.view(1, -1, 1, 1)
-            g = rnd(*shape)
-            add(
-                "bias_lrelu", "bwd", dtype, layout,
-                lambda: torch.ops.aten.leaky_relu_backward(g, p, 0.2, False),
-                lambda: tba.bias_act_backward(g, x, b, None, "lrelu", 0.2, 1.0, None, 1),
-                None,
-                lambda: _same(
-                    tba.bias_act_backward(g, x, b, None, "lrelu", 0.2, 1.0, None, 1)[0], torch.ops.aten.leaky_relu_backward(g, p, 0.2, False), False
-                ),
-            )
-            del p, g, x
+            bench(dtype, layout)
     return rows
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_time_memops.md and .csv")
-    ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shape, meaningless times (tests the script)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shape, meaningless times (tests the script)"
+    )
     args = ap.parse_args(argv)
 
     if args.smoke:

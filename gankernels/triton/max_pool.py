@@ -61,7 +61,7 @@ def _empty(*args, **kwargs) -> torch.Tensor:
 
 def _span(t: torch.Tensor) -> int:
     """One past the largest element offset ``t`` addresses (its storage footprint)."""
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
