@@ -1,0 +1,578 @@
+#!/usr/bin/env python
+"""Train a DCGAN-style GAN whose layers are gankernels' fused kernels.
+
+    python examples/train_gan.py --name demo                       # built-in digits, CPU or GPU
+    python examples/train_gan.py --layers stock --name baseline    # the same nets in torch layers
+    python examples/train_gan.py --data ~/faces --resolution 64 --amp bf16 --channels-last
+    torchrun --nproc_per_node 4 examples/train_gan.py --name ddp   # DistributedDataParallel
+
+Outputs go to ``runs/<name>/``: ``samples/step_XXXXXX.png`` (a grid from fixed noise every
+``--sample-every`` steps), ``losses.png`` and ``losses.csv`` at the end, and
+``checkpoint.pt`` every ``--ckpt-every`` steps (``--resume`` continues from it; the
+generator and discriminator ``state_dict``s are the same for ``--layers stock`` and
+``--layers gankernels``, so a run can switch between them).
+
+Every random draw of step ``s`` (the batch of real images, the latent noise) is a pure
+function of ``(--seed, rank, s)``, so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import gankernels
+from gankernels.models import LAYERS, dcgan_discriminator, dcgan_generator, set_channels_last
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Checkpoint entries that fix the networks' shapes: a checkpoint is only loadable by a
+# run that agrees on all of them (``--layers`` may differ: the state_dicts match).
+ARCH_KEYS = ("z_dim", "width", "resolution", "image_channels")
+CHECKPOINT_KEYS = ("G", "D", "opt_G", "opt_D", "scaler_G", "scaler_D", "step", "rng", "args", "history")
+NUM_SAMPLES = 64
+
+
+# ----------------------------------------------------------------------------------
+# Arguments.
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--name", default="gan", help="run name: outputs go to <runs-dir>/<name>/")
+    p.add_argument("--runs-dir", default="runs", help="parent folder of the run folders")
+    p.add_argument("--data", default=None, metavar="DIR", help="folder of images (any size; resized and centre-cropped). Default: scikit-learn's bundled handwritten digits")
+    p.add_argument("--resolution", type=int, default=None, help="image size, 4·2^k (default: 32 for the digits, 64 for --data)")
+    p.add_argument("--layers", choices=LAYERS, default="gankernels", help="fused gankernels layers or the same networks in stock torch layers")
+    p.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cuda"), help="gankernels backend (default: GANKERNELS_BACKEND or auto)")
+    p.add_argument("--steps", type=int, default=None, help="total training steps (one D and one G update each); default depends on the device")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: 64 on CPU, 128 on GPU)")
+    p.add_argument("--width", type=int, default=None, help="channels of the widest-resolution layer; others double per halving, up to 512 (default: 16 on CPU, 64 on GPU)")
+    p.add_argument("--z-dim", type=int, default=128, help="latent size")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (both networks)")
+    p.add_argument("--r1", type=float, default=0.0, metavar="GAMMA", help="R1 gradient penalty weight on real images (uses double backward); 0 = off")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds gradient scaling)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for images, weights and activations")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each process takes cuda:LOCAL_RANK)")
+    p.add_argument("--sample-every", type=int, default=None, help="save a sample grid every N steps (default: steps/10)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="save runs/<name>/checkpoint.pt every N steps (default: steps/5), and always at the end")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT", help="continue from CKPT (default: runs/<name>/checkpoint.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--param-checksum", default=None, metavar="PATH", help="(debugging) each process writes the SHA-256 of its parameters to PATH, '{rank}' replaced by its rank")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "width", "z_dim", "sample_every", "ckpt_every"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    if args.r1 < 0:
+        p.error(f"--r1: must be >= 0, got {args.r1}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution & (args.resolution - 1)):
+        p.error(f"--resolution: must be a power of two >= 8 (4·2^k), got {args.resolution}")
+    return args
+
+
+def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Defaults that depend on the device: a few minutes of training on 2 CPU cores,
+    a longer, wider, larger-batch run on a GPU."""
+    gpu = device.type == "cuda"
+    if args.resolution is None:
+        args.resolution = 32 if args.data is None else 64
+    if args.steps is None:
+        args.steps = 5000 if gpu else 1500
+    if args.batch_size is None:
+        args.batch_size = 128 if gpu else 64
+    if args.width is None:
+        args.width = 64 if gpu else 16
+    if args.sample_every is None:
+        args.sample_every = max(1, args.steps // 10)
+    if args.ckpt_every is None:
+        args.ckpt_every = max(1, args.steps // 5)
+    return args
+
+
+def channel_plan(resolution: int, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(generator channels, discriminator channels) for a ``resolution``² image: the
+    generator doubles 4×4 up to ``resolution``, the discriminator halves it back to 4×4;
+    ``width`` channels at full resolution, ×2 per halving, capped at 512."""
+    blocks = int(math.log2(resolution // 4))
+    g = tuple(min(width * 2 ** (blocks - i), 512) for i in range(blocks + 1))
+    d = tuple(min(width * 2**i, 512) for i in range(blocks))
+    return g, d
+
+
+# ----------------------------------------------------------------------------------
+# Processes.
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device_arg: Optional[str]) -> Dist:
+    """One process, or one of ``torchrun``'s: NCCL between GPUs, gloo between CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+# ----------------------------------------------------------------------------------
+# Data.
+
+
+def load_digits(resolution: int) -> torch.Tensor:
+    """scikit-learn's 1797 bundled 8×8 handwritten digits (no download), bilinearly
+    scaled to ``resolution``², one channel, in [-1, 1]."""
+    from sklearn.datasets import load_digits as _load
+
+    x = torch.from_numpy(_load().images).float().div_(16.0).unsqueeze(1)  # [N, 1, 8, 8], 0..1
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return x.mul_(2).sub_(1).clamp_(-1, 1)
+
+
+def load_folder(folder: str, resolution: int, verbose: bool = True) -> torch.Tensor:
+    """Every readable image under ``folder`` (recursively), RGB, resized so the short
+    side is ``resolution`` and centre-cropped to ``resolution``², in [-1, 1]."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise SystemExit(f"--data: {folder} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images, skipped = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.fit(im.convert("RGB"), (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+                images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            skipped.append(path)
+    if skipped and verbose:
+        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"--data: skipped {len(skipped)} unreadable file(s) of {len(files)}: {shown}", file=sys.stderr)
+    if not images:
+        raise SystemExit(f"--data: no readable images in {root} ({len(files)} file(s), {len(skipped)} unreadable)")
+    x = torch.stack(images).permute(0, 3, 1, 2).float()  # [N, 3, R, R]
+    return x.div_(127.5).sub_(1.0).contiguous()
+
+
+class ShardedBatches:
+    """Batch ``s`` of process ``rank``: a pure function of (seed, rank, s).
+
+    Each epoch is a seeded permutation of the whole data set; process ``r`` of ``w``
+    takes every ``w``-th index from ``r`` (DistributedSampler's rule), and its batches
+    are consecutive slices of that shard; a partial last batch is dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        shard = len(range(rank, n, world))
+        self.per_epoch = shard // batch_size
+        if self.per_epoch == 0:
+            raise SystemExit(
+                f"--batch-size: {batch_size} is larger than this process's share of the data ({shard} of {n} images "
+                f"over {world} process(es)); lower --batch-size or add images"
+            )
+        self._epoch, self._shard = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch))
+            self._shard = torch.randperm(self.n, generator=g)[self.rank :: self.world]
+            self._epoch = epoch
+        return self._shard[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a few ints (distinct inputs give unrelated streams)."""
+    h = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def latent(batch: int, z_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Standard-normal latents from a dedicated generator (the global RNG is untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, z_dim, generator=g).to(device)
+
+
+# ----------------------------------------------------------------------------------
+# Images and plots.
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, pad: int = 2) -> None:
+    """Save ``images`` ([N, C, H, W] in [-1, 1], C = 1 or 3) as one PNG grid; small
+    images are enlarged (nearest) so a digit stays visible."""
+    from PIL import Image
+
+    x = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    scale = max(1, 64 // h)
+    if scale > 1:
+        x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        h, w = h * scale, w * scale
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[k]
+    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode="L" if c == 1 else "RGB").save(path)
+
+
+def save_losses(history: list[list[float]], folder: Path, title: str) -> None:
+    """``losses.csv`` (step, loss_D, loss_G) and ``losses.png`` (raw and smoothed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(folder / "losses.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss_D", "loss_G"])
+        w.writerows(history)
+    steps = [h[0] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    for col, label, color in ((1, "discriminator", "tab:blue"), (2, "generator", "tab:orange")):
+        raw = [h[col] for h in history]
+        ema, smooth = raw[0] if raw else 0.0, []
+        for v in raw:
+            ema = 0.98 * ema + 0.02 * v
+            smooth.append(ema)
+        ax.plot(steps, raw, color=color, alpha=0.2, linewidth=0.7)
+        ax.plot(steps, smooth, color=color, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("non-saturating loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "losses.png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    """The plain module under ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    while True:
+        if hasattr(m, "_orig_mod"):
+            m = m._orig_mod
+        elif isinstance(m, nn.parallel.DistributedDataParallel):
+            m = m.module
+        else:
+            return m
+
+
+def _arch(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ARCH_KEYS}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Load and validate ``path`` (``weights_only=True``); any problem is a SystemExit
+    that names the file and what is wrong with it."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} does not exist (train once without --resume, or pass the checkpoint's path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise SystemExit(f"--resume: {path} is not a readable checkpoint (corrupt or truncated?): {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"--resume: {path} is not a train_gan.py checkpoint (expected keys {CHECKPOINT_KEYS}, found {have})")
+    saved = ckpt["args"]
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(args, k)!r}" for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"--resume: {path} was trained with different networks or data ({'; '.join(diff)}); pass the same options")
+    return ckpt
+
+
+def _load_states(path: Path, ckpt: dict[str, Any], pairs: list[tuple[str, Any]]) -> None:
+    for key, obj in pairs:
+        try:
+            obj.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise SystemExit(f"--resume: {path}: entry {key!r} does not fit this run: {e}") from e
+
+
+def params_checksum(*models: nn.Module) -> str:
+    """SHA-256 over every parameter's bytes (to compare processes bit for bit)."""
+    h = hashlib.sha256()
+    for m in models:
+        for name, p in _unwrap(m).named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------
+# Training.
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+
+@contextlib.contextmanager
+def _maybe_backend(name: Optional[str]) -> Iterator[None]:
+    if name is None:
+        yield
+    else:
+        with gankernels.use_backend(name):
+            yield
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the training described by ``args`` (see :func:`parse_args`); returns a summary
+    dict (``steps``, ``seconds``, ``images_per_s``, ``loss_D``, ``loss_G``, ``history``,
+    ``run_dir``)."""
+    d = setup_distributed(args.device)
+    try:
+        with _maybe_backend(args.backend):
+            return _train(args, d)
+    finally:
+        if d.enabled:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
+    fill_defaults(args, d.device)
+    run_dir = Path(args.runs_dir) / args.name
+    ckpt_path = run_dir / "checkpoint.pt"
+    data = load_digits(args.resolution) if args.data is None else load_folder(args.data, args.resolution, verbose=d.main)
+    args.image_channels = data.shape[1]
+    # Keep the data on the device when it is small (the digits are 7 MB).
+    if data.numel() * data.element_size() < 2**30:
+        data = data.to(d.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    batches = ShardedBatches(len(data), args.batch_size, args.seed, d.rank, d.world)
+
+    # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(args.seed)
+    g_ch, d_ch = channel_plan(args.resolution, args.width)
+    G = dcgan_generator(args.z_dim, g_ch, args.image_channels, layers=args.layers, channels_last=args.channels_last).to(d.device)
+    D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, layers=args.layers, channels_last=args.channels_last).to(d.device)
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    amp_dtype = AMP_DTYPES[args.amp]
+    scaler_G = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
+    scaler_D = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
+
+    start, history = 0, []
+    if args.resume is not None:
+        path = ckpt_path if args.resume == "auto" else Path(args.resume)
+        ckpt = load_checkpoint(path, args)
+        _load_states(path, ckpt, [("G", G), ("D", D), ("opt_G", opt_G), ("opt_D", opt_D), ("scaler_G", scaler_G), ("scaler_D", scaler_D)])
+        start, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if d.device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if d.main:
+            print(f"resumed from {path} at step {start}", file=sys.stderr)
+        if start >= args.steps:
+            raise SystemExit(f"--resume: {path} is already at step {start} >= --steps {args.steps}; raise --steps to train further")
+
+    G_net: nn.Module = G
+    D_net: nn.Module = D
+    if d.enabled:
+        G_net = nn.parallel.DistributedDataParallel(G, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        D_net = nn.parallel.DistributedDataParallel(D, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if args.compile:
+        G_net = torch.compile(G_net)
+        if args.r1 > 0:
+            # torch.compile'd graphs do not support double backward, which R1 needs.
+            if d.main:
+                print("--compile: the discriminator runs eagerly because --r1 needs double backward", file=sys.stderr)
+        else:
+            D_net = torch.compile(D_net)
+
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        n_g = sum(p.numel() for p in G.parameters())
+        n_d = sum(p.numel() for p in D.parameters())
+        print(
+            f"train_gan: {args.layers} layers, G {g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
+            f"{len(data)} images {args.image_channels}×{args.resolution}², batch {args.batch_size}×{d.world}, "
+            f"{d.device}, amp {args.amp}{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
+            f"{f', r1 {args.r1}' if args.r1 else ''} -> {run_dir}/",
+            file=sys.stderr,
+        )
+    fixed_z = latent(NUM_SAMPLES, args.z_dim, _mix(args.seed, 0xF1ED), d.device)
+    autocast = torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    B = args.batch_size
+    log_every = 10
+    pending: list[torch.Tensor] = []  # per-step [loss_D, loss_G], read back every log_every steps
+    bar = _progress(args.steps, start, d.main and not args.no_progress)
+    t0 = time.perf_counter()
+
+    def sample(step: int) -> None:
+        net = _unwrap(G)
+        with torch.no_grad(), autocast:
+            save_grid(net(fixed_z), run_dir / "samples" / f"step_{step:06d}.png")
+
+    def flush() -> None:
+        if not pending:
+            return
+        losses = torch.stack(pending).float()
+        if d.enabled:
+            dist.all_reduce(losses)
+            losses /= d.world
+        first = int(history[-1][0]) + 1 if history else start + 1
+        history.extend([first + i, ld, lg] for i, (ld, lg) in enumerate(losses.tolist()))
+        pending.clear()
+
+    def checkpoint(step: int) -> None:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if d.device.type == "cuda" else []}
+        state = {
+            "G": G.state_dict(),
+            "D": D.state_dict(),
+            "opt_G": opt_G.state_dict(),
+            "opt_D": opt_D.state_dict(),
+            "scaler_G": scaler_G.state_dict(),
+            "scaler_D": scaler_D.state_dict(),
+            "step": step,
+            "rng": rng,
+            "args": {k: v for k, v in vars(args).items()},
+            "history": history,
+        }
+        save_checkpoint(ckpt_path, state)
+
+    for step in range(start, args.steps):
+        real = data[batches.indices(step).to(data.device)].to(d.device, non_blocking=True)
+        real = real.contiguous(memory_format=memory_format)
+        z = latent(B, args.z_dim, _mix(args.seed, d.rank, step), d.device)
+
+        # Discriminator: real and (detached) fake in one batch, one forward.
+        D.requires_grad_(True)
+        with autocast:
+            fake = G_net(z)
+        real.requires_grad_(args.r1 > 0)
+        with autocast:
+            logits = D_net(torch.cat([real, fake.detach()])).float()
+            loss_d = loss_ns = F.softplus(logits[B:]).mean() + F.softplus(-logits[:B]).mean()
+        if args.r1 > 0:
+            # R1 = E ||∇_x D(x)||² on reals; the gradient is taken of the scaled output
+            # under fp16 (as PyTorch's AMP gradient-penalty recipe does) and unscaled.
+            out = logits[:B].sum()
+            (grad,) = torch.autograd.grad(scaler_D.scale(out), real, create_graph=True)
+            grad = grad.float() / scaler_D.get_scale()
+            loss_d = loss_d + (args.r1 / 2) * grad.square().sum(dim=(1, 2, 3)).mean()
+        opt_D.zero_grad(set_to_none=True)
+        scaler_D.scale(loss_d).backward()
+        scaler_D.step(opt_D)
+        scaler_D.update()
+
+        # Generator: non-saturating loss through the updated D; D's weights need no
+        # gradient (and under DDP no all-reduce) here.
+        D.requires_grad_(False)
+        D_ddp = getattr(D_net, "_orig_mod", D_net)
+        no_sync = D_ddp.no_sync() if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                loss_g = F.softplus(-D_net(fake).float()).mean()
+            opt_G.zero_grad(set_to_none=True)
+            scaler_G.scale(loss_g).backward()
+        scaler_G.step(opt_G)
+        scaler_G.update()
+
+        # The logged D loss is the non-saturating part alone (comparable with and without R1).
+        pending.append(torch.stack([loss_ns.detach(), loss_g.detach()]))
+        done = step + 1
+        if done % log_every == 0 or done == args.steps:
+            flush()
+            if bar is not None:
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(D=f"{history[-1][1]:.3f}", G=f"{history[-1][2]:.3f}", img_s=f"{(done - start) * B * d.world / elapsed:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if d.main and (done % args.sample_every == 0 or done == args.steps):
+            sample(done)
+        if done % args.ckpt_every == 0 or done == args.steps:
+            flush()
+            if d.main:
+                checkpoint(done)
+
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    flush()
+    steps_run = args.steps - start
+    ips = steps_run * B * d.world / seconds
+    tail = history[-min(50, len(history)) :]
+    loss_d_final = sum(h[1] for h in tail) / len(tail)
+    loss_g_final = sum(h[2] for h in tail) / len(tail)
+    if args.param_checksum:
+        out = Path(args.param_checksum.replace("{rank}", str(d.rank)))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(params_checksum(G, D) + "\n")
+    if d.main:
+        save_losses(history, run_dir, f"{args.name}: {args.layers} layers, batch {B}×{d.world}, {d.device.type}")
+        shutil.copyfile(run_dir / "samples" / f"step_{args.steps:06d}.png", run_dir / "samples.png")
+        print(
+            f"train_gan: {steps_run} steps ({start}→{args.steps}) in {seconds:.1f} s, {ips:.0f} images/s, "
+            f"final loss D {loss_d_final:.3f} G {loss_g_final:.3f} (mean of last {len(tail)} steps); outputs in {run_dir}/"
+        )
+    return dict(steps=steps_run, seconds=seconds, images_per_s=ips, loss_D=loss_d_final, loss_G=loss_g_final, history=history, run_dir=run_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
