@@ -233,9 +233,7 @@ def _share_params(fused: nn.Module, conv: nn.Conv2d) -> nn.Module:
 def _fused_conv(
     cls: type, conv: nn.Conv2d, act: str, alpha: float, gain: float, clamp: Optional[float], backend: Optional[str]
 ) -> nn.Module:
-    fused = cls(
-        conv.in_channels, conv.out_channels, conv.bias is not None, act, alpha, gain, clamp, backend=backend, device="meta"
-    )
+    fused = cls(conv.in_channels, conv.out_channels, conv.bias is not None, act, alpha, gain, clamp, backend=backend, device="meta")
     return _share_params(fused, conv)
 
 

@@ -19,6 +19,16 @@ from gankernels.testing import assert_close_rel, random_input
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convs: OpenMP hand-offs between threads cost more than the work (~60 ms a
+    conv on a loaded 2-core machine against ~0.05 ms on one thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------
 # A small DCGAN-like generator and discriminator of stock layers, nested in custom
 # modules (the Sequentials are not at the top level).
@@ -27,7 +37,9 @@ F64 = torch.float64
 class GenBlock(nn.Module):
     def __init__(self, ci: int, co: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ci, co, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
+        self.body = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ci, co, 3, padding=1), nn.LeakyReLU(0.2, inplace=True)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -126,7 +138,9 @@ def test_dcgan_report_lists_replaced_and_left() -> None:
     _, rg = gankernels.convert(g)
     _, rd = gankernels.convert(d)
     for model, report, expected in ((g, rg, GEN_REPLACED), (d, rd, DISC_REPLACED)):
-        got = {r.path: (r.fused.split("(")[0].removeprefix("gankernels.nn."), tuple(t for _, t in r.stock)) for r in report.replaced}
+        got = {
+            r.path: (r.fused.split("(")[0].removeprefix("gankernels.nn."), tuple(t for _, t in r.stock)) for r in report.replaced
+        }
         assert got == expected
         for path, (cls, _) in expected.items():
             assert type(_module_at(model, path)) is getattr(gknn, cls)
@@ -155,7 +169,7 @@ def test_parameters_are_shared_and_an_old_optimizer_trains_the_converted_model()
     gankernels.convert(g, backend="torch")
     after = list(g.named_parameters())
     assert [n for n, _ in after] == [n for n, _ in before]
-    assert all(a is b for (_, a), (_, b) in zip(after, before))
+    assert all(a is b for (_, a), (_, b) in zip(after, before, strict=True))
     assert g.blocks[0].body[1].weight is before[[n for n, _ in before].index("blocks.0.body.1.weight")][1]
 
     for _ in range(2):
@@ -163,7 +177,7 @@ def test_parameters_are_shared_and_an_old_optimizer_trains_the_converted_model()
             o.zero_grad()
             model(z).square().mean().backward()
             o.step()
-    for (n, p), (_, q) in zip(g.named_parameters(), stock.named_parameters()):
+    for (n, p), (_, q) in zip(g.named_parameters(), stock.named_parameters(), strict=True):
         assert_close_rel(p, q, tol=1e-10, what=n)
     # The steps moved the shared parameters: the converted model's gradients reached them.
     for path in GEN_REPLACED:
@@ -296,7 +310,9 @@ def test_every_activation_in_every_block(act, block: str) -> None:
         expected = gknn.Conv3x3  # silu does not commute with max: the pool stays separate
         assert type(seq[-1]) is gknn.MaxPool2d
     assert type(fused) is expected
-    assert (fused.act, fused.alpha) == (name, alpha) if name == "lrelu" else fused.act == name
+    assert fused.act == name
+    if name == "lrelu":
+        assert fused.alpha == alpha
     assert len(seq) == len(mods)
     assert all(isinstance(m, nn.Identity) for i, m in enumerate(seq) if m is not fused and not isinstance(m, gknn.MaxPool2d))
     assert report.left == []
@@ -366,7 +382,9 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
 
 
 def test_gankernels_conv2d_with_its_own_epilogue_fuses_the_pool() -> None:
-    seq = nn.Sequential(gknn.Conv2d(2, 3, 3, padding=1, act="lrelu", alpha=0.1, gain=2.0, clamp=0.5), nn.ReLU(), nn.MaxPool2d(2)).to(F64)
+    seq = nn.Sequential(
+        gknn.Conv2d(2, 3, 3, padding=1, act="lrelu", alpha=0.1, gain=2.0, clamp=0.5), nn.ReLU(), nn.MaxPool2d(2)
+    ).to(F64)
     x = random_input(1, 2, 6, 6, dtype=F64)
     y0 = seq(x)
     gankernels.convert(seq)
