@@ -33,7 +33,7 @@ each returning ``(out, saved)``; :func:`packed_weight`; :func:`fake_saved_pool`.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import threading
 import weakref
@@ -182,9 +182,10 @@ def _conv3x3_fwd_kernel(
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     best_q = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
 
-    for q in tl.static_range(Q):
-        dy: tl.constexpr = q // 2
-        dx: tl.constexpr = q % 2
+    # A runtime loop, not unrolled: 4 pipelined K loops would quadruple compile time.
+    for q in range(Q):
+        dy = q // 2
+        dx = q % 2
         # Top-left input pixel of this sub-problem's taps, before the −1 halo shift.
         if MODE == 0:
             oh = bh
@@ -261,46 +262,56 @@ def _conv3x3_fwd_kernel(
 # Tuning: a small space per GPU family, keyed on the problem's shape and dtype (the
 # autotuner adds the dtypes of tensor arguments to the key itself).
 
-_TUNE_KEY = ["MODE", "N", "Ci", "Co", "H", "W", "FLAT_K"]
+_TUNE_KEY = ["MODE", "N", "Ci", "Co", "H", "W", "FLAT_K", "PRECISION"]
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Hopper (sm_90): large smem (228 KB), 4-stage pipelines affordable at 128×128×64 bf16.
+# Hopper (sm_90): 228 KB of shared memory per SM, deep pipelines affordable.
 _CONFIGS_HOPPER = [
     _cfg(128, 128, 64, 8, 4),
     _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3),
-    _cfg(64, 64, 64, 4, 4),
-    _cfg(128, 32, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
 ]
-# Ampere (sm_80/86) and anything else: 164 KB smem or less, shallower pipelines.
+# Ampere (sm_80/86) and anything else: 164 KB (sm_80) or 100 KB (sm_86) of shared memory.
 _CONFIGS_AMPERE = [
     _cfg(128, 128, 32, 8, 4),
     _cfg(128, 64, 32, 4, 4),
     _cfg(64, 128, 32, 4, 4),
     _cfg(128, 128, 64, 8, 3),
-    _cfg(64, 64, 64, 4, 3),
-    _cfg(128, 32, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
 ]
+_SMEM_LIMIT = {"hopper": 227 * 1024, "ampere": 160 * 1024}
 # The interpreter: one fixed small configuration (tuning is meaningless there).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configurations whose tiles are far larger than the problem (a BLOCK_N
-    beyond Co, a BLOCK_K beyond Ci when channels are chunked per tap): they only
-    compute padding. Always keeps at least the smallest one."""
+def _smem_bytes(c: triton.Config, elsize: int) -> int:
+    kw = c.kwargs
+    return c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
+
+
+def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"], **kwargs):
+    """Drop configurations that cannot pay off before compiling them: tiles far larger
+    than the problem (BLOCK_N beyond Co; BLOCK_K beyond Ci when channels are chunked
+    per tap) and pipelines that overflow shared memory (fp32 at 128×128×64). Always
+    keeps at least the smallest one."""
     co, ci = named_args["Co"], named_args["Ci"]
     flat = kwargs.get("FLAT_K", named_args.get("FLAT_K", False))
+    elsize = named_args["x_ptr"].element_size()
     max_n = max(32, triton.next_power_of_2(co))
     max_k = 1 << 30 if flat else max(32, triton.next_power_of_2(ci))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k]
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k and _smem_bytes(c, elsize) <= smem_limit
+    ]
     if not kept:
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+        smallest = min(configs, key=lambda c: _smem_bytes(c, elsize))
+        kept = [triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps, num_stages=2)]
     return kept
 
 
@@ -321,7 +332,8 @@ def _tuned_kernel(device: torch.device):
         k = _tuned.get(family)
         if k is None:
             configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})(
+            prune = functools.partial(_prune_configs, smem_limit=_SMEM_LIMIT[family])
+            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
                 _conv3x3_fwd_kernel
             )
             _tuned[family] = k

@@ -1,0 +1,265 @@
+"""The Triton 3×3 convolution forward kernels (conv3x3, conv3x3_pool, up_conv3x3) on
+CPU under the Triton interpreter, against the float64 reference.
+
+Run: ``TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/interpreter/test_triton_conv_fwd.py``
+
+Shapes are tiny (the interpreter is slow); the case list below covers Ci and Co in
+{1, 3, 8, 17, 32} (both the merged-K path for Ci < 16 and the per-tap chunked path,
+with partial K and N tiles), H and W odd and even down to 1×1 / 2×2, N = 1 and 3,
+every activation, with and without bias / gain / clamp, and the three input layouts,
+without running the full cross product.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import pathlib
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gankernels
+from gankernels.ops import reference as ref
+from gankernels.ops import registration as reg
+from gankernels.testing import LAYOUTS, assert_close_rel, random_input
+from gankernels.triton import conv3x3 as tconv
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+OPS = ("conv3x3", "conv3x3_pool", "up_conv3x3")
+REFERENCE = {"conv3x3": ref.conv3x3, "conv3x3_pool": ref.conv3x3_pool, "up_conv3x3": ref.up_conv3x3_naive}
+DTYPES = (torch.float32, torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    # Every output the module allocates is NaN-filled before the launch, so an element
+    # the kernel does not write fails the comparison.
+    monkeypatch.setattr(tconv, "POISON_OUTPUTS", True)
+
+
+def _make(n, ci, co, h, w, dtype, layout, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = random_input(n, ci, h, w, dtype=dtype, layout=layout, generator=g)
+    wt = (torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (3 * ci**0.5)).to(dtype)
+    b = (torch.randn(co, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    return x, wt, b
+
+
+def _reference(op, x, w, b, act, alpha, gain, clamp):
+    return REFERENCE[op](x.double(), w.double(), None if b is None else b.double(), act, alpha, gain, clamp)
+
+
+def _cases():
+    """A covering subset: every (op, dtype) pair sees every activation, each Ci/Co
+    value, odd/even/tiny spatial sizes, both batch sizes, every layout, with and
+    without bias, gain and clamp."""
+    channels = [(1, 3), (3, 8), (8, 17), (17, 32), (32, 1), (3, 32)]
+    spatial = [(1, 1), (2, 2), (5, 4), (3, 7), (6, 6), (1, 5)]
+    pool_spatial = [(2, 2), (5, 4), (3, 7), (6, 6), (2, 5), (4, 3)]
+    acts = list(ref.ACTIVATIONS)
+    out = []
+    for oi, op in enumerate(OPS):
+        for di, dtype in enumerate(DTYPES):
+            for i, act in enumerate(acts):
+                k = i + 2 * oi + di  # rotate the other factors against the activation
+                ci, co = channels[k % len(channels)]
+                h, w = (pool_spatial if op == "conv3x3_pool" else spatial)[(k + di) % 6]
+                n = 3 if k % 2 else 1
+                layout = LAYOUTS[k % 3]
+                bias = k % 4 != 1
+                gain = 1.7 if k % 3 == 1 else 1.0
+                clamp = 0.6 if k % 5 == 2 else None
+                # fp16 cases stay small in Ci·Co: the interpreter is slowest there.
+                out.append(pytest.param(op, dtype, n, ci, co, h, w, act, bias, gain, clamp, layout,
+                                        id=f"{op}-{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
+                                           f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}"))
+    return out
+
+
+@pytest.mark.parametrize("op,dtype,n,ci,co,h,w,act,bias,gain,clamp,layout", _cases())
+def test_matches_reference(op, dtype, n, ci, co, h, w, act, bias, gain, clamp, layout):
+    seed = zlib.crc32(f"{op}-{dtype}-{act}-{ci}-{co}-{h}-{w}".encode())  # stable across processes
+    x, wt, b = _make(n, ci, co, h, w, dtype, layout, bias, seed)
+    alpha = 0.2 if act != "lrelu" else 0.15
+    out = getattr(gankernels, op)(x, wt, b, act=act, alpha=alpha, gain=gain, clamp=clamp, backend="triton")
+    expect = _reference(op, x, wt, b, act, alpha, gain, clamp)
+    assert out.dtype == dtype and out.shape == expect.shape
+    assert_close_rel(out, expect, dtype=dtype)
+    # The output keeps x's memory format (anything not channels_last comes back contiguous).
+    if layout == "channels_last" and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_give_identical_results(op, layout):
+    """The kernel reads any strides in place: the same values in another layout give
+    bit-identical results (same reduction order)."""
+    x, wt, b = _make(2, 8, 8, 4, 6, torch.float32, "nchw", True, 7)
+    base, _ = getattr(tconv, f"{op}_forward")(x, wt, b, "lrelu", 0.2, 1.0, None)
+    if layout == "channels_last":
+        x2 = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontiguous":
+        x2 = torch.cat([x, torch.randn_like(x)], dim=3)[..., : x.shape[3]]
+        assert not x2.is_contiguous()
+    else:
+        x2 = x.clone()
+    other, _ = getattr(tconv, f"{op}_forward")(x2, wt, b, "lrelu", 0.2, 1.0, None)
+    assert torch.equal(base, other)
+    assert ref.memory_format_of(other) == ref.memory_format_of(x2)
+
+
+def _pool_positions(y64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's argmax of each 2×2 window as dy*2+dx, and the gap between the window's
+    largest and second-largest value (to skip near-ties)."""
+    n, c, h, w = y64.shape
+    ho, wo = h // 2, w // 2
+    win = y64[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, 4)
+    top2 = win.topk(2, dim=-1).values
+    _, flat = F.max_pool2d(y64, 2, return_indices=True)
+    rows = flat // w
+    cols = flat % w
+    rows0 = torch.arange(ho).view(1, 1, ho, 1) * 2
+    cols0 = torch.arange(wo).view(1, 1, 1, wo) * 2
+    return (rows - rows0) * 2 + (cols - cols0), top2[..., 0] - top2[..., 1]
+
+
+@pytest.mark.parametrize(
+    "dtype,ci,co,h,w,act,layout",
+    [
+        (torch.float32, 3, 17, 5, 7, "lrelu", "channels_last"),
+        (torch.float32, 17, 8, 6, 4, "linear", "nchw"),
+        (torch.float16, 8, 32, 4, 5, "tanh", "noncontiguous"),
+        (torch.float32, 1, 3, 3, 3, "silu", "nchw"),
+    ],
+)
+def test_pool_saved_argmax(dtype, ci, co, h, w, act, layout):
+    x, wt, b = _make(2, ci, co, h, w, dtype, layout, True, 11)
+    out, saved = tconv.conv3x3_pool_forward(x, wt, b, act, 0.2, 1.0, None)
+    y64 = ref.conv3x3(x.double(), wt.double(), b.double(), act, 0.2, 1.0, None)
+    expect_pos, gap = _pool_positions(y64)
+    assert saved.dtype == torch.int8 and saved.shape == out.shape
+    assert ref.memory_format_of(saved) == ref.memory_format_of(out)
+    assert int(saved.min()) >= 0 and int(saved.max()) <= 3
+    clear = gap > (1e-2 if dtype == torch.float16 else 1e-4)
+    assert clear.float().mean() > 0.8  # the check below covers most windows
+    assert torch.equal(saved.long()[clear], expect_pos[clear])
+    # The pooled value is the epilogue value at the saved position.
+    assert_close_rel(out, F.max_pool2d(y64, 2), dtype=dtype)
+
+
+def test_pool_ties_take_first_position():
+    """relu with a strongly negative bias makes whole windows 0: the first position wins."""
+    x, wt, _ = _make(1, 3, 4, 4, 4, torch.float32, "nchw", False, 3)
+    b = torch.full((4,), -100.0)
+    out, saved = tconv.conv3x3_pool_forward(x, wt, b, "relu", 0.2, 1.0, None)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(saved, torch.zeros_like(saved))
+
+
+def test_nan_propagates_like_pytorch():
+    x, wt, b = _make(1, 3, 5, 6, 6, torch.float32, "channels_last", True, 5)
+    x[0, 1, 2, 3] = float("nan")
+    for op in OPS:
+        out = getattr(gankernels, op)(x, wt, b, act="lrelu", backend="triton")
+        expect = _reference(op, x, wt, b, "lrelu", 0.2, 1.0, None)
+        assert torch.isnan(expect).any()
+        assert_close_rel(out, expect, dtype=torch.float32, what=op)  # NaN exactly where the reference has it
+    _, saved = tconv.conv3x3_pool_forward(x, wt, b, "lrelu", 0.2, 1.0, None)
+    # PyTorch takes a NaN over any number and the last NaN of a window: here all of
+    # window (row 1..2, col 1..2)'s conv outputs see the NaN, so the last position wins.
+    assert int(saved[0, 0, 1, 1]) == 3
+
+
+def test_weight_repacked_once_per_version():
+    tconv.clear_weight_cache()
+    x, wt, b = _make(1, 8, 3, 3, 3, torch.float32, "nchw", True, 13)
+    p1 = tconv.packed_weight(wt, torch.float32)
+    assert tconv.packed_weight(wt, torch.float32) is p1  # cached
+    assert p1.shape == (9 * 8, 3)
+    assert tconv.packed_weight(wt, torch.float32, phases=True).shape == (16 * 8, 3)
+    with torch.no_grad():
+        wt.mul_(-2.0)  # an optimizer-style in-place update bumps the version
+    assert tconv.packed_weight(wt, torch.float32) is not p1
+    out = gankernels.conv3x3(x, wt, b, act="linear", backend="triton")
+    assert_close_rel(out, _reference("conv3x3", x, wt, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
+    # A clone at another address, or a new tensor that may reuse a freed one's memory,
+    # never sees stale packed weights.
+    w2 = wt.clone()
+    del wt
+    w3 = torch.randn_like(w2)
+    out = gankernels.up_conv3x3(x, w3, b, backend="triton")
+    assert_close_rel(out, _reference("up_conv3x3", x, w3, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
+
+
+def test_packed_phase_weights_are_the_reference_ones():
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    packed = tconv.packed_weight(w, torch.float64, phases=True).reshape(2, 2, 2, 2, 4, 5)
+    pw = ref.subpixel_phase_weights(w)  # [a, c, Co, Ci, tr, tc]
+    assert torch.equal(packed, pw.permute(0, 1, 4, 5, 3, 2))
+
+
+def test_supports_reasons():
+    x = torch.randn(1, 3, 1, 4)
+    w = torch.randn(4, 3, 3, 3)
+    why = tconv.supports_conv3x3_pool(x=x, w=w, b=None)
+    assert any("2×2" in r for r in why)
+    assert tconv.supports_conv3x3(x=x, w=w, b=None) == []
+    assert tconv.supports_conv3x3(x=x.double(), w=w.double(), b=None)  # fp64: torch backend only
+    assert tconv.supports_conv3x3(x=x.bfloat16(), w=w.bfloat16(), b=None)  # interpreter refuses bf16
+    with pytest.raises(gankernels.BackendUnavailable, match="2×2"):
+        gankernels.conv3x3_pool(x, w, backend="triton")
+
+
+def test_fake_saved_and_opcheck():
+    """The registered custom op with this backend passes torch.library.opcheck (schema,
+    fake kernel incl. fake_saved, autograd registration)."""
+    x, wt, b = _make(1, 3, 4, 4, 4, torch.float32, "channels_last", True, 17)
+    for op in (reg.conv3x3_op, reg.conv3x3_pool_op):
+        torch.library.opcheck(op, (x, wt, b, "lrelu", 0.2, 1.0, None, "triton"), test_utils=("test_schema", "test_faketensor"))
+    _, saved = tconv.conv3x3_pool_forward(x, wt, b, "lrelu", 0.2, 1.0, None)
+    fake = tconv.fake_saved_pool(x, wt, b)
+    assert fake.shape == saved.shape and fake.dtype == saved.dtype and fake.stride() == saved.stride()
+
+
+# ----------------------------------------------------------------------------------
+# The transposed-convolution rewrite the benchmark times as a stock baseline.
+
+
+def _load_timing_script():
+    path = ROOT / "scripts" / "gpu_time_conv_fwd.py"
+    spec = importlib.util.spec_from_file_location("gpu_time_conv_fwd", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("ci,co,h,w", [(3, 5, 4, 4), (4, 2, 3, 5)])
+def test_transposed_conv_rewrite_is_exact(ci, co, h, w):
+    bench = _load_timing_script()
+    g = torch.Generator().manual_seed(ci * 100 + h)
+    x = torch.randn(2, ci, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(co, generator=g, dtype=torch.float64)
+    stock = bench.stock_generator_block(x, wt, b)
+    wtt = bench.transposed_conv_weight(wt)
+    assert wtt.shape == (ci, co, 4, 4)
+    rewrite = bench.transposed_generator_block(x, wtt, b)
+    torch.testing.assert_close(rewrite, stock, rtol=1e-12, atol=1e-12)
+
+
+def test_case_list_covers_the_spec():
+    cases = [p.values for p in _cases()]
+    assert {c[3] for c in cases} | {c[4] for c in cases} == {1, 3, 8, 17, 32}
+    assert {c[2] for c in cases} == {1, 3}
+    assert set(itertools.chain.from_iterable((c[5], c[6]) for c in cases)) >= {1, 2, 3, 4, 5, 6, 7}
+    for op, dtype in itertools.product(OPS, DTYPES):
+        sub = [c for c in cases if c[0] == op and c[1] == dtype]
+        assert {c[7] for c in sub} == set(ref.ACTIVATIONS)
+    assert {c[11] for c in cases} == set(LAYOUTS)
+    assert {c[8] for c in cases} == {True, False} and {c[10] for c in cases} == {None, 0.6}
