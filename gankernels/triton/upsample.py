@@ -29,7 +29,7 @@ from gankernels.triton.utils import common_reasons
 # GAN use, so larger factors go to the torch backend.
 MAX_SCALE = 8
 
-_TILE = 1024  # input (forward) / grad-input (backward) elements per program
+_TILE = 2048  # input (forward) / grad-input (backward) elements per program
 _INT32_LIMIT = 2**31 - 1
 
 
