@@ -30,7 +30,8 @@ modules hold the very same ``Parameter`` objects, so an optimizer built before t
 conversion trains the converted model.
 
 Outside Sequentials (attributes of custom modules, ``ModuleList``/``ModuleDict``
-entries) the forward code is unknown, so nothing is fused; a 3×3 pad-1 ``Conv2d``,
+entries, children of a Sequential subclass that overrides ``forward``) the forward
+code is unknown, so nothing is fused; a 3×3 pad-1 ``Conv2d``,
 a ``MaxPool2d`` or a nearest integer ``Upsample`` is swapped for its
 ``gankernels.nn`` subclass, which has the same attributes and the same results.
 
@@ -44,8 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gankernels import nn as gknn
 from gankernels.ops.dispatch import _check_backend_name
@@ -123,7 +124,7 @@ _UPSAMPLE_TYPES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 
 def _plain_reason(m: nn.Module, known: tuple[type, ...]) -> Optional[str]:
     """Why ``m`` cannot be swapped at all: an unknown subclass, hooks, parametrizations."""
-    if torch.nn.utils.parametrize.is_parametrized(m):
+    if parametrize.is_parametrized(m):
         return "has parametrizations (torch.nn.utils.parametrize, e.g. spectral_norm); fusing would bypass them"
     if type(m) not in known:
         return f"{type(m).__name__} is a subclass of {known[0].__name__} whose forward may differ"
@@ -389,7 +390,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
     # Collect first: the walk must not see the modules it creates.
     parents = [(prefix, m) for prefix, m in model.named_modules()]
     for prefix, parent in parents:
-        if isinstance(parent, nn.Sequential):
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
             conv.sequential(parent, prefix)
         else:
             for name in list(parent._modules):

@@ -381,6 +381,26 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
     assert_close_rel(m(x), y0, tol=1e-10)
 
 
+def test_sequential_subclass_with_its_own_forward_is_not_fused() -> None:
+    class Residual(nn.Sequential):
+        def forward(self, x):  # uses the children out of order: runs cannot be fused
+            return self[1](self[0](x)) + self[2](x)
+
+    class Chain(nn.Sequential):  # inherits Sequential.forward: fused as usual
+        pass
+
+    res = Residual(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1)).to(F64)
+    chain = Chain(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()).to(F64)
+    x = random_input(1, 2, 4, 4, dtype=F64)
+    y0, c0 = res(x), chain(x)
+    gankernels.convert(res)
+    gankernels.convert(chain)
+    assert [type(m) for m in res] == [gknn.Conv2d, nn.ReLU, gknn.Conv2d]
+    assert [type(m) for m in chain] == [gknn.Conv3x3, nn.Identity]
+    assert_close_rel(res(x), y0, tol=1e-10)
+    assert_close_rel(chain(x), c0, tol=1e-10)
+
+
 def test_gankernels_conv2d_with_its_own_epilogue_fuses_the_pool() -> None:
     seq = nn.Sequential(
         gknn.Conv2d(2, 3, 3, padding=1, act="lrelu", alpha=0.1, gain=2.0, clamp=0.5), nn.ReLU(), nn.MaxPool2d(2)
