@@ -42,6 +42,7 @@ elementwise kernel; set it only where a GPU measurement shows cuDNN faster.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -66,6 +67,10 @@ MODE_CONV, MODE_POOL, MODE_UP = 0, 1, 2
 _MODE = {"conv3x3": MODE_CONV, "conv3x3_pool": MODE_POOL, "up_conv3x3": MODE_UP}
 _NTAP = {MODE_CONV: 9, MODE_POOL: 9, MODE_UP: 16}
 _ACT_CODE = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
+
+POISON_OUTPUTS: bool = os.environ.get("GANKERNELS_POISON_OUTPUTS") == "1"
+"""Test hook: fill every buffer this module allocates (gx, the split-K partials) with
+NaN before the launch. Costs an extra write; off unless set (by tests or the env)."""
 
 CUDNN_PARTS: dict[str, bool] = {"dgrad": False, "wgrad": False}
 """Hand the plain ``conv3x3``'s dgrad / wgrad to cuDNN (``torch.nn.grad``) on a
@@ -100,8 +105,9 @@ def _dact_from_y(y, alpha, gain, clamp, ACT: tl.constexpr, HAS_CLAMP: tl.constex
         s = y / gain
         d = gain * s * (1.0 - s)
     if HAS_CLAMP:
-        # A clamped value sits exactly at ±clamp; the unclamped one can equal clamp only
-        # on a measure-zero set, where PyTorch would pass the gradient.
+        # ``clamp`` here is the level as stored in y's dtype. A clamped value sits
+        # exactly at ±clamp; an unclamped one lands there only if it rounds onto it
+        # (within half an ulp of the clamp), where PyTorch would pass the gradient.
         d = tl.where((y > -clamp) & (y < clamp), d, 0.0)
     return d
 
@@ -201,13 +207,29 @@ def _wgrad_configs() -> list:
     ]
 
 
+def _prune(dims: tuple[tuple[str, str], ...]):
+    """Drop configurations whose channel tiles are far wider than the channels (they
+    only compute padding); always keep the smallest."""
+
+    def prune(configs, named_args, **kwargs):
+        def fits(c):
+            return all(c.kwargs[blk] <= max(32, triton.next_power_of_2(int(named_args[arg]))) for blk, arg in dims)
+
+        kept = [c for c in configs if fits(c)]
+        return kept or [min(configs, key=lambda c: c.kwargs[dims[0][0]] * c.kwargs[dims[1][0]])]
+
+    return prune
+
+
 # Split-K slices of M are multiples of this, so every BLOCK_M above divides them.
 _M_GRANULE = max(c.kwargs["BLOCK_M"] for c in _wgrad_configs())
 
 _KEY = ["N", "H", "W", "Ci", "Co", "MODE", "ACT", "FROM_Y"]
 
 
-@triton.autotune(configs=_dgrad_configs(), key=_KEY)
+@triton.autotune(
+    configs=_dgrad_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune((("BLOCK_N", "Ci"), ("BLOCK_K", "Co")))}
+)
 @triton.jit
 def _dgrad_kernel(
     g_ptr, g_s0, g_s1, g_s2, g_s3,
@@ -220,7 +242,8 @@ def _dgrad_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """gx[n, ci, h, w] = Σ_taps Σ_co gp[n, co, tap position] · wt[tap, co, ci]."""
+    """gx[n, ci, h, w] = Σ_taps Σ_co gp[n, co, tap position] · wt[tap, ci, co]
+    (``wt`` is the forward's packed ``[taps·Ci, Co]`` weight)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -259,7 +282,7 @@ def _dgrad_kernel(
                 alpha, gain, clamp, MODE == 1, FROM_Y, ACT, HAS_CLAMP,
             )
             wt = tl.load(
-                wt_ptr + (q * Co + offs_co[:, None]) * Ci + offs_ci[None, :],
+                wt_ptr + (q * Ci + offs_ci[None, :]) * Co + offs_co[:, None],
                 mask=co_ok[:, None] & ci_ok[None, :],
                 other=0.0,
             )
@@ -268,7 +291,11 @@ def _dgrad_kernel(
     tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
 
 
-@triton.autotune(configs=_wgrad_configs(), key=_KEY + ["COMPUTE_W"])
+@triton.autotune(
+    configs=_wgrad_configs(),
+    key=_KEY + ["COMPUTE_W"],
+    prune_configs_by={"early_config_prune": _prune((("BLOCK_CO", "Co"), ("BLOCK_CI", "Ci")))},
+)
 @triton.jit
 def _wgrad_kernel(
     g_ptr, g_s0, g_s1, g_s2, g_s3,
@@ -387,6 +414,15 @@ def _gp_kernel(
 # Host side.
 
 
+def _alloc(shape: tuple, dtype: torch.dtype, device: torch.device, fmt=torch.contiguous_format) -> torch.Tensor:
+    """An output buffer; NaN-filled when POISON_OUTPUTS is on, so an element a kernel
+    fails to write shows up in a comparison."""
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t
+
+
 def derivative_from_output(act: str, alpha: float, gain: float) -> bool:
     """Whether the epilogue derivative can be read off the forward's output y (else the
     pre-activation is recomputed)."""
@@ -443,14 +479,20 @@ _TAP_MAP = torch.tensor(
 )
 
 
-def _pack_weight(op: str, w: torch.Tensor) -> torch.Tensor:
-    """[taps, Co, Ci] in w's dtype: the 3×3 taps, or the 16 sub-pixel phase taps
-    (summed in fp32, rounded once)."""
-    co, ci = w.shape[:2]
-    if op == "up_conv3x3":
-        pw = ref.subpixel_phase_weights(w.float())  # [a, c, Co, Ci, t, u]
-        return pw.permute(0, 1, 4, 5, 2, 3).reshape(16, co, ci).to(w.dtype).contiguous()
-    return w.permute(2, 3, 0, 1).reshape(9, co, ci).contiguous()
+def _pack_weight(op: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[taps·Ci, Co]`` in ``dtype``, rows ordered (kh, kw, ci) or, for the up-conv,
+    (a, c, t, u, ci) over the 16 sub-pixel phase taps (summed in fp32, rounded once):
+    the forward's packed layout, so its per-parameter-version cache serves both."""
+    up = op == "up_conv3x3"
+    if _fwd is not None:
+        return _fwd.packed_weight(w, dtype, phases=up)
+    w = w.detach()
+    co = w.shape[0]
+    if up:
+        packed = ref.subpixel_phase_weights(w.float()).permute(0, 1, 4, 5, 3, 2)  # [a, c, t, u, Ci, Co]
+    else:
+        packed = w.permute(2, 3, 1, 0)  # [kh, kw, Ci, Co]
+    return packed.to(dtype).contiguous().reshape(-1, co)
 
 
 def _operands(op: str, grad, x, w, b, out, saved, act, alpha, gain, clamp):
@@ -483,18 +525,48 @@ def _operands(op: str, grad, x, w, b, out, saved, act, alpha, gain, clamp):
         FROM_Y=from_y,
         HAS_CLAMP=clamp is not None,
     )
-    scalars = (float(alpha), float(gain), float(clamp) if clamp is not None else 0.0)
+    clamp_level = 0.0
+    if clamp is not None:
+        clamp_level = float(clamp)
+        if from_y:
+            # A clamped output holds the clamp rounded to out's dtype (via fp32, as the
+            # forward computes): compare y with that, not with the exact level.
+            clamp_level = torch.tensor(clamp, dtype=torch.float32).to(out.dtype).item()
+    scalars = (float(alpha), float(gain), clamp_level)
     tensors = (grad, *grad.stride(), aux, *aux.stride(), idx, *idx.stride())
     return mode, tensors, (hp, wp), scalars, flags
 
 
-def _materialised_gp(op, tensors, geom, scalars, flags, x, co) -> torch.Tensor:
+def pre_activation_grad(
+    op: str,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    out: torch.Tensor,
+    saved: torch.Tensor,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: Optional[float],
+) -> torch.Tensor:
+    """The gradient of the pre-activation (conv + bias), materialised at full
+    resolution in x's dtype and memory format — what the fused kernels compute in
+    registers. Used by the cuDNN switch (:data:`CUDNN_PARTS`) and by tests; not for
+    ``up_conv3x3`` (its pre-activation grid is the 2× output; use the fused path)."""
+    if op not in ("conv3x3", "conv3x3_pool"):
+        raise ValueError(f"op: pre_activation_grad serves 'conv3x3' and 'conv3x3_pool', got {op!r}")
+    _mode, tensors, geom, scalars, flags = _operands(op, grad, x, w, b, out, saved, act, alpha, gain, clamp)
+    return _launch_gp(op, tensors, geom, scalars, flags, x, w.shape[0])
+
+
+def _launch_gp(op: str, tensors: tuple, geom: tuple, scalars: tuple, flags: dict, x: torch.Tensor, co: int) -> torch.Tensor:
     n, _, h, wd = x.shape
-    gp = torch.empty((n, co, h, wd), dtype=x.dtype, device=x.device).contiguous(memory_format=ref.memory_format_of(x))
-    bm, bc = 32, 16
+    gp = _alloc((n, co, h, wd), x.dtype, x.device, ref.memory_format_of(x))
+    bm, bc = (16, 16) if INTERPRET else (64, 32)
     grid = (triton.cdiv(n * h * wd, bm), triton.cdiv(co, bc))
     _gp_kernel[grid](*tensors, gp, *gp.stride(), n, h, wd, co, *geom, *scalars,
-                     POOL=_MODE[op] == MODE_POOL, BLOCK_M=bm, BLOCK_C=bc, **flags)
+                     POOL=op == "conv3x3_pool", BLOCK_M=bm, BLOCK_C=bc, **flags)
     return gp
 
 
@@ -540,7 +612,7 @@ def fused_backward(
     use_cudnn = op == "conv3x3" and x.device.type == "cuda" and (
         (want_x and CUDNN_PARTS["dgrad"]) or (want_w and CUDNN_PARTS["wgrad"])
     )
-    gp = _materialised_gp(op, tensors, geom, scalars, flags, x, co) if use_cudnn else None
+    gp = _launch_gp(op, tensors, geom, scalars, flags, x, co) if use_cudnn else None
     if use_cudnn and want_x and CUDNN_PARTS["dgrad"]:
         gx = torch.nn.grad.conv2d_input(x.shape, w, gp, padding=1).contiguous(memory_format=fmt)
         want_x = False
@@ -549,8 +621,8 @@ def fused_backward(
         want_w = False
 
     if want_x:
-        wt = _pack_weight(op, w.to(x.dtype))
-        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+        wt = _pack_weight(op, w, x.dtype)
+        gx = _alloc(x.shape, x.dtype, x.device, fmt)
         grid = lambda meta: (triton.cdiv(n * h * wd, meta["BLOCK_M"]), triton.cdiv(ci, meta["BLOCK_N"]))  # noqa: E731
         _dgrad_kernel[grid](
             *tensors, wt, gx, *gx.stride(), n, h, wd, ci, co, *geom, *scalars,
@@ -565,9 +637,9 @@ def fused_backward(
         split = max(1, min(int(split), granules))
         m_per_split = triton.cdiv(granules, split) * _M_GRANULE
         split = triton.cdiv(m, m_per_split)  # no empty slices
-        part = torch.empty((split, co, ntap, ci) if want_w else (1,), dtype=torch.float32, device=x.device)
+        part = _alloc((split, co, ntap, ci) if want_w else (1,), torch.float32, x.device)
         nphase = 4 if mode == MODE_UP else 1
-        bpart = torch.empty((split, nphase, co) if want_b else (1,), dtype=torch.float32, device=x.device)
+        bpart = _alloc((split, nphase, co) if want_b else (1,), torch.float32, x.device)
         grid = lambda meta: (  # noqa: E731
             triton.cdiv(co, meta["BLOCK_CO"]),
             triton.cdiv(ci, meta["BLOCK_CI"]) * ntap if want_w else nphase,
