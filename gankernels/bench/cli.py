@@ -1,0 +1,120 @@
+"""The command line of ``python -m gankernels.bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gankernels.bench import cases as C
+from gankernels.bench import report
+from gankernels.bench.runner import GK_BACKENDS, run_cases
+from gankernels.bench.timing import TimingConfig, measure_ceilings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gankernels.bench",
+        description=(
+            "Time stock PyTorch (eager NCHW and channels_last, torch.compile, the transposed-conv rewrite of the "
+            "generator block) against every available gankernels backend, after checking each against the float64 "
+            "reference; report medians, speed-ups and % of the roofline floor."
+        ),
+    )
+    p.add_argument("--ops", nargs="+", choices=C.ALL_CHOICES, metavar="OP", help=f"cases to run (default: all): {' '.join(C.ALL_CHOICES)}")
+    p.add_argument("--dtypes", nargs="+", choices=tuple(C.DTYPES), help="default: bf16 fp32 on CUDA, fp32 on CPU")
+    p.add_argument("--formats", nargs="+", choices=tuple(C.FORMATS), help="memory format of the inputs of compile and gankernels (default: channels_last; stock eager always runs in both)")
+    p.add_argument("--modes", nargs="+", choices=C.MODES, help="fwd, fwdbwd (forward+backward) (default: both)")
+    p.add_argument("--shapes", nargs="+", metavar="N,C,H,W[:Co]", help="custom shapes instead of the default ones, for every chosen op")
+    p.add_argument("--backends", nargs="+", choices=GK_BACKENDS, help="gankernels backends to include (default: all; stock always runs)")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats, bf16 only on CUDA")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the torch.compile contenders (default: on CUDA yes; on CPU no — compiling every case takes many minutes "
+        "on a small CPU; skipped ones are listed as n/a)",
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<gpu-or-cpu>-<date>/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads (default 1, for stable medians on a shared machine; 0 = torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available here")
+    gpu = device == "cuda"
+    if not gpu and args.threads:
+        # One thread by default: on a shared CPU, OpenMP workers waiting for a busy core
+        # turn millisecond ops into outliers of tens of ms.
+        torch.set_num_threads(args.threads)
+    ops = args.ops or list(C.ALL_CHOICES)
+    if args.dtypes:
+        dtypes = args.dtypes
+    elif gpu:
+        dtypes = ["bf16"] if args.quick else ["bf16", "fp32"]
+    else:
+        dtypes = ["fp32"]
+    formats = args.formats or ["channels_last"]
+    modes = args.modes or list(C.MODES)
+    try:
+        shapes = [C.parse_shape(s) for s in args.shapes] if args.shapes else None
+        cases = C.build_cases(ops, dtypes, formats, modes, device, args.quick, shapes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    compile = args.compile if args.compile is not None else gpu
+    compile_skip = "torch.compile not run (--no-compile)" if args.compile is False else "torch.compile skipped on CPU by default (pass --compile)"
+    timing = TimingConfig.for_run(args.quick)
+    env = report.environment(device, sys.argv[1:] if argv is None else argv)
+    out_dir = args.out or report.default_out_dir(env)
+    t0 = time.perf_counter()
+
+    print(f"gankernels.bench on {env['gpu'] or 'CPU'}: {len(cases)} cases" + (" + the training step" if "train_step" in ops else ""), file=sys.stderr)
+    ceilings = measure_ceilings(device, timing)
+    print(
+        f"ceilings: copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s ({ceilings.copy_what}), "
+        f"matmul {ceilings.matmul_flops_per_s / 1e12:.2f} TFLOP/s ({ceilings.matmul_what})",
+        file=sys.stderr,
+    )
+    summaries = run_cases(
+        cases, device, timing, ceilings, compile=compile, compile_skip=compile_skip, backends=args.backends, seed=args.seed, show_progress=not args.no_progress
+    )
+    train = None
+    if "train_step" in ops:
+        from gankernels.bench.training_step import TrainConfig, run_training_step
+
+        print("training step ...", file=sys.stderr)
+        train = run_training_step(
+            device,
+            TrainConfig.for_device(device, args.quick),
+            timing,
+            compile=compile,
+            compile_skip=compile_skip,
+            gankernels=args.backends is None or len(args.backends) > 0,
+            seed=args.seed,
+        )
+    options = {
+        "ops": ops, "dtypes": dtypes, "formats": formats, "modes": modes, "shapes": args.shapes, "backends": args.backends,
+        "quick": args.quick, "compile": compile, "seed": args.seed, "timing": dict(timing.__dict__),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    results = report.assemble(env, ceilings, summaries, train, options)
+    paths = report.write_all(results, out_dir, plots=not args.no_plots)
+    print(report.header(results))
+    print()
+    print(report.markdown_table(results))
+    print()
+    print(f"results: {', '.join(str(p) for p in paths.values())} ({options['wall_s']} s)")
+    if not gpu:
+        print(report.CPU_NOTE)
+    return 0
