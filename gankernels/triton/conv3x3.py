@@ -276,6 +276,9 @@ _CONFIGS_HOPPER = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3),
     _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 64, 32, 4, 3),  # narrow inputs (RGB): one 32-deep K step covers 9·Ci
+    _cfg(128, 32, 64, 4, 4),  # narrow outputs (Co <= 32)
+    _cfg(256, 32, 32, 8, 3),
 ]
 # Ampere (sm_80/86) and anything else: 164 KB (sm_80) or 100 KB (sm_86) of shared memory.
 _CONFIGS_AMPERE = [
@@ -284,6 +287,9 @@ _CONFIGS_AMPERE = [
     _cfg(64, 128, 32, 4, 4),
     _cfg(128, 128, 64, 8, 3),
     _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 64, 32, 4, 3),
+    _cfg(128, 32, 32, 4, 4),
+    _cfg(256, 32, 32, 8, 3),
 ]
 _SMEM_LIMIT = {"hopper": 227 * 1024, "ampere": 160 * 1024}
 # The interpreter: one fixed small configuration (tuning is meaningless there).
@@ -296,23 +302,41 @@ def _smem_bytes(c: triton.Config, elsize: int) -> int:
 
 
 def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"], **kwargs):
-    """Drop configurations that cannot pay off before compiling them: tiles far larger
-    than the problem (BLOCK_N beyond Co; BLOCK_K beyond Ci when channels are chunked
-    per tap) and pipelines that overflow shared memory (fp32 at 128×128×64). Always
-    keeps at least the smallest one."""
+    """Drop configurations that cannot pay off, before compiling them: tiles far
+    larger than the problem (BLOCK_N beyond Co; BLOCK_K beyond Ci when channels are
+    chunked per tap, beyond taps·Ci when they are merged), 32-wide N tiles when
+    Co >= 128, and pipelines that overflow shared memory (fp32 at 128×128×64).
+    Always keeps at least one."""
     co, ci = named_args["Co"], named_args["Ci"]
     flat = kwargs.get("FLAT_K", named_args.get("FLAT_K", False))
     elsize = named_args["x_ptr"].element_size()
     max_n = max(32, triton.next_power_of_2(co))
-    max_k = 1 << 30 if flat else max(32, triton.next_power_of_2(ci))
+    min_n = 64 if co >= 128 else 16  # a 32-wide tile re-reads the input Co/32 times
+    taps = 4 if kwargs.get("MODE", named_args.get("MODE")) == MODE_UP else 9
+    max_k = max(32, triton.next_power_of_2(taps * ci if flat else ci))
     kept = [
         c for c in configs
-        if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k and _smem_bytes(c, elsize) <= smem_limit
+        if min_n <= c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k and _smem_bytes(c, elsize) <= smem_limit
     ]
     if not kept:
         smallest = min(configs, key=lambda c: _smem_bytes(c, elsize))
         kept = [triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps, num_stages=2)]
     return kept
+
+
+AUTOTUNE: bool = os.environ.get("GANKERNELS_TRITON_AUTOTUNE", "1") != "0"
+"""When false (``GANKERNELS_TRITON_AUTOTUNE=0``), launch one configuration chosen by
+:func:`_heuristic_config` instead of autotuning: one compilation per kernel variant
+(the GPU correctness tests use this to stay fast)."""
+
+
+def _heuristic_config(x: torch.Tensor, ci: int, co: int, flat: bool, mode: int) -> triton.Config:
+    """The first configuration of the family's list that survives pruning (the lists
+    are ordered most-generally-good first)."""
+    family = _gpu_family(x.device)
+    configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
+    named = {"Co": co, "Ci": ci, "x_ptr": x}
+    return _prune_configs(configs, named, smem_limit=_SMEM_LIMIT[family], FLAT_K=flat, MODE=mode)[0]
 
 
 _tuned: dict[str, object] = {}
@@ -411,7 +435,9 @@ def _shape_reasons(op: str, x: torch.Tensor, w: torch.Tensor) -> list[str]:
     if ci == 0 or co == 0 or n == 0:
         reasons.append("x/w: empty channel or batch dimension; use backend='torch'")
     if x.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(x.device)
+        # get_device_properties, not get_device_capability: torch.compile constant-folds it.
+        props = torch.cuda.get_device_properties(x.device)
+        major, minor = props.major, props.minor
         if major < 7:
             reasons.append(f"the GPU (sm_{major}{minor}) is older than sm_70; Triton's tl.dot needs tensor cores")
         elif x.dtype == torch.bfloat16 and major < 8:
@@ -493,9 +519,13 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
 
     if INTERPRET or x.device.type != "cuda":
         _conv3x3_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
-    else:
+    elif AUTOTUNE:
         with torch.cuda.device(x.device):
             _tuned_kernel(x.device)[grid](*args, **consts)
+    else:
+        cfg = _heuristic_config(x, ci, co, flat, mode)
+        with torch.cuda.device(x.device):
+            _conv3x3_fwd_kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, idx
 
 

@@ -68,7 +68,7 @@ def _cases():
                 ci, co = channels[k % len(channels)]
                 h, w = (pool_spatial if op == "conv3x3_pool" else spatial)[(k + di) % 6]
                 n = 3 if k % 2 else 1
-                layout = LAYOUTS[k % 3]
+                layout = LAYOUTS[(k + i // 3 + oi) % 3]  # not locked to the channel pair
                 bias = k % 4 != 1
                 gain = 1.7 if k % 3 == 1 else 1.0
                 clamp = 0.6 if k % 5 == 2 else None
