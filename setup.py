@@ -78,7 +78,7 @@ def _extension_setup() -> dict:
         name="gankernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": TolerantBuildExtension.with_options(use_ninja=True)}}
 

@@ -1,0 +1,97 @@
+// Launchers for the gankernels CUDA kernels: raw pointers, sizes, a stream.
+//
+// This header is shared by the kernel .cu files (compiled by nvcc without any torch
+// or ATen header, so they compile fast) and csrc/ops.cpp (the torch glue, which does
+// every argument check before calling a launcher). All element offsets are 64-bit.
+//
+// Layouts: every 4-D tensor a launcher writes, and every 4-D tensor it reads except
+// the conv input x (which is read through explicit strides), is dense in one of two
+// memory formats: NCHW (cl = false) or channels_last NHWC (cl = true).
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace gk {
+
+// Element type of every floating-point tensor of one call.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Activation codes; the order matches ACT_NAMES in ops.cpp.
+enum Act : int { kLinear = 0, kRelu = 1, kLrelu = 2, kTanh = 3, kSigmoid = 4, kSilu = 5 };
+
+// y = clip(act(p) * gain, -clamp, clamp) (clip only when has_clamp).
+struct Epilogue {
+  int act;
+  float alpha;
+  float gain;
+  float clamp;
+  int has_clamp;
+};
+
+// ---------------------------------------------------------------------------------
+// bias_act on a dense tensor (any memory format): the channel of the element at
+// memory offset i is (i / inner) % C, with inner = x.stride(dim). b may be null.
+// vec: all pointers 16-byte aligned (16-byte vector loads/stores for the bulk).
+cudaError_t launch_bias_act_fwd(int dtype, const void* x, const void* b, void* y, int64_t numel, int64_t inner,
+                                int64_t C, Epilogue e, bool vec, cudaStream_t stream);
+// gx = grad * d epilogue(x + b) / dx (grad dense in x's layout). The bias gradient is
+// the caller's (deterministic) reduction of gx.
+cudaError_t launch_bias_act_bwd(int dtype, const void* grad, const void* x, const void* b, void* gx, int64_t numel,
+                                int64_t inner, int64_t C, Epilogue e, bool vec, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------
+// max_pool2d with PyTorch's semantics (NaN wins, first maximum otherwise; indices are
+// flat per-plane h * W + w, int64).
+struct PoolShape {
+  int64_t N, C, H, W, Ho, Wo;
+  int kh, kw, sh, sw, ph, pw, dh, dw;
+  bool cl;
+};
+cudaError_t launch_max_pool2d_fwd(int dtype, const void* x, void* y, int64_t* idx, PoolShape p, bool vec,
+                                  cudaStream_t stream);
+// Gathers: every input element sums (in a fixed order) the gradients of the outputs
+// whose index names it. No atomics, deterministic.
+cudaError_t launch_max_pool2d_bwd(int dtype, const void* grad, const int64_t* idx, void* gx, PoolShape p,
+                                  cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------
+// Nearest upsampling by an integer scale s: x [N, C, H, W] -> y [N, C, H*s, W*s].
+cudaError_t launch_upsample_fwd(int dtype, const void* x, void* y, int64_t N, int64_t C, int64_t H, int64_t W, int s,
+                                bool cl, bool vec, cudaStream_t stream);
+// gx [N, C, H, W] = sum of each s×s block of grad [N, C, H*s, W*s] (gathered).
+cudaError_t launch_upsample_bwd(int dtype, const void* grad, void* gx, int64_t N, int64_t C, int64_t H, int64_t W, int s,
+                                bool cl, bool vec, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------
+// Direct 3×3 convolution (padding 1) for small channel counts, fused bias + epilogue.
+// x is read through its strides xs (elements, NCHW order); w is contiguous
+// [Co, Ci, 3, 3]; b is [Co] or null. Outputs (out, argmax, gp) and the incoming grad
+// are dense in the `cl` layout.
+struct ConvShape {
+  int64_t N, Ci, H, W, Co;
+  int64_t xs[4];
+  bool cl;
+};
+// pool = false: out [N, Co, H, W]. pool = true: out [N, Co, H/2, W/2] (floor) and
+// argmax (int8, dy * 2 + dx of the maximum in each 2×2 window, PyTorch's tie rule).
+cudaError_t launch_conv3x3_small_fwd(int dtype, const void* x, const void* w, const void* b, void* out, int8_t* argmax,
+                                     ConvShape s, Epilogue e, bool pool, cudaStream_t stream);
+// gp [N, Co, H, W] = (gradient of the op's output w.r.t. the pre-activation): grad is
+// [N, Co, H, W] (pool = false) or the pooled [N, Co, H/2, W/2] with its argmax.
+cudaError_t launch_conv3x3_small_gp(int dtype, const void* x, const void* w, const void* b, const void* grad,
+                                    const int8_t* argmax, void* gp, ConvShape s, Epilogue e, bool pool,
+                                    cudaStream_t stream);
+// Weight and bias gradients, deterministic: per-block partial sums (float32) written to
+// `partial`, then reduced over blocks in a fixed order into gw [Co, Ci, 3, 3] and gb [Co]
+// (float32; gb may be null).
+//  fused (Ci <= 4): the pre-activation gradient is recomputed in the kernel from x, w,
+//    b, grad (and argmax when pool), and also written to gp_out when it is not null.
+//  not fused: it is read from gp_in ([N, Co, H, W], `cl` layout, the conv dtype).
+int64_t conv3x3_small_wgrad_partial_numel(ConvShape s, bool fused);
+cudaError_t launch_conv3x3_small_wgrad(int dtype, bool fused, const void* x, const void* w, const void* b,
+                                       const void* grad, const int8_t* argmax, const void* gp_in, void* gp_out,
+                                       float* partial, float* gw, float* gb, ConvShape s, Epilogue e, bool pool,
+                                       cudaStream_t stream);
+
+}  // namespace gk

@@ -1,0 +1,353 @@
+"""The ``cuda`` backend: hand-written CUDA kernels from the C++ extension.
+
+The extension (``csrc/``) defines the ops ``torch.ops.gankernels_cuda.*``; this module
+loads it, registers their fake (meta) kernels, and registers backend ``"cuda"``
+implementations of ``max_pool2d``, ``upsample_nearest2d``, ``bias_act``, ``conv3x3`` and
+``conv3x3_pool`` (the last two for small channel counts: Ci <= 4 or Co <= 4) with
+``gankernels.ops.dispatch``. ``up_conv3x3`` has no CUDA kernel.
+
+Where the extension comes from:
+
+1. ``gankernels._C``, built ahead of time by ``pip install --no-build-isolation -e .``
+   (or ``python setup.py build_ext --inplace``). Imported here, at package import.
+2. Otherwise a library built on first use by :mod:`gankernels._jit_build` into a cache
+   keyed by the sources, torch and arch. An already built one is loaded (quickly) the
+   first time a CUDA call asks this backend whether it can serve it.
+3. A *build* is started only when the ``cuda`` backend is asked for by name
+   (``backend="cuda"``, ``use_backend("cuda")``, ``GANKERNELS_BACKEND=cuda``) or by
+   :func:`load` ``(build=True)``: it takes minutes, and ``backend="auto"`` never waits for
+   it (it passes over ``cuda`` with the reason and uses the next backend). A failed build
+   raises :class:`gankernels._jit_build.ExtensionBuildError` with the compiler's message.
+
+Importing this module is cheap and never raises: problems become reasons that
+``supports`` reports (and :func:`extension_status` summarises).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+from typing import Optional
+
+import torch
+
+from gankernels.ops import reference as ref
+from gankernels.ops.dispatch import OpImpl, register
+
+OPS_NAMESPACE = "gankernels_cuda"
+OP_NAMES: tuple[str, ...] = (
+    "bias_act",
+    "bias_act_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "upsample_nearest2d",
+    "upsample_nearest2d_backward",
+    "conv3x3_small",
+    "conv3x3_small_backward",
+)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_CHANNELS = 4  # the direct conv kernel serves Ci <= 4 or Co <= 4
+
+_lock = threading.RLock()
+_state: dict = {
+    "loaded": None,  # how the ops were loaded, once they are
+    "import_error": None,  # why gankernels._C could not be imported
+    "build_error": None,  # a failed JIT build (not retried in this process)
+    "cache_checked": False,
+    "fakes": False,
+}
+
+
+def _not_built_reason() -> str:
+    from gankernels import _jit_build
+
+    base = "gankernels._C is not built"
+    if _state["import_error"]:
+        base = _state["import_error"]
+    missing = _jit_build.build_prerequisites()
+    if missing:
+        return f"{base}, and it cannot be built here: " + "; ".join(missing)
+    return (
+        f"{base}; pip install --no-build-isolation -e . builds it, or call with backend='cuda' to build it now "
+        f"(about {_jit_build.BUILD_MINUTES_ESTIMATE} minutes, once)"
+    )
+
+
+def _mark_loaded(how: str) -> None:
+    _state["loaded"] = how
+    _register_fakes()
+
+
+def _import_prebuilt() -> None:
+    """Import gankernels._C if it was built; record why not otherwise. Never raises."""
+    try:
+        if importlib.util.find_spec("gankernels._C") is None:
+            return
+        importlib.import_module("gankernels._C")
+    except Exception as e:  # noqa: BLE001 - a broken build must not break the package
+        _state["import_error"] = f"gankernels._C is built but failed to load ({type(e).__name__}: {e}); rebuild it"
+        return
+    _mark_loaded(f"gankernels._C (prebuilt: {sys.modules['gankernels._C'].__file__})")
+
+
+def load(build: bool = False) -> Optional[str]:
+    """Make the ``gankernels_cuda`` ops available. Returns None when they are, else the
+    reason they are not. With ``build=True``, compiles the extension if needed (minutes;
+    announced on stderr) and raises ``ExtensionBuildError`` if that fails."""
+    with _lock:
+        if _state["loaded"]:
+            return None
+        from gankernels import _jit_build
+
+        if not _state["cache_checked"]:
+            _state["cache_checked"] = True
+            try:
+                if not _jit_build.build_prerequisites():
+                    lib = _jit_build.built_library(_jit_build.cache_root() / _jit_build.current_key())
+                    if lib is not None:
+                        torch.ops.load_library(str(lib))
+                        _mark_loaded(f"JIT-built library {lib}")
+                        return None
+            except Exception as e:  # noqa: BLE001 - a bad cache entry: report, build anew if asked
+                _state["import_error"] = f"the cached JIT build failed to load ({type(e).__name__}: {e})"
+        if not build:
+            return _state["build_error"] or _not_built_reason()
+        if _state["build_error"]:
+            raise _jit_build.ExtensionBuildError(_state["build_error"])
+        try:
+            lib = _jit_build.build()
+        except _jit_build.ExtensionBuildError as e:
+            _state["build_error"] = str(e)
+            raise
+        _mark_loaded(f"JIT-built library {lib}")
+        return None
+
+
+def is_loaded() -> bool:
+    return bool(_state["loaded"])
+
+
+def extension_status() -> str:
+    """One line for ``python -m gankernels.env``."""
+    if _state["loaded"]:
+        return f"loaded: {_state['loaded']}"
+    if _state["build_error"]:
+        return "JIT build failed: " + _state["build_error"].splitlines()[0]
+    return "not loaded: " + _not_built_reason()
+
+
+def _asked_by_name() -> bool:
+    """Whether the dispatcher is resolving a call that named the ``cuda`` backend
+    (``backend="cuda"`` or a ``use_backend("cuda")`` default), as opposed to ``auto``.
+
+    ``OpImpl.supports`` is not told, so this looks up the caller's frame in
+    ``dispatch.resolve``; anything else (``explain``, ``auto``) reads as not named.
+    """
+    from gankernels.ops import dispatch
+
+    code = dispatch.resolve.__code__
+    frame = sys._getframe(1)
+    for _ in range(10):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return frame.f_locals.get("name") == "cuda"
+        frame = frame.f_back
+    return False
+
+
+def _extension_reason() -> Optional[str]:
+    if _state["loaded"]:
+        return None
+    return load(build=_asked_by_name())
+
+
+# ----------------------------------------------------------------------------------
+# Fake kernels of the extension's ops (shapes, dtypes and strides of what they return).
+
+
+def _fmt(t: torch.Tensor) -> torch.memory_format:
+    return ref.memory_format_of(t)
+
+
+def _dense_like(x: torch.Tensor) -> torch.Tensor:
+    """What the extension allocates for an elementwise result: x's strides when x is
+    dense, else contiguous."""
+    if x.is_non_overlapping_and_dense():
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _register_fakes() -> None:
+    if _state["fakes"]:
+        return
+    ns = OPS_NAMESPACE
+
+    @torch.library.register_fake(f"{ns}::bias_act")
+    def _bias_act(x, b, act, alpha, gain, clamp, dim):
+        return _dense_like(x)
+
+    @torch.library.register_fake(f"{ns}::bias_act_backward")
+    def _bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim):
+        return _dense_like(x)
+
+    @torch.library.register_fake(f"{ns}::max_pool2d")
+    def _max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
+        n, c, h, w = x.shape
+        ho = ref.pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+        wo = ref.pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+        out = x.new_empty((n, c, ho, wo)).contiguous(memory_format=_fmt(x))
+        idx = x.new_empty((n, c, ho, wo), dtype=torch.int64).contiguous(memory_format=_fmt(x))
+        return out, idx
+
+    @torch.library.register_fake(f"{ns}::max_pool2d_backward")
+    def _max_pool2d_backward(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode):
+        return x.new_empty(x.shape).contiguous(memory_format=_fmt(x))
+
+    @torch.library.register_fake(f"{ns}::upsample_nearest2d")
+    def _upsample(x, scale_factor):
+        n, c, h, w = x.shape
+        return x.new_empty((n, c, h * scale_factor, w * scale_factor)).contiguous(memory_format=_fmt(x))
+
+    @torch.library.register_fake(f"{ns}::upsample_nearest2d_backward")
+    def _upsample_backward(grad, scale_factor):
+        n, c, h, w = grad.shape
+        return grad.new_empty((n, c, h // scale_factor, w // scale_factor)).contiguous(memory_format=_fmt(grad))
+
+    @torch.library.register_fake(f"{ns}::conv3x3_small")
+    def _conv(x, w, b, act, alpha, gain, clamp, pool):
+        return _conv_out(x, w, pool), _conv_saved(x, w, pool)
+
+    @torch.library.register_fake(f"{ns}::conv3x3_small_backward")
+    def _conv_backward(grad, x, w, b, saved, act, alpha, gain, clamp, pool, needs):
+        gx = x.new_empty(x.shape).contiguous(memory_format=_fmt(x)) if needs[0] else x.new_empty((0,))
+        gw = w.new_empty(w.shape) if needs[1] else x.new_empty((0,))
+        gb = b.new_empty(b.shape) if (needs[2] and b is not None) else x.new_empty((0,))
+        return gx, gw, gb
+
+    _state["fakes"] = True
+
+
+def _conv_out(x: torch.Tensor, w: torch.Tensor, pool: bool) -> torch.Tensor:
+    n, _, h, wd = x.shape
+    shape = (n, w.shape[0], h // 2, wd // 2) if pool else (n, w.shape[0], h, wd)
+    return x.new_empty(shape).contiguous(memory_format=_fmt(x))
+
+
+def _conv_saved(x: torch.Tensor, w: torch.Tensor, pool: bool) -> torch.Tensor:
+    """The forward's ``saved``: the int8 argmax (dy * 2 + dx) of each pooled value, in the
+    output's memory format; empty without the pool."""
+    if not pool:
+        return x.new_empty((0,))
+    n, _, h, wd = x.shape
+    return x.new_empty((n, w.shape[0], h // 2, wd // 2), dtype=torch.int8).contiguous(memory_format=_fmt(x))
+
+
+# ----------------------------------------------------------------------------------
+# Backend implementations.
+
+
+def _ops():
+    return getattr(torch.ops, OPS_NAMESPACE)
+
+
+def _base_reasons(x: torch.Tensor, **others: Optional[torch.Tensor]) -> list[str]:
+    """Device, dtype and extension reasons common to every op."""
+    reasons: list[str] = []
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA device")
+    else:
+        for name, t in (("x", x), *others.items()):
+            if t is not None and t.device.type != "cuda":
+                reasons.append(f"{name} is on {t.device}; the cuda backend needs CUDA tensors")
+                break
+    if x.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {x.dtype} runs only on the torch backend (cuda serves float32, float16, bfloat16)")
+    if reasons:
+        if not _state["loaded"]:
+            reasons.append(_state["build_error"] or _not_built_reason())  # informative; never builds
+        return reasons
+    why = _extension_reason()
+    if why:
+        reasons.append(why)
+    return reasons
+
+
+def _bias_act_supports(x, b, act, alpha, gain, clamp, dim) -> list[str]:
+    return _base_reasons(x, b=b)
+
+
+def _bias_act_forward(x, b, act, alpha, gain, clamp, dim):
+    return _ops().bias_act(x, b, act, alpha, gain, clamp, dim)
+
+
+def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim):
+    gx = _ops().bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+    gb = None
+    if b is not None:
+        # Deterministic reduction (torch's sum), accumulated in float32.
+        dims = [d for d in range(x.dim()) if d != dim]
+        gb = gx.sum(dims, dtype=torch.float32).to(b.dtype) if dims else gx.to(b.dtype)
+    return gx, gb
+
+
+def _max_pool_supports(x, kernel_size, stride, padding, dilation, ceil_mode) -> list[str]:
+    return _base_reasons(x)
+
+
+def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+    return _ops().max_pool2d(x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+
+
+def _max_pool_backward(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    return _ops().max_pool2d_backward(grad, x, indices, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+
+
+def _upsample_supports(x, scale_factor) -> list[str]:
+    return _base_reasons(x)
+
+
+def _upsample_forward(x, scale_factor):
+    return _ops().upsample_nearest2d(x, int(scale_factor))
+
+
+def _upsample_backward(grad, scale_factor):
+    return _ops().upsample_nearest2d_backward(grad, int(scale_factor))
+
+
+def _make_conv(pool: bool):
+    def supports(x, w, b, act, alpha, gain, clamp) -> list[str]:
+        reasons = []
+        ci, co = x.shape[1], w.shape[0]
+        if ci > SMALL_CHANNELS and co > SMALL_CHANNELS:
+            reasons.append(f"Ci and Co both > {SMALL_CHANNELS}: the direct kernel serves Ci <= 4 or Co <= 4 (got Ci={ci}, Co={co})")
+        if pool and (x.shape[2] < 2 or x.shape[3] < 2):
+            reasons.append(f"the 2×2 pool needs H, W >= 2, got {tuple(x.shape[2:])}")
+        return _base_reasons(x, w=w, b=b) + reasons
+
+    def forward(x, w, b, act, alpha, gain, clamp):
+        return _ops().conv3x3_small(x, w, b, act, alpha, gain, clamp, pool)
+
+    def backward(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
+        needs = [bool(n) for n in needs]
+        gx, gw, gb = _ops().conv3x3_small_backward(grad, x, w, b, saved, act, alpha, gain, clamp, pool, needs)
+        return (gx if needs[0] else None, gw if needs[1] else None, gb if (needs[2] and b is not None) else None)
+
+    def fake_saved(x, w, b, act, alpha, gain, clamp):
+        return _conv_saved(x, w, pool)
+
+    return OpImpl(forward=forward, supports=supports, backward=backward, fake_saved=fake_saved)
+
+
+def _register_backend() -> None:
+    register("bias_act", "cuda", OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward))
+    register("max_pool2d", "cuda", OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward))
+    register("upsample_nearest2d", "cuda", OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward))
+    register("conv3x3", "cuda", _make_conv(pool=False))
+    register("conv3x3_pool", "cuda", _make_conv(pool=True))
+
+
+_import_prebuilt()
+_register_backend()
