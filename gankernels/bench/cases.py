@@ -188,8 +188,14 @@ def transposed_kernel(w: torch.Tensor) -> torch.Tensor:
 
 
 def up_conv_transposed(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """Upsample-then-conv3x3 (pre-activation) as one transposed convolution."""
-    k = transposed_kernel(w).contiguous(memory_format=ref.memory_format_of(x))
+    """Upsample-then-conv3x3 (pre-activation) as one transposed convolution.
+
+    The 4×4 kernel is formed in float32 and cast to ``w``'s dtype, as a model with fp32
+    weights under autocast does: summing taps in bf16/fp16 (and summing the kernel's
+    gradient back in it) costs the weight gradient several times the dtype's tolerance.
+    """
+    wk = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+    k = transposed_kernel(wk).to(w.dtype).contiguous(memory_format=ref.memory_format_of(x))
     return F.conv_transpose2d(x, k, b, stride=2, padding=1)
 
 

@@ -343,13 +343,15 @@ def run_cases(
     backends: Optional[list[str]] = None,
     seed: int = 0,
     show_progress: bool = True,
-    contenders_fn: Callable[..., list[Contender]] = contenders_for,
+    contenders_fn: Optional[Callable[..., list[Contender]]] = None,
 ) -> list[CaseSummary]:
     """Every case, with a progress bar on stderr. ``backends`` limits the gankernels
     contenders (the stock ones always run: they are what the speed-up is measured
-    against)."""
+    against). ``contenders_fn`` defaults to this module's :func:`contenders_for`, looked
+    up at call time."""
     from tqdm import tqdm
 
+    contenders_fn = contenders_fn or contenders_for
     plan = []
     for case in cases:
         cs = contenders_fn(case, compile, compile_skip)

@@ -1,0 +1,265 @@
+"""The benchmark suite on CPU: a --quick run end to end, the FAIL path, the roofline
+arithmetic (against ANCHORS.md's numbers) and the transposed-convolution rewrite."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gankernels.bench import cases as C
+from gankernels.bench import runner
+from gankernels.bench.cli import main
+from gankernels.bench.readme import render
+from gankernels.bench.report import load_results
+from gankernels.bench.roofline import Ceilings, bytes_moved, floor_ms, flops, percent_of_floor
+from gankernels.bench.timing import TimingConfig
+from gankernels.ops import reference as ref
+from gankernels.testing import assert_close_rel
+
+# ANCHORS.md's H200 ceilings: 4.25 TB/s copy, 692 TFLOP/s bf16 matmul.
+H200 = Ceilings(copy_bytes_per_s=4.25e12, matmul_flops_per_s=692e12)
+FAST_TIMING = TimingConfig(cpu_warmup=0, cpu_repeats=1, cpu_min_ms=0.0)
+CPU_CEILINGS = Ceilings(copy_bytes_per_s=1e10, matmul_flops_per_s=1e11)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # As the CLI does on CPU; also keeps the shared test machine quiet.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------
+# The transposed-convolution rewrite of the generator block.
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 4), (1, 3, 1, 1, 2), (3, 8, 4, 9, 16)])
+def test_transposed_conv_equals_upsample_then_conv(shape):
+    n, ci, h, w, co = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(co, generator=g, dtype=torch.float64)
+    got = C.up_conv_transposed(x, wt, b)
+    want = ref.up_conv3x3_naive(x, wt, b)
+    assert got.shape == (n, co, 2 * h, 2 * w)
+    assert_close_rel(got, want, tol=1e-10)
+
+
+def test_transposed_conv_gradients_match():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(3, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    gout = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(C.up_conv_transposed(x, wt, b), (x, wt, b), gout)
+    want = torch.autograd.grad(ref.up_conv3x3_naive(x, wt, b), (x, wt, b), gout)
+    for a, e, name in zip(got, want, ("x", "w", "b")):
+        assert_close_rel(a, e, tol=1e-10, what=f"grad_{name}")
+
+
+def test_transposed_kernel_layout():
+    # Per axis, taps (w0, w1, w2) = (1, 2, 3) -> summed shifts (1, 3, 5, 3) -> flipped (3, 5, 3, 1);
+    # a separable 3×3 kernel gives the outer product, with in/out channels swapped.
+    r = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    w = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
+    w[1, 0] = torch.outer(r, r)
+    k = C.transposed_kernel(w)
+    assert k.shape == (1, 2, 4, 4)
+    kr = torch.tensor([3.0, 5.0, 3.0, 1.0], dtype=torch.float64)
+    assert torch.equal(k[0, 1], torch.outer(kr, kr))
+    assert torch.equal(k[0, 0], torch.zeros(4, 4, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------
+# Roofline arithmetic.
+
+
+def _case(op, n, c, h, w, co, dtype="bf16", mode="fwd"):
+    return C.Case(op, C.Shape(n, c, h, w, co), dtype, "channels_last", mode)
+
+
+def test_roofline_matches_anchors():
+    gen = _case("gen_block", 64, 512, 8, 8, 256)
+    assert flops(gen) == 2 * 64 * 256 * 16 * 16 * 9 * 512  # stock FLOPs at the upsampled resolution
+    assert floor_ms(gen, H200) == pytest.approx(0.056, abs=5e-4)
+    disc_small = _case("disc_block", 64, 3, 128, 128, 64)  # memory-bound row
+    assert floor_ms(disc_small, H200) == pytest.approx(0.009, abs=5e-4)
+    assert bytes_moved(disc_small) == 2 * (64 * 3 * 128 * 128 + 64 * 3 * 9 + 64 + 64 * 64 * 64 * 64)
+    disc = _case("disc_block", 64, 64, 64, 64, 128)
+    assert floor_ms(disc, H200) == pytest.approx(0.056, abs=5e-4)
+    # Stand-alone ops: ANCHORS quotes % of copy bandwidth for its measured times.
+    pool = _case("max_pool2d", 64, 128, 64, 64, 128)
+    assert percent_of_floor(floor_ms(pool, H200), 0.095) == pytest.approx(21, abs=0.5)
+    up = _case("upsample_nearest2d", 64, 128, 64, 64, 128)
+    assert percent_of_floor(floor_ms(up, H200), 0.804) == pytest.approx(10, abs=0.5)
+    ba = _case("bias_act", 64, 128, 64, 64, 128)
+    assert percent_of_floor(floor_ms(ba, H200), 0.118) == pytest.approx(27, abs=0.5)
+
+
+def test_roofline_fwdbwd_and_dtype():
+    fwd = _case("conv3x3", 4, 8, 16, 16, 8, dtype="fp32")
+    bwd = _case("conv3x3", 4, 8, 16, 16, 8, dtype="fp32", mode="fwdbwd")
+    assert flops(bwd) == 3 * flops(fwd)
+    x, w, b, y = 4 * 8 * 256, 8 * 8 * 9, 8, 4 * 8 * 256
+    assert bytes_moved(fwd) == 4 * (x + w + b + y)
+    assert bytes_moved(bwd) == 4 * (x + w + b + y + (y + y + x + w) + (x + w + b))
+    assert bytes_moved(_case("conv3x3", 4, 8, 16, 16, 8, dtype="bf16")) == bytes_moved(fwd) / 2
+    pool_bwd = _case("max_pool2d", 2, 4, 8, 8, 4, dtype="fp32", mode="fwdbwd")
+    x, y = 2 * 4 * 64, 2 * 4 * 16
+    assert bytes_moved(pool_bwd) == 4 * ((x + y) + (y + y + x))
+
+
+# ----------------------------------------------------------------------------------
+# Cases and shapes.
+
+
+def test_parse_shape():
+    assert C.parse_shape("2,3,8,8") == C.Shape(2, 3, 8, 8, 3)
+    assert C.parse_shape("2,3,8,8:16") == C.Shape(2, 3, 8, 8, 16)
+    for bad in ("2,3,8", "2,3,8,8:", "a,b,c,d", "0,3,8,8"):
+        with pytest.raises(ValueError, match="--shapes"):
+            C.parse_shape(bad)
+
+
+def test_build_cases_rejects_unknown_op():
+    with pytest.raises(ValueError, match="--ops"):
+        C.build_cases(["conv5x5"], ["fp32"], ["channels_last"], ["fwd"], "cpu", True)
+
+
+def test_every_contender_passes_reference_check_on_cpu():
+    """Stock, the rewrite and the torch backend are all correct: none may FAIL."""
+    for op in ("gen_block", "disc_block", "bias_act", "upsample_nearest2d"):
+        case = _case(op, 2, 4, 6, 6, 8, dtype="fp32", mode="fwdbwd")
+        s = runner.run_case(case, "cpu", runner.contenders_for(case, compile=False), FAST_TIMING, CPU_CEILINGS)
+        statuses = {r.contender: r.status for r in s.records}
+        assert statuses["eager NCHW"] == statuses["eager CL"] == statuses["gk torch"] == "ok", statuses
+        assert statuses["compile"] == "n/a"
+        if op == "gen_block":
+            assert statuses["convT eager"] == "ok"
+        assert s.best_stock is not None and s.best_gk is not None and s.speedup > 0
+
+
+def test_bf16_pool_gradient_accepts_rounded_argmax():
+    """In bf16, stock rounds before pooling: its gradient matches the rounded-argmax
+    float64 reference (not the exact one), and must not be reported FAIL."""
+    case = _case("disc_block", 2, 16, 12, 12, 32, dtype="bf16", mode="fwdbwd")
+    s = runner.run_case(case, "cpu", runner.contenders_for(case, compile=False)[:2], FAST_TIMING, CPU_CEILINGS)
+    for r in s.records:
+        assert r.status == "ok", (r.contender, r.reason)
+        assert r.reference in ("exact", "rounded-argmax")
+
+
+def test_unavailable_backend_is_listed_with_reason():
+    case = _case("conv3x3", 1, 4, 6, 6, 4, dtype="fp32")
+    s = runner.run_case(case, "cpu", runner.contenders_for(case, compile=False), FAST_TIMING, CPU_CEILINGS)
+    tri = next(r for r in s.records if r.contender == "gk triton")
+    assert tri.status == "n/a" and "cpu" in tri.reason and tri.ms is None
+
+
+# ----------------------------------------------------------------------------------
+# The FAIL path: a wrong (fast) contender is reported, never timed as a win.
+
+
+_REAL_CONTENDERS = runner.contenders_for
+
+
+def _with_wrong_contender(case, compile=True, compile_skip=""):
+    def make(case, tensors):
+        stock = C.STOCK[case.op]
+        return lambda **t: stock(**t) * 1.01  # 1 % off: far outside fp32's 1e-5
+
+    return _REAL_CONTENDERS(case, compile, compile_skip) + [runner.Contender("gk wrong", runner.GK_FAMILY, make)]
+
+
+def test_wrong_contender_is_reported_fail(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(runner, "contenders_for", _with_wrong_contender)
+    rc = main(["--quick", "--ops", "max_pool2d", "--modes", "fwd", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert rc == 0
+    data = load_results(tmp_path)
+    (case,) = data["cases"]
+    wrong = case["contenders"]["gk wrong"]
+    assert wrong["status"] == "FAIL" and wrong["ms"] is None and wrong["rel_l2_err"] > 1e-3
+    assert "relative L2 error" in wrong["reason"]
+    assert case["best_gankernels"] == "gk torch"
+    out = capsys.readouterr().out
+    assert "| FAIL |" in out and "gk wrong: FAIL" in out
+
+
+# ----------------------------------------------------------------------------------
+# The CLI end to end on CPU.
+
+
+def test_quick_cpu_run_writes_every_output(tmp_path, capsys):
+    rc = main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "headline numbers need a CUDA GPU" in out
+    assert "| case | floor ms |" in out
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["env"]["device"] == "cpu" and data["env"]["torch"] == torch.__version__
+    assert data["env"]["command"].startswith("python -m gankernels.bench --quick")
+    assert {c["op"] for c in data["cases"]} == set(C.OPS)
+    assert {c["mode"] for c in data["cases"]} == {"fwd", "fwdbwd"}
+    for c in data["cases"]:
+        assert c["floor_ms"] > 0
+        assert c["contenders"]["eager CL"]["status"] == "ok", c["id"]
+        assert c["contenders"]["gk torch"]["status"] == "ok", c["id"]
+        assert c["best_stock_ms"] > 0 and c["speedup"] > 0
+        for r in c["contenders"].values():
+            assert r["status"] in ("ok", "FAIL", "n/a", "error")
+            assert (r["ms"] is not None) == (r["status"] == "ok")
+            if r["status"] != "ok":
+                assert r["reason"], (c["id"], r)
+
+    ts = data["train_step"]
+    variants = {v["name"]: v for v in ts["variants"]}
+    assert variants["stock eager"]["status"] == "ok" and variants["stock eager"]["step_ms"] > 0
+    assert variants["stock compile"]["status"] == "n/a"
+    gk = variants["gankernels eager"]
+    if gk["status"] == "ok":  # convert exists: losses must agree tightly in fp32
+        assert gk["max_loss_rel_diff"] <= 1e-4
+    else:
+        assert gk["status"] == "n/a" and "convert" in gk["reason"]
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(c["contenders"]) for c in data["cases"]) + len(ts["variants"])
+    assert {r["status"] for r in rows} <= {"ok", "FAIL", "n/a", "error"}
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# gankernels benchmark") and "| case |" in md
+    for png in ("speedup.png", "roofline.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    section = render(data, "results.json")
+    assert section.startswith("<!-- performance") and "## Performance" in section and "CUDA GPU" in section
+    assert data["env"]["command"] in section
+
+
+def test_compiled_contender_runs_on_cpu():
+    """torch.compile of the stock code is checked and timed like any other contender."""
+    case = _case("upsample_nearest2d", 1, 2, 4, 4, 2, dtype="fp32")
+    cs = [c for c in runner.contenders_for(case, compile=True) if c.name == "compile"]
+    s = runner.run_case(case, "cpu", cs, FAST_TIMING, CPU_CEILINGS)
+    (rec,) = s.records
+    assert rec.status == "ok", rec.reason
+
+
+def test_bad_shape_is_a_clear_error():
+    with pytest.raises(SystemExit, match="--shapes"):
+        main(["--shapes", "1,2,3", "--no-progress"])
+
+
+def test_wrong_stock_helper_is_caught():
+    # Sanity of the check itself: the reference differs from a visibly wrong function.
+    case = _case("max_pool2d", 1, 2, 4, 4, 2, dtype="fp32")
+    wrong = runner.Contender("avg", runner.STOCK_FAMILY, lambda case, t: (lambda x: F.avg_pool2d(x, 2)))
+    s = runner.run_case(case, "cpu", [wrong], FAST_TIMING, CPU_CEILINGS)
+    assert s.records[0].status == "FAIL" and s.best_stock is None and s.speedup is None
