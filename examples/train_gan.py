@@ -199,13 +199,14 @@ class ShardedBatches:
     """Batch ``s`` of process ``rank``: a pure function of (seed, rank, s).
 
     Each epoch is a seeded permutation of the whole data set; process ``r`` of ``w``
-    takes every ``w``-th index from ``r`` (DistributedSampler's rule), and its batches
-    are consecutive slices of that shard; a partial last batch is dropped.
+    takes every ``w``-th index from ``r`` (DistributedSampler's rule, ``drop_last``: every
+    shard has ``n // w`` images, so all processes change epoch at the same step), and its
+    batches are consecutive slices of that shard; a partial last batch is dropped.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int) -> None:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        shard = len(range(rank, n, world))
+        self.shard_size = shard = n // world
         self.per_epoch = shard // batch_size
         if self.per_epoch == 0:
             raise SystemExit(
@@ -218,7 +219,7 @@ class ShardedBatches:
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch))
-            self._shard = torch.randperm(self.n, generator=g)[self.rank :: self.world]
+            self._shard = torch.randperm(self.n, generator=g)[self.rank :: self.world][: self.shard_size]
             self._epoch = epoch
         return self._shard[i * self.batch_size : (i + 1) * self.batch_size]
 
@@ -538,8 +539,18 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
                 bar.set_postfix(D=f"{history[-1][1]:.3f}", G=f"{history[-1][2]:.3f}", img_s=f"{(done - start) * B * d.world / elapsed:.0f}")
         if bar is not None:
             bar.update(1)
+        if done % args.sample_every == 0 or done == args.steps:
+            flush()  # collective under DDP: every process, at the same steps
         if d.main and (done % args.sample_every == 0 or done == args.steps):
             sample(done)
+            if bar is None:  # without a progress bar, a line per sample grid
+                elapsed = time.perf_counter() - t0
+                print(
+                    f"step {done}/{args.steps}: loss D {history[-1][1]:.3f} G {history[-1][2]:.3f}, "
+                    f"{(done - start) * B * d.world / elapsed:.0f} images/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if done % args.ckpt_every == 0 or done == args.steps:
             flush()
             if d.main:
