@@ -172,10 +172,21 @@ def _fmt(t: torch.Tensor) -> torch.memory_format:
     return ref.memory_format_of(t)
 
 
+def _is_dense(x: torch.Tensor) -> bool:
+    """``Tensor::is_non_overlapping_and_dense``: the non-trivial dims, ordered by stride,
+    tile memory without gaps or overlaps."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _dense_like(x: torch.Tensor) -> torch.Tensor:
     """What the extension allocates for an elementwise result: x's strides when x is
     dense, else contiguous."""
-    if x.is_non_overlapping_and_dense():
+    if _is_dense(x):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 

@@ -1,0 +1,417 @@
+"""The CUDA extension without a GPU: it is built and importable (when this machine can
+build it), its ops are registered with correct fake kernels, its argument checks reject
+bad input with clear messages, and the JIT build's cache key and lock behave.
+
+The kernels themselves are tested on a GPU: tests/gpu/test_cuda_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import gankernels  # noqa: F401  (loads the backends)
+from gankernels import _jit_build, cuda_backend
+from gankernels.ops import dispatch
+from gankernels.ops import reference as ref
+
+
+def _build_expected() -> tuple[bool, str]:
+    """Whether this environment is meant to have built gankernels._C, and why not."""
+    if os.environ.get("GANKERNELS_BUILD_CUDA", "").strip() == "0":
+        return False, "GANKERNELS_BUILD_CUDA=0"
+    missing = _jit_build.build_prerequisites()
+    if missing:
+        return False, "; ".join(missing)
+    return True, ""
+
+
+def test_extension_is_built_where_it_can_be():
+    """CI proves the build: with nvcc and a CUDA torch present, gankernels._C must exist
+    and import (pip install --no-build-isolation -e . builds it)."""
+    expected, why = _build_expected()
+    if not cuda_backend.is_loaded():
+        if not expected:
+            pytest.skip(f"the CUDA extension is not built here and need not be: {why}")
+        pytest.fail(f"nvcc and a CUDA torch are present but the extension is not loaded: {cuda_backend.extension_status()}")
+    assert "loaded" in cuda_backend.extension_status()
+
+
+needs_ext = pytest.mark.skipif(not cuda_backend.is_loaded(), reason="gankernels._C is not built here")
+ops = torch.ops.gankernels_cuda
+
+
+@needs_ext
+def test_every_op_is_registered():
+    for name in cuda_backend.OP_NAMES:
+        packet = getattr(ops, name)
+        schema = str(packet.default._schema)
+        assert schema.startswith(f"gankernels_cuda::{name}("), schema
+
+
+# ----------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and strides, on fake and on meta tensors.
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _make(shape, fmt, dtype=torch.float32, device="cpu"):
+    return torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=FORMATS[fmt])
+
+
+def _expect(t: torch.Tensor, shape, dtype, fmt=None):
+    assert tuple(t.shape) == tuple(shape), (tuple(t.shape), shape)
+    assert t.dtype == dtype
+    if fmt is not None:
+        want = torch.empty(shape).contiguous(memory_format=FORMATS[fmt]).stride()
+        assert t.stride() == want, (t.stride(), want)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("device", ["fake", "meta"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fake_kernels(fmt, device, dtype):
+    mode = FakeTensorMode() if device == "fake" else None
+    dev = "cpu" if device == "fake" else "meta"
+    with mode if mode is not None else torch.no_grad():
+        x = _make((2, 3, 9, 11), fmt, dtype, dev)
+        w = torch.empty(16, 3, 3, 3, dtype=dtype, device=dev)
+        b = torch.empty(16, dtype=dtype, device=dev)
+
+        y = ops.bias_act(x, b, "lrelu", 0.2, 1.0, None, 1)
+        assert y.stride() == x.stride() and y.dtype == dtype
+        gx = ops.bias_act_backward(x, x, b, "lrelu", 0.2, 1.0, None, 1)
+        assert gx.stride() == x.stride()
+
+        for k, s, p, ceil in ((2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (2, 2, 0, True)):
+            out, idx = ops.max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], ceil)
+            want = F.max_pool2d(torch.zeros(2, 3, 9, 11), k, s, p, ceil_mode=ceil).shape
+            _expect(out, want, dtype, fmt)
+            _expect(idx, want, torch.int64, fmt)
+            g = ops.max_pool2d_backward(out, x, idx, [k, k], [s, s], [p, p], [1, 1], ceil)
+            _expect(g, x.shape, dtype, fmt)
+
+        u = ops.upsample_nearest2d(x, 3)
+        _expect(u, (2, 3, 27, 33), dtype, fmt)
+        _expect(ops.upsample_nearest2d_backward(u, 3), x.shape, dtype, fmt)
+
+        out, saved = ops.conv3x3_small(x, w, b, "lrelu", 0.2, 1.0, None, False)
+        _expect(out, (2, 16, 9, 11), dtype, fmt)
+        assert saved.numel() == 0
+        out, saved = ops.conv3x3_small(x, w, b, "lrelu", 0.2, 1.0, None, True)
+        _expect(out, (2, 16, 4, 5), dtype, fmt)
+        _expect(saved, (2, 16, 4, 5), torch.int8, fmt)
+        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, b, saved, "lrelu", 0.2, 1.0, None, True, [True, True, True])
+        _expect(gx, x.shape, dtype, fmt)
+        _expect(gw, w.shape, dtype)
+        _expect(gb, b.shape, dtype)
+        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, None, saved, "lrelu", 0.2, 1.0, None, True, [False, True, True])
+        assert gx.numel() == 0 and gb.numel() == 0 and tuple(gw.shape) == tuple(w.shape)
+
+
+@needs_ext
+def test_fake_saved_matches_the_extension_fake():
+    """The backend's fake_saved (used by gankernels::conv3x3_pool's fake) agrees with
+    the extension op's fake."""
+    impl = dispatch.get_impl("conv3x3_pool", "cuda")
+    with FakeTensorMode():
+        x = _make((2, 4, 8, 6), "channels_last")
+        w = torch.empty(8, 4, 3, 3)
+        _, saved = ops.conv3x3_small(x, w, None, "relu", 0.2, 1.0, None, True)
+        fs = impl.fake_saved(x=x, w=w, b=None, act="relu", alpha=0.2, gain=1.0, clamp=None)
+        assert fs.shape == saved.shape and fs.dtype == saved.dtype and fs.stride() == saved.stride()
+
+
+# ----------------------------------------------------------------------------------
+# Argument checks (TORCH_CHECK), on CPU tensors: they run before "expected CUDA tensors".
+
+x4 = torch.randn(2, 3, 8, 8)
+w3 = torch.randn(16, 3, 3, 3)
+b16 = torch.randn(16)
+pooled = torch.randn(2, 16, 4, 4)
+argmax = torch.zeros(2, 16, 4, 4, dtype=torch.int8)
+pool_cfg = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+NEEDS = [True, True, True]
+
+BAD_CALLS = {
+    "conv x not 4-D": (lambda: ops.conv3x3_small(x4[0], w3, b16, "relu", 0.2, 1.0, None, False), r"x must be a 4-D tensor"),
+    "conv x int": (lambda: ops.conv3x3_small(x4.long(), w3, b16, "relu", 0.2, 1.0, None, False), r"x must be float32, float16 or bfloat16"),
+    "conv channel mismatch": (
+        lambda: ops.conv3x3_small(x4, torch.randn(16, 5, 3, 3), None, "relu", 0.2, 1.0, None, False),
+        r"w has 5 input channels \(w.size\(1\)\) but x has 3",
+    ),
+    "conv 5x5": (lambda: ops.conv3x3_small(x4, torch.randn(16, 3, 5, 5), None, "relu", 0.2, 1.0, None, False), r"3x3 kernel"),
+    "conv w dtype": (lambda: ops.conv3x3_small(x4, w3.half(), None, "relu", 0.2, 1.0, None, False), r"w has dtype Half but x has Float"),
+    "conv bias length": (lambda: ops.conv3x3_small(x4, w3, torch.randn(7), "relu", 0.2, 1.0, None, False), r"b has length 7 but w has 16"),
+    "conv wide": (
+        lambda: ops.conv3x3_small(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 3, 3), None, "relu", 0.2, 1.0, None, False),
+        r"Ci = 8 and Co = 8 are both > 4: the direct kernel serves Ci <= 4 or Co <= 4",
+    ),
+    "conv act": (lambda: ops.conv3x3_small(x4, w3, b16, "gelu", 0.2, 1.0, None, False), r"act must be one of .*got 'gelu'"),
+    "conv clamp": (lambda: ops.conv3x3_small(x4, w3, b16, "relu", 0.2, 1.0, -1.0, False), r"clamp must be >= 0"),
+    "conv pool too small": (
+        lambda: ops.conv3x3_small(torch.randn(1, 3, 1, 8), w3, None, "relu", 0.2, 1.0, None, True),
+        r"needs H and W >= 2",
+    ),
+    "conv bwd grad shape": (
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, False, NEEDS),
+        r"grad must have the output's shape \[2, 16, 8, 8\]",
+    ),
+    "conv bwd saved dtype": (
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), "relu", 0.2, 1.0, None, True, NEEDS),
+        r"saved must be the forward's int8 argmax",
+    ),
+    "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg), r"x must be a 4-D tensor"),
+    "pool kernel 0": (lambda: ops.max_pool2d(x4, [0, 2], [2, 2], [0, 0], [1, 1], False), r"kernel_size must be >= 1"),
+    "pool stride 0": (lambda: ops.max_pool2d(x4, [2, 2], [0, 2], [0, 0], [1, 1], False), r"stride must be >= 1"),
+    "pool padding": (lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False), r"padding \[2, 2\] must be >= 0 and at most half"),
+    "pool too small": (lambda: ops.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False), r"too small"),
+    "pool bwd grad shape": (lambda: ops.max_pool2d_backward(x4, x4, x4.long(), *pool_cfg), r"grad must have the pooled shape"),
+    "pool bwd index dtype": (
+        lambda: ops.max_pool2d_backward(torch.randn(2, 3, 4, 4), x4, torch.zeros(2, 3, 4, 4, dtype=torch.int32), *pool_cfg),
+        r"indices must be int64",
+    ),
+    "upsample scale": (lambda: ops.upsample_nearest2d(x4, 0), r"scale_factor must be an integer in \[1, 1024\]"),
+    "upsample bwd divisible": (lambda: ops.upsample_nearest2d_backward(torch.randn(1, 1, 5, 6), 2), r"must be divisible by scale_factor 2"),
+    "bias_act length": (lambda: ops.bias_act(x4, torch.randn(4), "relu", 0.2, 1.0, None, 1), r"b has length 4 but x.size\(1\) is 3"),
+    "bias_act dim": (lambda: ops.bias_act(x4, None, "relu", 0.2, 1.0, None, 4), r"dim 4 is out of range"),
+    "bias_act dtype": (lambda: ops.bias_act(x4.double(), None, "relu", 0.2, 1.0, None, 1), r"x must be float32, float16 or bfloat16, got Double"),
+    "bias_act bwd grad": (lambda: ops.bias_act_backward(x4[:1], x4, None, "relu", 0.2, 1.0, None, 1), r"grad has shape"),
+}
+
+VALID_CPU_CALLS = {
+    "conv": lambda: ops.conv3x3_small(x4, w3, b16, "relu", 0.2, 1.0, None, True),
+    "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, True, NEEDS),
+    "pool": lambda: ops.max_pool2d(x4, *pool_cfg),
+    "upsample": lambda: ops.upsample_nearest2d(x4, 2),
+    "bias_act": lambda: ops.bias_act(x4, torch.randn(3), "silu", 0.2, 1.0, 1.0, 1),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_argument_checks_reject_bad_input(case):
+    call, message = BAD_CALLS[case]
+    with pytest.raises(RuntimeError, match=message) as info:
+        call()
+    assert "gankernels_cuda::" in str(info.value)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(VALID_CPU_CALLS))
+def test_valid_cpu_call_says_expected_cuda(case):
+    with pytest.raises(RuntimeError, match=r"expected CUDA tensors, got x on cpu"):
+        VALID_CPU_CALLS[case]()
+
+
+# ----------------------------------------------------------------------------------
+# The backend as the dispatcher sees it.
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU reasons")
+def test_supports_says_no_cuda_device():
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.randn(8, 3, 3, 3)
+    for op, args in (
+        ("conv3x3", (x, w)),
+        ("conv3x3_pool", (x, w)),
+        ("max_pool2d", (x, 2)),
+        ("upsample_nearest2d", (x, 2)),
+        ("bias_act", (x,)),
+    ):
+        ex = gankernels.explain(op, *args)
+        assert ex.backend == "torch"
+        assert "no CUDA device" in ex.rejected["cuda"]
+    with pytest.raises(gankernels.BackendUnavailable, match="no CUDA device"):
+        gankernels.conv3x3(x, w, backend="cuda")
+
+
+def test_supports_refuses_wide_convolutions():
+    x = torch.randn(1, 8, 4, 4)
+    reasons = gankernels.explain("conv3x3", x, torch.randn(8, 8, 3, 3), backend="cuda").rejected["cuda"]
+    assert any("Ci and Co both > 4: the direct kernel serves Ci <= 4 or Co <= 4" in r for r in reasons)
+    assert "up_conv3x3" not in [op for op in dispatch.OPS if "cuda" in dispatch.registered_backends(op)]
+
+
+def test_asked_by_name_sees_the_requested_backend():
+    """A build is allowed only when the cuda backend is named (not under auto)."""
+    seen = []
+    original = dispatch.get_impl("upsample_nearest2d", "cuda")
+
+    def supports(**_):
+        seen.append(cuda_backend._asked_by_name())
+        return ["test"]
+
+    dispatch.register("upsample_nearest2d", "cuda", dispatch.OpImpl(forward=original.forward, supports=supports))
+    try:
+        args = {"x": torch.randn(1, 1, 2, 2), "scale_factor": 2}
+        with pytest.raises(gankernels.BackendUnavailable):
+            dispatch.resolve("upsample_nearest2d", "cuda", args)
+        dispatch.resolve("upsample_nearest2d", "auto", args)
+        with gankernels.use_backend("cuda"), pytest.raises(gankernels.BackendUnavailable):
+            dispatch.resolve("upsample_nearest2d", None, args)
+        dispatch.explain_args("upsample_nearest2d", "cuda", args)
+    finally:
+        dispatch.register("upsample_nearest2d", "cuda", original)
+    assert seen == [True, False, True, False]
+
+
+def test_extension_status_is_one_informative_line():
+    status = cuda_backend.extension_status()
+    assert "\n" not in status
+    assert status.startswith(("loaded:", "not loaded:", "JIT build failed:"))
+
+
+# ----------------------------------------------------------------------------------
+# The JIT build: cache key, lock, and the build driver (with the compiler stubbed out).
+
+
+def _write_sources(d: Path, text: str = "int x;") -> list[Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "a.cu").write_text(text)
+    (d / "b.cpp").write_text("int y;")
+    (d / "k.h").write_text("#pragma once")
+    (d / "notes.txt").write_text("ignored")
+    return _jit_build.source_files(d)
+
+
+def test_cache_key(tmp_path):
+    files = _write_sources(tmp_path / "src")
+    assert [f.name for f in files] == ["a.cu", "b.cpp", "k.h"]
+    k = _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12")
+    assert re.fullmatch(r"[0-9a-f]{20}", k)
+    assert k == _jit_build.cache_key(list(reversed(files)), "2.11.0", "9.0", "13.0", "3.12")  # order-free
+    assert k == _jit_build.cache_key(files, "2.11.0", "9.0 ", "13.0", "3.12")  # spacing-free arch list
+    assert k != _jit_build.cache_key(files, "2.12.0", "9.0", "13.0", "3.12")
+    assert k != _jit_build.cache_key(files, "2.11.0", "8.0;9.0", "13.0", "3.12")
+    assert k != _jit_build.cache_key(files, "2.11.0", "9.0", "12.8", "3.12")
+    assert k != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.11")
+    files2 = _write_sources(tmp_path / "src", text="int x = 1;")
+    assert k != _jit_build.cache_key(files2, "2.11.0", "9.0", "13.0", "3.12")
+    # The real sources: every .cu/.cpp/.h(.cuh) of csrc/, and a stable key.
+    assert {p.suffix for p in _jit_build.source_files()} <= {".cu", ".cpp", ".h", ".cuh"}
+    assert _jit_build.current_key("9.0") == _jit_build.current_key("9.0")
+
+
+def _locked(path: Path) -> bool:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_build_lock_is_released_when_the_holder_is_killed(tmp_path):
+    lock = tmp_path / "k.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                sys.path.insert(0, {str(Path(_jit_build.__file__).parent.parent)!r})
+                from gankernels._jit_build import build_lock
+                from pathlib import Path
+                with build_lock(Path({str(lock)!r})):
+                    print("held", flush=True)
+                    time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _locked(lock)
+        holder.send_signal(signal.SIGKILL)  # a build killed mid-way
+        holder.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _locked(lock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _locked(lock)
+        with _jit_build.build_lock(lock):  # and it can be taken again
+            assert _locked(lock)
+        assert not _locked(lock)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_build_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_jit_build, "build_prerequisites", lambda: [])
+    monkeypatch.setattr(_jit_build, "_find_cuda_home", lambda: "/usr/local/cuda")
+    compiles, loads = [], []
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        compiles.append((name, sources, kwargs["with_cuda"]))
+        assert not (Path(build_directory) / "lock").exists()  # the stale torch lock was cleared
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(cpp_ext, "load", fake_load)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loads.append(path))
+    key_dir = tmp_path / "cache" / _jit_build.current_key("9.0")
+    key_dir.mkdir(parents=True)
+    (key_dir / "lock").write_text("")  # left behind by a killed torch build
+
+    lib1 = _jit_build.build(arch_list="9.0")
+    assert "building the CUDA extension for arch 9.0" in capsys.readouterr().err
+    lib2 = _jit_build.build(arch_list="9.0")
+    assert lib1 == lib2 and lib1.parent == key_dir
+    assert len(compiles) == 1 and compiles[0][2] is True
+    assert {Path(s).suffix for s in compiles[0][1]} == {".cu", ".cpp"}
+    assert loads == [str(lib1), str(lib2)]
+    assert "building" not in capsys.readouterr().err  # a cache hit is silent
+
+
+def test_failed_build_raises_with_the_compiler_message(tmp_path, monkeypatch):
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_jit_build, "build_prerequisites", lambda: [])
+    monkeypatch.setattr(_jit_build, "_find_cuda_home", lambda: "/usr/local/cuda")
+
+    def failing_load(**kwargs):
+        raise RuntimeError("Error building extension 'gankernels_C': conv3x3_small.cu(42): error: identifier \"oops\" is undefined")
+
+    monkeypatch.setattr(cpp_ext, "load", failing_load)
+    with pytest.raises(_jit_build.ExtensionBuildError, match=r'conv3x3_small.cu\(42\): error: identifier "oops"'):
+        _jit_build.build(arch_list="9.0")
+    # The lock is free again afterwards.
+    assert not _locked(tmp_path / "cache" / f"{_jit_build.current_key('9.0')}.lock")
+
+
+def test_cannot_build_without_prerequisites(monkeypatch):
+    monkeypatch.setattr(_jit_build, "build_prerequisites", lambda: ["nvcc not found (set CUDA_HOME to the CUDA toolkit)"])
+    with pytest.raises(_jit_build.ExtensionBuildError, match="nvcc not found"):
+        _jit_build.build(arch_list="9.0")
+
+
+def test_reference_memory_format_agrees_with_the_extension_rule():
+    """ops.cpp's format_of and the reference's memory_format_of are the same rule; the
+    fake kernels rely on it. A 1×1 spatial channels_last tensor reads as contiguous."""
+    t = torch.empty(2, 3, 1, 1).contiguous(memory_format=torch.channels_last)
+    assert ref.memory_format_of(t) == torch.contiguous_format
