@@ -184,7 +184,7 @@ def _epilogue_grad(
 
 def _dgrad_configs() -> list:
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
@@ -197,7 +197,7 @@ def _dgrad_configs() -> list:
 
 def _wgrad_configs() -> list:
     if INTERPRET:
-        return [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_M": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_M": 32}, num_warps=4)]
     return [
         triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_M": 64}, num_warps=8, num_stages=3),

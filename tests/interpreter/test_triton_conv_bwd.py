@@ -181,7 +181,7 @@ def test_needs_subsets(op, needs):
 
 @pytest.mark.parametrize("op", ["conv3x3_pool", "up_conv3x3"])
 def test_split_k_is_deterministic_and_correct(op):
-    # 2·6·7 = 84 pixels, 6 granules of 16: several split-K slices summed in a fixed order.
+    # 2·6·7 = 84 pixels, 3 granules of 32: several split-K slices summed in a fixed order.
     args = (op, (2, 3, 5, 6, 7), torch.float32, "channels_last", "lrelu", 1.0, None)
     a = check(*args, split=3, seed=13)
     b = check(*args, split=3, seed=13)
