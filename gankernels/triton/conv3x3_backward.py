@@ -310,7 +310,8 @@ def _wgrad_kernel(
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """part[s, co, tap, ci] = Σ_{m in slice s} gp[co, m] · x[m shifted by tap, ci];
-    bpart[s, phase, co] = Σ_{m in slice s} gp[co, m] (phase: the up-conv's 4 output phases, else 1). M runs over the pixels of the conv's
+    bpart[s, phase, co] = Σ_{m in slice s} gp[co, m] (phase: the up-conv's 4 output
+    phases, else 1). M runs over the pixels of the conv's
     own output grid (the low-resolution grid for the up-conv, one phase per tap)."""
     NTAP: tl.constexpr = 16 if MODE == 2 else 9
     # The bias gradient sums gp over every pixel of the pre-activation grid: for the
@@ -467,7 +468,9 @@ def _check_int32(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: one image has {t[0].numel()} elements; the triton backward needs < 2**31 (use backend='torch')")
     n, _, h, w = t.shape
     if n * h * w >= 2**31:
-        raise ValueError(f"{name}: N·H·W = {n * h * w} pixels; the triton backward needs < 2**31 (use backend='torch' or split the batch)")
+        raise ValueError(
+            f"{name}: N·H·W = {n * h * w} pixels; the triton backward needs < 2**31 (use backend='torch' or split the batch)"
+        )
 
 
 # up_conv3x3 tap map (DESIGN.md §4): T[k, phase, tap] = 1 where 3×3 row k feeds phase tap.

@@ -173,7 +173,12 @@ def test_recompute_paths(op, alpha, gain):
 
 @pytest.mark.parametrize(
     "op, needs",
-    [("conv3x3", (True, False, False)), ("conv3x3_pool", (False, True, False)), ("up_conv3x3", (False, False, True)), ("conv3x3", (False, False, True))],
+    [
+        ("conv3x3", (True, False, False)),
+        ("conv3x3_pool", (False, True, False)),
+        ("up_conv3x3", (False, False, True)),
+        ("conv3x3", (False, False, True)),
+    ],
 )
 def test_needs_subsets(op, needs):
     check(op, (1, 3, 8, 4, 5), torch.float32, "nchw", "lrelu", 1.0, None, needs=needs, seed=11)
@@ -185,7 +190,7 @@ def test_split_k_is_deterministic_and_correct(op):
     args = (op, (2, 3, 5, 6, 7), torch.float32, "channels_last", "lrelu", 1.0, None)
     a = check(*args, split=3, seed=13)
     b = check(*args, split=3, seed=13)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v), "the same split must give bitwise identical gradients"
 
 
@@ -269,7 +274,7 @@ def test_r1_penalty_double_backward(op):
         penalty = gx.square().sum()
         penalty.backward()
         results[backend] = (gx.detach(), w.grad, b.grad)
-    for name, got, want in zip(("gx", "d R1/dw", "d R1/db"), results["triton"], results["torch"]):
+    for name, got, want in zip(("gx", "d R1/dw", "d R1/db"), results["triton"], results["torch"], strict=True):
         assert_close_rel(got, want, dtype=torch.float32, what=name)
 
 
