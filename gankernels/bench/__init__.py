@@ -11,10 +11,11 @@ section from a results file), :mod:`~gankernels.bench.cli`.
 
 from gankernels.bench.cases import Case, Shape, build_cases, transposed_kernel, up_conv_transposed
 from gankernels.bench.roofline import Ceilings, bytes_moved, floor_ms, flops
-from gankernels.bench.runner import Contender, Record, contenders_for, run_case, run_cases
+from gankernels.bench.runner import CaseContext, Contender, Record, contenders_for, prepare, run_case, run_cases
 
 __all__ = [
     "Case",
+    "CaseContext",
     "Ceilings",
     "Contender",
     "Record",
@@ -24,6 +25,7 @@ __all__ = [
     "contenders_for",
     "floor_ms",
     "flops",
+    "prepare",
     "run_case",
     "run_cases",
     "transposed_kernel",

@@ -21,8 +21,9 @@ Every case function takes its tensors by keyword: ``x`` and, where the op has th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,13 @@ def parse_shape(text: str) -> Shape:
 
 
 def build_cases(
-    ops: list[str], dtypes: list[str], formats: list[str], modes: list[str], device: str, quick: bool, shapes: Optional[list[Shape]] = None
+    ops: list[str],
+    dtypes: list[str],
+    formats: list[str],
+    modes: list[str],
+    device: str,
+    quick: bool,
+    shapes: Optional[list[Shape]] = None,
 ) -> list[Case]:
     """Every combination, in the order of ``ops`` (the train step is not a case)."""
     cases = []

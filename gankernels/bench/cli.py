@@ -25,12 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
             "reference; report medians, speed-ups and % of the roofline floor."
         ),
     )
-    p.add_argument("--ops", nargs="+", choices=C.ALL_CHOICES, metavar="OP", help=f"cases to run (default: all): {' '.join(C.ALL_CHOICES)}")
+    p.add_argument(
+        "--ops", nargs="+", choices=C.ALL_CHOICES, metavar="OP", help=f"cases to run (default: all): {' '.join(C.ALL_CHOICES)}"
+    )
     p.add_argument("--dtypes", nargs="+", choices=tuple(C.DTYPES), help="default: bf16 fp32 on CUDA, fp32 on CPU")
-    p.add_argument("--formats", nargs="+", choices=tuple(C.FORMATS), help="memory format of the inputs of compile and gankernels (default: channels_last; stock eager always runs in both)")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=tuple(C.FORMATS),
+        help="memory format of the inputs of compile and gankernels (default: channels_last; stock eager always runs in both)",
+    )
     p.add_argument("--modes", nargs="+", choices=C.MODES, help="fwd, fwdbwd (forward+backward) (default: both)")
-    p.add_argument("--shapes", nargs="+", metavar="N,C,H,W[:Co]", help="custom shapes instead of the default ones, for every chosen op")
-    p.add_argument("--backends", nargs="+", choices=GK_BACKENDS, help="gankernels backends to include (default: all; stock always runs)")
+    p.add_argument(
+        "--shapes", nargs="+", metavar="N,C,H,W[:Co]", help="custom shapes instead of the default ones, for every chosen op"
+    )
+    p.add_argument(
+        "--backends", nargs="+", choices=GK_BACKENDS, help="gankernels backends to include (default: all; stock always runs)"
+    )
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats, bf16 only on CUDA")
     p.add_argument(
         "--compile",
@@ -43,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<gpu-or-cpu>-<date>/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads (default 1, for stable medians on a shared machine; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU only: torch threads (default 1, for stable medians on a shared machine; 0 = torch's default)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -73,13 +89,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     compile = args.compile if args.compile is not None else gpu
-    compile_skip = "torch.compile not run (--no-compile)" if args.compile is False else "torch.compile skipped on CPU by default (pass --compile)"
+    compile_skip = (
+        "torch.compile not run (--no-compile)"
+        if args.compile is False
+        else "torch.compile skipped on CPU by default (pass --compile)"
+    )
     timing = TimingConfig.for_run(args.quick)
     env = report.environment(device, sys.argv[1:] if argv is None else argv)
     out_dir = args.out or report.default_out_dir(env)
     t0 = time.perf_counter()
 
-    print(f"gankernels.bench on {env['gpu'] or 'CPU'}: {len(cases)} cases" + (" + the training step" if "train_step" in ops else ""), file=sys.stderr)
+    print(
+        f"gankernels.bench on {env['gpu'] or 'CPU'}: {len(cases)} cases" + (" + the training step" if "train_step" in ops else ""),
+        file=sys.stderr,
+    )
     ceilings = measure_ceilings(device, timing)
     print(
         f"ceilings: copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s ({ceilings.copy_what}), "
@@ -87,7 +110,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         file=sys.stderr,
     )
     summaries = run_cases(
-        cases, device, timing, ceilings, compile=compile, compile_skip=compile_skip, backends=args.backends, seed=args.seed, show_progress=not args.no_progress
+        cases,
+        device,
+        timing,
+        ceilings,
+        compile=compile,
+        compile_skip=compile_skip,
+        backends=args.backends,
+        seed=args.seed,
+        show_progress=not args.no_progress,
     )
     train = None
     if "train_step" in ops:

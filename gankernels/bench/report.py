@@ -27,7 +27,9 @@ from gankernels.bench.roofline import Ceilings
 from gankernels.bench.runner import CaseSummary
 
 SCHEMA_VERSION = 1
-CPU_NOTE = "Ran on CPU (no CUDA GPU): tiny shapes and few repeats, to show the protocol works; the headline numbers need a CUDA GPU."
+CPU_NOTE = (
+    "Ran on CPU (no CUDA GPU): tiny shapes and few repeats, to show the protocol works; the headline numbers need a CUDA GPU."
+)
 
 
 def _run(cmd: list[str]) -> Optional[str]:
@@ -50,7 +52,7 @@ def environment(device: str, argv: Optional[list[str]] = None) -> dict:
         triton_version = f"not importable ({e})"
     argv = list(sys.argv[1:] if argv is None else argv)
     env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device,
         "command": "python -m gankernels.bench" + ("" if not argv else " " + shlex.join(argv)),
         "gankernels": gankernels.__version__,

@@ -18,8 +18,9 @@ reference is ``FAIL`` and is not timed. Only ``ok`` contenders count for the bes
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -206,7 +207,7 @@ def _output_names(case: Case) -> list[str]:
     return ["out"] + [f"grad_{k}" for k in C.tensor_names(case.op)]
 
 
-class _CaseContext:
+class CaseContext:
     """The inputs of one case in each memory format, the output gradient, and the
     float64 reference results."""
 
@@ -221,9 +222,7 @@ class _CaseContext:
         g = torch.Generator().manual_seed(seed + 1)
         gout = torch.randn(out64.shape, generator=g, dtype=torch.float64).to(device)
         self.grad_out64 = gout
-        self.grad_out = {
-            fmt: gout.to(case.torch_dtype).contiguous(memory_format=mf) for fmt, mf in C.FORMATS.items()
-        }
+        self.grad_out = {fmt: gout.to(case.torch_dtype).contiguous(memory_format=mf) for fmt, mf in C.FORMATS.items()}
         if case.mode == "fwdbwd":
             grads = torch.autograd.grad(out64, [leaves64[k] for k in self.names], gout)
             self.expected = [out64.detach(), *grads]
@@ -231,9 +230,7 @@ class _CaseContext:
             self.expected = [out64.detach()]
         self.leaves64 = {k: v.detach() for k, v in leaves64.items()}
         self._rounded: Optional[list[torch.Tensor]] = None
-        self.tol = tolerance(
-            case.torch_dtype, tf32=device == "cuda" and case.op in C.CONV_OPS and torch.backends.cudnn.allow_tf32
-        )
+        self.tol = tolerance(case.torch_dtype, tf32=device == "cuda" and case.op in C.CONV_OPS and torch.backends.cudnn.allow_tf32)
 
     def tensors(self, fmt: str) -> dict[str, torch.Tensor]:
         """Fresh leaf copies of the inputs: 4-D ones in ``fmt``; requiring grad in fwdbwd."""
@@ -257,6 +254,7 @@ class _CaseContext:
         """``run()`` computing the case with ``fn``: the output, and in fwdbwd the
         gradients of every input for the fixed output gradient."""
         if self.case.mode == "fwd":
+
             def run_fwd() -> tuple:
                 return (fn(**tensors),)
 
@@ -277,7 +275,7 @@ class _CaseContext:
         names = _output_names(self.case)
 
         def worst(expected: list[torch.Tensor]) -> tuple[float, str]:
-            errs = [(_rel_err(r, e), n) for r, e, n in zip(results, expected, names)]
+            errs = [(_rel_err(r, e), n) for r, e, n in zip(results, expected, names, strict=True)]
             return max(errs, key=lambda t: t[0])
 
         err, where = worst(self.expected)
@@ -293,40 +291,49 @@ class _CaseContext:
         return False, err, "", f"{where}: relative L2 error {err:.2e} > {self.tol:.1e}"
 
 
+def prepare(ctx: CaseContext, c: Contender, device: str) -> tuple[Record, Optional[Callable[[], tuple]]]:
+    """Build contender ``c`` on the case of ``ctx``, run it once (compiling it, if it is a
+    compiled one) and check it against the reference. Returns its record and, when the
+    record is ``ok``, the ``run()`` to time (``None`` otherwise)."""
+    case = ctx.case
+    rec = Record(case, c.name, c.family, "ok", tol=ctx.tol)
+    tensors = ctx.tensors(c.fmt or case.fmt)
+    try:
+        fn = c.make(case, tensors)
+    except Unavailable as e:
+        rec.status, rec.reason = "n/a", str(e)
+        return rec, None
+    run = ctx.runner(fn, tensors)
+    try:
+        results = run()  # also compiles, for the compiled contenders
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - a broken contender is reported, not fatal
+        msg = str(e).strip()
+        rec.status, rec.reason = "error", f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+        return rec, None
+    ok, err, which, why = ctx.check(results)
+    rec.err, rec.reference = err, which
+    if not ok:
+        rec.status, rec.reason = "FAIL", why
+        return rec, None
+    return rec, run
+
+
 def run_case(
     case: Case, device: str, contenders: list[Contender], timing: TimingConfig, ceilings: Ceilings, seed: int = 0, progress=None
 ) -> CaseSummary:
     """Check and time every contender on ``case``."""
-    ctx = _CaseContext(case, device, seed)
+    ctx = CaseContext(case, device, seed)
     summary = CaseSummary(case, floor_ms(case, ceilings))
     for c in contenders:
-        rec = Record(case, c.name, c.family, "ok", tol=ctx.tol)
-        try:
-            tensors = ctx.tensors(c.fmt or case.fmt)
-            try:
-                fn = c.make(case, tensors)
-            except Unavailable as e:
-                rec.status, rec.reason = "n/a", str(e)
-                continue
-            run = ctx.runner(fn, tensors)
-            try:
-                results = run()  # also compiles, for the compiled contenders
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - a broken contender is reported, not fatal
-                rec.status, rec.reason = "error", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                continue
-            ok, err, which, why = ctx.check(results)
-            rec.err, rec.reference = err, which
-            del results
-            if not ok:
-                rec.status, rec.reason = "FAIL", why
-                continue
+        rec, run = prepare(ctx, c, device)
+        if run is not None:
             rec.ms = time_ms(run, device, timing)
-        finally:
-            summary.records.append(rec)
-            if progress is not None:
-                progress.update(1)
+        del run
+        summary.records.append(rec)
+        if progress is not None:
+            progress.update(1)
     del ctx
     if device == "cuda":
         torch.cuda.empty_cache()

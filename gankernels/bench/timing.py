@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -30,7 +30,7 @@ class TimingConfig:
     cpu_max_repeats: int = 100
 
     @classmethod
-    def for_run(cls, quick: bool) -> "TimingConfig":
+    def for_run(cls, quick: bool) -> TimingConfig:
         return cls(warmup_ms=10, rep_ms=40, cpu_warmup=1, cpu_repeats=3, cpu_min_ms=10.0) if quick else cls()
 
 

@@ -18,8 +18,9 @@ check is then tight, and CPU bf16 autocast would time a path nobody trains on).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class TrainConfig:
     loss_rtol: float = 5e-2
 
     @classmethod
-    def for_device(cls, device: str, quick: bool = False) -> "TrainConfig":
+    def for_device(cls, device: str, quick: bool = False) -> TrainConfig:
         if device == "cuda":
             return cls(batch=128)
         return cls(
@@ -114,7 +115,7 @@ class GANStep:
         return loss_d.detach(), loss_g.detach()
 
 
-def _batches(cfg: TrainConfig, device: str, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(cfg: TrainConfig, device: str, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -124,7 +125,7 @@ def _batches(cfg: TrainConfig, device: str, n: int, seed: int) -> list[tuple[tor
     return out
 
 
-def _convert(g: nn.Module, d: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+def convert_models(g: nn.Module, d: nn.Module) -> tuple[nn.Module, nn.Module, str]:
     import gankernels
 
     g, rg = gankernels.convert(g)
@@ -144,7 +145,7 @@ def run_training_step(
     """Check and time every variant; returns a JSON-able dict."""
     g0, d0 = build_models(cfg, seed)
     g0, d0 = g0.to(device), d0.to(device)
-    batches = _batches(cfg, device, cfg.check_steps, seed + 1)
+    batches = make_batches(cfg, device, cfg.check_steps, seed + 1)
     timed_batch = batches[0]
 
     variants: list[tuple[str, bool, bool]] = [
@@ -167,7 +168,7 @@ def run_training_step(
         g, d = copy.deepcopy(g0), copy.deepcopy(d0)
         if use_gk:
             try:
-                g, d, res.converted = _convert(g, d)
+                g, d, res.converted = convert_models(g, d)
             except NotImplementedError:
                 res.status, res.reason = "n/a", "skipped: gankernels.convert is not implemented yet (placeholder)"
                 continue
@@ -188,11 +189,15 @@ def run_training_step(
             baseline = losses
             res.max_loss_rel_diff = 0.0
         else:
-            diff = max(abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(losses, baseline) for a, b in zip(pa, pb))
+            diff = max(
+                abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(losses, baseline, strict=True) for a, b in zip(pa, pb, strict=True)
+            )
             res.max_loss_rel_diff = diff
             if not diff <= cfg.loss_rtol:
                 res.status = "FAIL"
-                res.reason = f"losses differ from stock eager by {diff:.2e} (relative) > {cfg.loss_rtol:.0e} over {cfg.check_steps} steps"
+                res.reason = (
+                    f"losses differ from stock eager by {diff:.2e} (relative) > {cfg.loss_rtol:.0e} over {cfg.check_steps} steps"
+                )
                 continue
         run: Callable[[], object] = lambda step=step: step(*timed_batch)
         if device == "cuda":
