@@ -1,16 +1,17 @@
 """Triton fused 3×3 convolution, forward: ``conv3x3``, ``conv3x3_pool``, ``up_conv3x3``.
 
 One implicit-GEMM kernel serves the three ops (DESIGN.md §4). A program owns a tile
-of BLOCK_M "base" pixels × BLOCK_N output channels and, for each of its Q sub-problems,
-runs the K loop (taps × input channels) into an fp32 accumulator with ``tl.dot``,
-then applies the epilogue (bias, activation, gain, clamp) in registers:
+of BLOCK_M rows (pixels) × BLOCK_N output channels and, for each of its Q
+sub-problems, runs the K loop (taps × input channels) into an fp32 accumulator with
+``tl.dot``, then applies the epilogue (bias, activation, gain, clamp) in registers:
 
-* ``conv3x3`` (MODE 0): base pixel = output pixel, Q = 1, 9 taps; one store.
-* ``conv3x3_pool`` (MODE 1): base pixel = pooled pixel, Q = 4 (the 2×2 window, dy-major);
-  each window position is a full 9-tap conv, its epilogue is applied and a running
-  max (first max wins, NaN wins as in PyTorch) is kept with its position; only the
-  pooled value and the int8 position ``dy*2 + dx`` are written.
-* ``up_conv3x3`` (MODE 2): base pixel = low-resolution pixel, Q = 4 output phases
+* ``conv3x3`` (MODE 0): row = output pixel, Q = 1, 9 taps; one store.
+* ``conv3x3_pool`` (MODE 1): the GEMM rows are full-resolution pixels ordered by
+  pooling window (row = pooled·4 + dy·2 + dx), so one accumulator holds every
+  window's 4 values in consecutive rows; after the epilogue the tile is reshaped to
+  [pooled, Co, dy, dx] and reduced in registers with PyTorch's rule (first max wins,
+  NaN wins); only the pooled value and the int8 position ``dy*2 + dx`` are written.
+* ``up_conv3x3`` (MODE 2): row = low-resolution pixel, Q = 4 output phases
   (a, c), each a 2×2 conv on the low-resolution input with the sub-pixel phase
   kernels (``reference.subpixel_phase_weights``), stored straight into pixel
   (2i+a, 2j+c) of the 2× output; the upsampled tensor never exists (4/9 of the FLOPs).
@@ -116,6 +117,14 @@ def _epilogue(p, alpha, gain, clamp, ACT: tl.constexpr, HAS_GAIN: tl.constexpr, 
     return p
 
 
+@triton.jit
+def _pool_step(best, best_q, v, q: tl.constexpr):
+    # PyTorch's max-pool rule, in scan order: take v if v > best or v is NaN. Starting
+    # from the first value, this makes the first max win and the last NaN win.
+    take = (v > best) | (v != v)
+    return tl.where(take, v, best), tl.where(take, q, best_q)
+
+
 # N, H, W and the derived sizes change from layer to layer; specialising on them (==1,
 # divisible by 16) would only multiply compilations. Channel counts and strides stay
 # specialised: they decide how wide the loads can be.
@@ -137,17 +146,15 @@ def _conv3x3_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Tap geometry: KT×KT taps (3×3 conv, or the up-conv's 2×2 phase kernels), Q
-    # sub-problems per base pixel (1, the 4 pool-window positions, or the 4 phases).
+    # Tap geometry: KT×KT taps (the 3×3 kernel, or the up-conv's 2×2 phase kernels);
+    # Q sub-problems per tile: the up-conv's 4 output phases, else 1.
     if MODE == 2:
         KT: tl.constexpr = 2
+        Q: tl.constexpr = 4
     else:
         KT: tl.constexpr = 3
-    T: tl.constexpr = KT * KT
-    if MODE == 0:
         Q: tl.constexpr = 1
-    else:
-        Q: tl.constexpr = 4
+    T: tl.constexpr = KT * KT
 
     # Co tiles fastest: the programs that share one tile of input pixels run together.
     pid = tl.program_id(0)
@@ -160,13 +167,28 @@ def _conv3x3_fwd_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < Co
     offs_m = tl.where(m_ok, offs_m, 0)
-    # Base pixel (n, bh, bw), 64-bit from here on so > 2^31-element tensors address right.
-    m64 = offs_m.to(tl.int64)
-    bw = m64 % WB
-    t = m64 // WB
-    bh = t % HB
-    bn = t // HB
-    x_img = x_ptr + bn * sxn  # [BLOCK_M] pointers to each pixel's image
+    # Pixel coordinates in 32 bits (M < 2^31 is checked on the host); memory offsets in
+    # 64 bits, so tensors of more than 2^31 elements address right.
+    if MODE == 1:
+        # Rows are full-resolution pixels in pooling-window order, m = pooled·4 + dy·2 + dx,
+        # so each window's 4 values land in 4 consecutive rows of the one accumulator.
+        wq = offs_m % 4
+        pm = offs_m // 4
+        bw = pm % WB
+        t = pm // WB
+        bh = t % HB
+        bn = t // HB
+        ch = bh * 2 + wq // 2  # the conv output pixel of this row
+        cw = bw * 2 + wq % 2
+    else:
+        # Rows are output pixels (conv) or low-resolution pixels (up-conv).
+        bw = offs_m % WB
+        t = offs_m // WB
+        bh = t % HB
+        bn = t // HB
+        ch = bh
+        cw = bw
+    x_img = x_ptr + bn.to(tl.int64) * sxn  # [BLOCK_M] pointers to each row's image
     ar_k = tl.arange(0, BLOCK_K)
 
     if HAS_BIAS:
@@ -179,26 +201,22 @@ def _conv3x3_fwd_kernel(
         k_chunks = tl.cdiv(Ci, BLOCK_K)
         n_steps = T * k_chunks
 
-    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-    best_q = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-
+    if MODE == 1:
+        y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # the loop's result, pooled after it
     # A runtime loop, not unrolled: 4 pipelined K loops would quadruple compile time.
     for q in range(Q):
-        dy = q // 2
-        dx = q % 2
-        # Top-left input pixel of this sub-problem's taps, before the −1 halo shift.
-        if MODE == 0:
-            oh = bh
-            ow = bw
-            w_q = w_ptr
-        elif MODE == 1:
-            oh = bh * 2 + dy
-            ow = bw * 2 + dx
-            w_q = w_ptr
-        else:
-            oh = bh + dy
-            ow = bw + dx
+        # The input pixel of tap (0, 0) is (oh − 1, ow − 1): the 3×3 conv around
+        # (ch, cw), or phase (a, c) = (q // 2, q % 2) reading low-res rows i − 1 + a + tr.
+        if MODE == 2:
+            oh = ch + q // 2
+            ow = cw + q % 2
             w_q = w_ptr + q * KTOT * Co  # this phase's packed kernel
+        else:
+            oh = ch
+            ow = cw
+            w_q = w_ptr
+        # Pointer to pixel (oh − 1, ow − 1) of each row; taps add a scalar (or per-k) offset.
+        pix = x_img + (oh - 1).to(tl.int64) * sxh + (ow - 1).to(tl.int64) * sxw
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in range(n_steps):
@@ -209,10 +227,11 @@ def _conv3x3_fwd_kernel(
                 ci = kk - tap * Ci
                 tr = tap // KT
                 tc = tap - tr * KT
+                k_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw + ci.to(tl.int64) * sxc
                 ih = oh[:, None] + (tr[None, :] - 1)
                 iw = ow[:, None] + (tc[None, :] - 1)
                 a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_ptrs = x_img[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
+                a_ptrs = pix[:, None] + k_off[None, :]
                 w_rows = kk
             else:
                 tap = s // k_chunks
@@ -225,7 +244,8 @@ def _conv3x3_fwd_kernel(
                 iw = ow + (tc - 1)
                 pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ok = pix_ok[:, None] & k_ok[None, :]
-                a_ptrs = (x_img + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :]
+                tap_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw
+                a_ptrs = (pix + tap_off)[:, None] + (ci.to(tl.int64) * sxc)[None, :]
                 w_rows = tap * Ci + ci
             a = tl.load(a_ptrs, mask=a_ok, other=0.0)
             b_ptrs = w_q + w_rows[:, None] * Co + offs_n[None, :]
@@ -236,24 +256,38 @@ def _conv3x3_fwd_kernel(
             acc = acc + bias[None, :]
         y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
 
-        if MODE == 1:
-            # PyTorch's max-pool rule: take v if v > best or v is NaN (scan order dy-major).
-            take = (y > best) | (y != y)
-            best = tl.where(take, y, best)
-            best_q = tl.where(take, q, best_q)
-        else:
+        if MODE != 1:
             if MODE == 0:
-                yh = bh
-                yw = bw
+                yh = ch
+                yw = cw
             else:
-                yh = bh * 2 + dy
-                yw = bw * 2 + dx
-            o_ptrs = out_ptr + (bn * son + yh * soh + yw * sow)[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+                yh = ch * 2 + q // 2
+                yw = cw * 2 + q % 2
+            o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
+            o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
             tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     if MODE == 1:
-        o_off = (bn * son + bh * soh + bw * sow)[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
-        o_mask = m_ok[:, None] & n_ok[None, :]
+        # Pool in registers: [P·4, N] -> [P, N, dy, dx], split out the 4 window values.
+        BLOCK_P: tl.constexpr = BLOCK_M // 4
+        y4 = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_P, 4, BLOCK_N)), (0, 2, 1)), (BLOCK_P, BLOCK_N, 2, 2))
+        y_dx0, y_dx1 = tl.split(y4)
+        y00, y10 = tl.split(y_dx0)
+        y01, y11 = tl.split(y_dx1)
+        best, best_q = _pool_step(y00, tl.zeros((BLOCK_P, BLOCK_N), tl.int32), y01, 1)
+        best, best_q = _pool_step(best, best_q, y10, 2)
+        best, best_q = _pool_step(best, best_q, y11, 3)
+
+        offs_p = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < M // 4
+        offs_p = tl.where(p_ok, offs_p, 0)
+        pw = offs_p % WB
+        t2 = offs_p // WB
+        ph = t2 % HB
+        pn = t2 // HB
+        o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
+        o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        o_mask = p_ok[:, None] & n_ok[None, :]
         tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
         tl.store(idx_ptr + o_off, best_q.to(tl.int8), mask=o_mask)
 
@@ -432,6 +466,9 @@ def _shape_reasons(op: str, x: torch.Tensor, w: torch.Tensor) -> list[str]:
         reasons.append(f"x: spatial size {h}×{wd} is smaller than the 2×2 pooling window (the pooled output would be empty)")
     if 16 * ci * co > _INT32_MAX:
         reasons.append(f"w: {co}×{ci} channels are too many for the packed weight's 32-bit indexing")
+    rows = n * h * wd  # GEMM rows (pool: 4 per pooled pixel, at most N·H·W)
+    if rows > _INT32_MAX:
+        reasons.append(f"x: N·H·W = {rows} pixels exceeds the kernel's 32-bit pixel index (2^31 − 1); split the batch")
     if ci == 0 or co == 0 or n == 0:
         reasons.append("x/w: empty channel or batch dimension; use backend='torch'")
     if x.device.type == "cuda":
@@ -496,7 +533,8 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
         hb, wb, out_shape = h, wd, (n, co, 2 * h, 2 * wd)
     out = _empty_out(out_shape, x)
     idx = _empty_out(out_shape, x, torch.int8) if mode == MODE_POOL else x.new_empty((0,))
-    m = n * hb * wb
+    # GEMM rows: output pixels, low-res pixels (up-conv), or pooled pixels × 4 window positions.
+    m = n * hb * wb * (4 if mode == MODE_POOL else 1)
     if out.numel() == 0:
         return out, idx
 
