@@ -401,8 +401,8 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
             const int64_t po = dense_off(p.cl, n, co, h / 2, w / 2, p.Co, Hp, Wp);
             if (p.argmax[po] == me) gy = to_f<T>(p.grad[po]);
           }
-          // Round gp to T as the unfused path (and the reference) would store it.
-          g = round_to<T>(gy * epilogue_derivative(pre, p.e));
+          // Kept in float32 for the weight gradient; stored in T for the input gradient.
+          g = gy * epilogue_derivative(pre, p.e);
           if (p.gp_out != nullptr) p.gp_out[dense_off(p.cl, n, co, h, w, p.Co, p.H, p.W)] = from_f<T>(g);
         }
         gs[j][tid] = g;

@@ -176,7 +176,7 @@ def _is_dense(x: torch.Tensor) -> bool:
     """``Tensor::is_non_overlapping_and_dense``: the non-trivial dims, ordered by stride,
     tile memory without gaps or overlaps."""
     expected = 1
-    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n != 1):
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape, strict=True) if n != 1):
         if stride != expected:
             return False
         expected *= size
@@ -313,7 +313,9 @@ def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 def _max_pool_backward(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode):
-    return _ops().max_pool2d_backward(grad, x, indices, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    return _ops().max_pool2d_backward(
+        grad, x, indices, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode)
+    )
 
 
 def _upsample_supports(x, scale_factor) -> list[str]:
@@ -355,7 +357,9 @@ def _make_conv(pool: bool):
 def _register_backend() -> None:
     register("bias_act", "cuda", OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward))
     register("max_pool2d", "cuda", OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward))
-    register("upsample_nearest2d", "cuda", OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward))
+    register(
+        "upsample_nearest2d", "cuda", OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward)
+    )
     register("conv3x3", "cuda", _make_conv(pool=False))
     register("conv3x3_pool", "cuda", _make_conv(pool=True))
 

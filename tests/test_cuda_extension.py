@@ -147,14 +147,23 @@ NEEDS = [True, True, True]
 
 BAD_CALLS = {
     "conv x not 4-D": (lambda: ops.conv3x3_small(x4[0], w3, b16, "relu", 0.2, 1.0, None, False), r"x must be a 4-D tensor"),
-    "conv x int": (lambda: ops.conv3x3_small(x4.long(), w3, b16, "relu", 0.2, 1.0, None, False), r"x must be float32, float16 or bfloat16"),
+    "conv x int": (
+        lambda: ops.conv3x3_small(x4.long(), w3, b16, "relu", 0.2, 1.0, None, False),
+        r"x must be float32, float16 or bfloat16",
+    ),
     "conv channel mismatch": (
         lambda: ops.conv3x3_small(x4, torch.randn(16, 5, 3, 3), None, "relu", 0.2, 1.0, None, False),
         r"w has 5 input channels \(w.size\(1\)\) but x has 3",
     ),
     "conv 5x5": (lambda: ops.conv3x3_small(x4, torch.randn(16, 3, 5, 5), None, "relu", 0.2, 1.0, None, False), r"3x3 kernel"),
-    "conv w dtype": (lambda: ops.conv3x3_small(x4, w3.half(), None, "relu", 0.2, 1.0, None, False), r"w has dtype Half but x has Float"),
-    "conv bias length": (lambda: ops.conv3x3_small(x4, w3, torch.randn(7), "relu", 0.2, 1.0, None, False), r"b has length 7 but w has 16"),
+    "conv w dtype": (
+        lambda: ops.conv3x3_small(x4, w3.half(), None, "relu", 0.2, 1.0, None, False),
+        r"w has dtype Half but x has Float",
+    ),
+    "conv bias length": (
+        lambda: ops.conv3x3_small(x4, w3, torch.randn(7), "relu", 0.2, 1.0, None, False),
+        r"b has length 7 but w has 16",
+    ),
     "conv wide": (
         lambda: ops.conv3x3_small(torch.randn(1, 8, 4, 4), torch.randn(8, 8, 3, 3), None, "relu", 0.2, 1.0, None, False),
         r"Ci = 8 and Co = 8 are both > 4: the direct kernel serves Ci <= 4 or Co <= 4",
@@ -176,7 +185,10 @@ BAD_CALLS = {
     "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg), r"x must be a 4-D tensor"),
     "pool kernel 0": (lambda: ops.max_pool2d(x4, [0, 2], [2, 2], [0, 0], [1, 1], False), r"kernel_size must be >= 1"),
     "pool stride 0": (lambda: ops.max_pool2d(x4, [2, 2], [0, 2], [0, 0], [1, 1], False), r"stride must be >= 1"),
-    "pool padding": (lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False), r"padding \[2, 2\] must be >= 0 and at most half"),
+    "pool padding": (
+        lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False),
+        r"padding \[2, 2\] must be >= 0 and at most half",
+    ),
     "pool too small": (lambda: ops.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False), r"too small"),
     "pool bwd grad shape": (lambda: ops.max_pool2d_backward(x4, x4, x4.long(), *pool_cfg), r"grad must have the pooled shape"),
     "pool bwd index dtype": (
@@ -184,10 +196,19 @@ BAD_CALLS = {
         r"indices must be int64",
     ),
     "upsample scale": (lambda: ops.upsample_nearest2d(x4, 0), r"scale_factor must be an integer in \[1, 1024\]"),
-    "upsample bwd divisible": (lambda: ops.upsample_nearest2d_backward(torch.randn(1, 1, 5, 6), 2), r"must be divisible by scale_factor 2"),
-    "bias_act length": (lambda: ops.bias_act(x4, torch.randn(4), "relu", 0.2, 1.0, None, 1), r"b has length 4 but x.size\(1\) is 3"),
+    "upsample bwd divisible": (
+        lambda: ops.upsample_nearest2d_backward(torch.randn(1, 1, 5, 6), 2),
+        r"must be divisible by scale_factor 2",
+    ),
+    "bias_act length": (
+        lambda: ops.bias_act(x4, torch.randn(4), "relu", 0.2, 1.0, None, 1),
+        r"b has length 4 but x.size\(1\) is 3",
+    ),
     "bias_act dim": (lambda: ops.bias_act(x4, None, "relu", 0.2, 1.0, None, 4), r"dim 4 is out of range"),
-    "bias_act dtype": (lambda: ops.bias_act(x4.double(), None, "relu", 0.2, 1.0, None, 1), r"x must be float32, float16 or bfloat16, got Double"),
+    "bias_act dtype": (
+        lambda: ops.bias_act(x4.double(), None, "relu", 0.2, 1.0, None, 1),
+        r"x must be float32, float16 or bfloat16, got Double",
+    ),
     "bias_act bwd grad": (lambda: ops.bias_act_backward(x4[:1], x4, None, "relu", 0.2, 1.0, None, 1), r"grad has shape"),
 }
 
