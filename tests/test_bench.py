@@ -60,7 +60,7 @@ def test_transposed_conv_gradients_match():
     gout = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(C.up_conv_transposed(x, wt, b), (x, wt, b), gout)
     want = torch.autograd.grad(ref.up_conv3x3_naive(x, wt, b), (x, wt, b), gout)
-    for a, e, name in zip(got, want, ("x", "w", "b")):
+    for a, e, name in zip(got, want, ("x", "w", "b"), strict=True):
         assert_close_rel(a, e, tol=1e-10, what=f"grad_{name}")
 
 
@@ -260,6 +260,6 @@ def test_bad_shape_is_a_clear_error():
 def test_wrong_stock_helper_is_caught():
     # Sanity of the check itself: the reference differs from a visibly wrong function.
     case = _case("max_pool2d", 1, 2, 4, 4, 2, dtype="fp32")
-    wrong = runner.Contender("avg", runner.STOCK_FAMILY, lambda case, t: (lambda x: F.avg_pool2d(x, 2)))
+    wrong = runner.Contender("avg", runner.STOCK_FAMILY, lambda case, t: lambda x: F.avg_pool2d(x, 2))
     s = runner.run_case(case, "cpu", [wrong], FAST_TIMING, CPU_CEILINGS)
     assert s.records[0].status == "FAIL" and s.best_stock is None and s.speedup is None

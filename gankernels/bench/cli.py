@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the torch.compile contenders (default: on CUDA yes; on CPU no — compiling every case takes many minutes "
         "on a small CPU; skipped ones are listed as n/a)",
     )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="after this many seconds, skip torch.compile for the remaining cases (listed as n/a) so the run ends in time",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<gpu-or-cpu>-<date>/)")
     p.add_argument("--seed", type=int, default=0)
@@ -119,18 +124,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         backends=args.backends,
         seed=args.seed,
         show_progress=not args.no_progress,
+        budget_s=args.budget_s,
     )
     train = None
     if "train_step" in ops:
         from gankernels.bench.training_step import TrainConfig, run_training_step
 
         print("training step ...", file=sys.stderr)
+        train_compile = compile and (args.budget_s is None or time.perf_counter() - t0 < args.budget_s)
         train = run_training_step(
             device,
             TrainConfig.for_device(device, args.quick),
             timing,
-            compile=compile,
-            compile_skip=compile_skip,
+            compile=train_compile,
+            compile_skip=compile_skip if not compile else f"skipped: the run passed its time budget (--budget-s {args.budget_s})",
             gankernels=args.backends is None or len(args.backends) > 0,
             seed=args.seed,
         )

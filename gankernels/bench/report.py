@@ -179,6 +179,21 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def short_table(results: dict) -> str:
+    """One line per case: the best stock and best gankernels contender, speed-up, % of floor."""
+    lines = [
+        "| case | floor ms | best stock | ms | best gankernels | ms | speed-up | % of floor |",
+        "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for c in results["cases"]:
+        lines.append(
+            f"| {c['id']} | {fmt_ms(c['floor_ms'])} | {c['best_stock'] or '—'} | {fmt_ms(c['best_stock_ms'])} | "
+            f"{c['best_gankernels'] or '—'} | {fmt_ms(c['best_gankernels_ms'])} | {_ratio(c['speedup'])} | "
+            f"{_pct(c['pct_floor_best_gankernels'])} |"
+        )
+    return "\n".join(lines)
+
+
 def train_step_table(ts: dict) -> str:
     lines = [f"Training step ({ts['config']['description']}):", ""]
     lines.append("| variant | step ms | peak memory MiB | losses vs stock eager | status |")

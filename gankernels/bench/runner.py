@@ -18,6 +18,7 @@ reference is ``FAIL`` and is not timed. Only ``ok`` contenders count for the bes
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -351,24 +352,34 @@ def run_cases(
     seed: int = 0,
     show_progress: bool = True,
     contenders_fn: Optional[Callable[..., list[Contender]]] = None,
+    budget_s: Optional[float] = None,
 ) -> list[CaseSummary]:
     """Every case, with a progress bar on stderr. ``backends`` limits the gankernels
     contenders (the stock ones always run: they are what the speed-up is measured
     against). ``contenders_fn`` defaults to this module's :func:`contenders_for`, looked
-    up at call time."""
+    up at call time. After ``budget_s`` seconds, the compiled contenders of the remaining
+    cases are listed ``n/a`` instead of compiled."""
     from tqdm import tqdm
 
     contenders_fn = contenders_fn or contenders_for
-    plan = []
-    for case in cases:
-        cs = contenders_fn(case, compile, compile_skip)
+
+    def plan(case: Case, compile: bool, skip: str) -> list[Contender]:
+        cs = contenders_fn(case, compile, skip)
         if backends is not None:
             cs = [c for c in cs if c.family != GK_FAMILY or c.name.removeprefix("gk ") in backends]
-        plan.append((case, cs))
-    total = sum(len(cs) for _, cs in plan)
+        return cs
+
+    total = sum(len(plan(case, compile, compile_skip)) for case in cases)
+    start = time.monotonic()
     out = []
     with tqdm(total=total, desc="benchmark", unit="run", file=sys.stderr, disable=not show_progress, mininterval=0.5) as bar:
-        for case, cs in plan:
+        for case in cases:
             bar.set_postfix_str(case.id, refresh=False)
+            if compile and budget_s is not None and time.monotonic() - start > budget_s:
+                # Compiling is what takes the time; past the budget the compiled
+                # contenders are listed as not run, so the rest of the table still comes.
+                cs = plan(case, False, f"skipped: the run passed its time budget (--budget-s {budget_s:g})")
+            else:
+                cs = plan(case, compile, compile_skip)
             out.append(run_case(case, device, cs, timing, ceilings, seed, progress=bar))
     return out

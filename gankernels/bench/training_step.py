@@ -90,6 +90,8 @@ class GANStep:
 
     def __init__(self, g: nn.Module, d: nn.Module, cfg: TrainConfig, device: str, compile: bool = False):
         self.g_params, self.d_params = list(g.parameters()), list(d.parameters())
+        if compile:
+            torch._dynamo.reset()  # G and D share Sequential.forward: start each variant from a clean cache
         self.g = torch.compile(g) if compile else g
         self.d = torch.compile(d) if compile else d
         self.opt_g = torch.optim.Adam(self.g_params, lr=2e-4, betas=(0.5, 0.999))
