@@ -666,19 +666,61 @@ def fused_backward(
     return gx, gw, gb
 
 
+# The backward kernels as one opaque custom op: autograd calls the backend's backward
+# with real tensors in eager mode, but torch.compile (AOTAutograd) traces it with fake
+# tensors, and a raw Triton launch cannot be traced. The op's fake kernel gives the
+# gradients' shapes, dtypes and memory formats; unneeded gradients are empty tensors.
+
+
+@torch.library.custom_op("gankernels::triton_conv3x3_backward", mutates_args=())
+def _backward_op(
+    op: str,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    out: torch.Tensor,
+    saved: torch.Tensor,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: Optional[float],
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb = fused_backward(op, grad, x, w, b, out, saved, act, alpha, gain, clamp, tuple(needs))
+    empty = x.new_empty((0,))
+    return (empty if gx is None else gx, empty.clone() if gw is None else gw, empty.clone() if gb is None else gb)
+
+
+@_backward_op.register_fake
+def _(op, grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
+    gx = torch.empty_like(x, memory_format=ref.memory_format_of(x)) if needs[0] else x.new_empty((0,))
+    gw = torch.empty_like(w, memory_format=ref.memory_format_of(w)) if needs[1] else x.new_empty((0,))
+    gb = torch.empty_like(b) if (needs[2] and b is not None) else x.new_empty((0,))
+    return gx, gw, gb
+
+
+def _backward(op, grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
+    needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and b is not None)
+    if not any(needs):
+        return None, None, None
+    gx, gw, gb = _backward_op(op, grad, x, w, b, out, saved, act, float(alpha), float(gain), clamp, list(needs))
+    return (gx if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None)
+
+
 def conv3x3_backward(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
     """The ``triton`` backend's ``conv3x3`` backward (see :func:`fused_backward`)."""
-    return fused_backward("conv3x3", grad, x, w, b, out, saved, act, alpha, gain, clamp, needs)
+    return _backward("conv3x3", grad, x, w, b, out, saved, act, alpha, gain, clamp, needs)
 
 
 def conv3x3_pool_backward(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
     """The ``triton`` backend's ``conv3x3_pool`` backward (see :func:`fused_backward`)."""
-    return fused_backward("conv3x3_pool", grad, x, w, b, out, saved, act, alpha, gain, clamp, needs)
+    return _backward("conv3x3_pool", grad, x, w, b, out, saved, act, alpha, gain, clamp, needs)
 
 
 def up_conv3x3_backward(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
     """The ``triton`` backend's ``up_conv3x3`` backward (see :func:`fused_backward`)."""
-    return fused_backward("up_conv3x3", grad, x, w, b, out, saved, act, alpha, gain, clamp, needs)
+    return _backward("up_conv3x3", grad, x, w, b, out, saved, act, alpha, gain, clamp, needs)
 
 
 BACKWARDS = {

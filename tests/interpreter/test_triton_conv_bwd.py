@@ -282,3 +282,36 @@ def test_bad_saved_raises():
     x, w, b, out, saved, grad, _ = make_case("conv3x3_pool", (1, 3, 3, 4, 4), torch.float32, "nchw", "lrelu", 1.0, None)
     with pytest.raises(ValueError, match="saved"):
         cb.fused_backward("conv3x3_pool", grad, x, w, b, out, saved.long(), "lrelu", 0.2, 1.0, None)
+
+
+def test_backward_traces_under_torch_compile():
+    # AOTAutograd traces the backward with fake tensors: the kernels sit behind an opaque
+    # custom op (gankernels::triton_conv3x3_backward) with a fake kernel.
+    if not _triton_ready("conv3x3_pool"):
+        pytest.skip("the triton forward is not registered")
+    gen = torch.Generator().manual_seed(41)
+    x = random_input(1, 3, 5, 6, generator=gen).requires_grad_()
+    w = random_input(4, 3, 3, 3, generator=gen, scale=0.3).requires_grad_()
+    b = random_input(4, generator=gen).requires_grad_()
+
+    def block(x, w, b):
+        return gankernels.conv3x3_pool(x, w, b, act="lrelu", backend="triton")
+
+    torch._dynamo.reset()
+    torch.compile(block, backend="aot_eager", fullgraph=True)(x, w, b).square().sum().backward()
+    compiled = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    block(x, w, b).square().sum().backward()
+    for got, t in zip(compiled, (x, w, b), strict=True):
+        assert torch.equal(got, t.grad)
+
+
+def test_backward_custom_op_opcheck():
+    x, w, b, out, saved, grad, _ = make_case("conv3x3", (1, 3, 4, 4, 5), torch.float32, "channels_last", "tanh", 1.0, None)
+    for needs in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(
+            cb._backward_op,
+            ("conv3x3", grad, x, w, b, out, saved, "tanh", 0.2, 1.0, None, needs),
+            test_utils=("test_schema", "test_faketensor"),
+        )
