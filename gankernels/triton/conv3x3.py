@@ -1,20 +1,21 @@
 """Triton fused 3×3 convolution, forward: ``conv3x3``, ``conv3x3_pool``, ``up_conv3x3``.
 
 One implicit-GEMM kernel serves the three ops (DESIGN.md §4). A program owns a tile
-of BLOCK_M rows (pixels) × BLOCK_N output channels and, for each of its Q
-sub-problems, runs the K loop (taps × input channels) into an fp32 accumulator with
-``tl.dot``, then applies the epilogue (bias, activation, gain, clamp) in registers:
+of BLOCK_M rows (pixels) × BLOCK_N output channels, runs the K loop (taps × input
+channels) into an fp32 accumulator with ``tl.dot``, then applies the epilogue (bias,
+activation, gain, clamp) in registers before its one store:
 
-* ``conv3x3`` (MODE 0): row = output pixel, Q = 1, 9 taps; one store.
+* ``conv3x3`` (MODE 0): row = output pixel, 9 taps.
 * ``conv3x3_pool`` (MODE 1): the GEMM rows are full-resolution pixels ordered by
   pooling window (row = pooled·4 + dy·2 + dx), so one accumulator holds every
   window's 4 values in consecutive rows; after the epilogue the tile is reshaped to
   [pooled, Co, dy, dx] and reduced in registers with PyTorch's rule (first max wins,
   NaN wins); only the pooled value and the int8 position ``dy*2 + dx`` are written.
-* ``up_conv3x3`` (MODE 2): row = low-resolution pixel, Q = 4 output phases
-  (a, c), each a 2×2 conv on the low-resolution input with the sub-pixel phase
-  kernels (``reference.subpixel_phase_weights``), stored straight into pixel
-  (2i+a, 2j+c) of the 2× output; the upsampled tensor never exists (4/9 of the FLOPs).
+* ``up_conv3x3`` (MODE 2): row = low-resolution pixel; each program computes one
+  of the 4 output phases (a, c), a 2×2 conv on the low-resolution input with the
+  sub-pixel phase kernel (``reference.subpixel_phase_weights``), stored straight into
+  pixel (2i+a, 2j+c) of the 2× output; the upsampled tensor never exists (4/9 of the
+  FLOPs).
 
 The K loop is one flat, software-pipelined loop. For wide inputs (Ci >= 16) a step is
 (tap, BLOCK_K input channels); for narrow ones (Ci < 16, e.g. RGB) the taps and
@@ -146,21 +147,27 @@ def _conv3x3_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Tap geometry: KT×KT taps (the 3×3 kernel, or the up-conv's 2×2 phase kernels);
-    # Q sub-problems per tile: the up-conv's 4 output phases, else 1.
+    # Tap geometry: KT×KT taps (the 3×3 kernel, or the up-conv's 2×2 phase kernels).
     if MODE == 2:
         KT: tl.constexpr = 2
-        Q: tl.constexpr = 4
     else:
         KT: tl.constexpr = 3
-        Q: tl.constexpr = 1
     T: tl.constexpr = KT * KT
 
-    # Co tiles fastest: the programs that share one tile of input pixels run together.
+    # Program order: Co tiles fastest, then (up-conv) the 4 output phases, then pixel
+    # tiles, so the programs that read one tile of input pixels run together. Phases
+    # are separate programs, not a loop: the deep, narrow-M layers (512→256 at 8×8)
+    # need the parallelism.
     pid = tl.program_id(0)
     num_n = tl.cdiv(Co, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid - pid_m * num_n
+    pid_n = pid % num_n
+    rest = pid // num_n
+    if MODE == 2:
+        q = rest % 4  # output phase (a, c) = (q // 2, q % 2)
+        pid_m = rest // 4
+    else:
+        q = 0
+        pid_m = rest
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,71 +208,67 @@ def _conv3x3_fwd_kernel(
         k_chunks = tl.cdiv(Ci, BLOCK_K)
         n_steps = T * k_chunks
 
-    if MODE == 1:
-        y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # the loop's result, pooled after it
-    # A runtime loop, not unrolled: 4 pipelined K loops would quadruple compile time.
-    for q in range(Q):
-        # The input pixel of tap (0, 0) is (oh − 1, ow − 1): the 3×3 conv around
-        # (ch, cw), or phase (a, c) = (q // 2, q % 2) reading low-res rows i − 1 + a + tr.
-        if MODE == 2:
-            oh = ch + q // 2
-            ow = cw + q % 2
-            w_q = w_ptr + q * KTOT * Co  # this phase's packed kernel
+    # The input pixel of tap (0, 0) is (oh − 1, ow − 1): the 3×3 conv around (ch, cw),
+    # or phase (a, c) reading low-resolution rows i − 1 + a + tr, columns j − 1 + c + tc.
+    if MODE == 2:
+        oh = ch + q // 2
+        ow = cw + q % 2
+        w_q = w_ptr + q * KTOT * Co  # this phase's packed kernel
+    else:
+        oh = ch
+        ow = cw
+        w_q = w_ptr
+    # Pointer to pixel (oh − 1, ow − 1) of each row; taps add a scalar (or per-k) offset.
+    pix = x_img + (oh - 1).to(tl.int64) * sxh + (ow - 1).to(tl.int64) * sxw
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(n_steps):
+        if FLAT_K:
+            kk = s * BLOCK_K + ar_k  # [BLOCK_K] rows of the packed weight
+            k_ok = kk < KTOT
+            tap = kk // Ci
+            ci = kk - tap * Ci
+            tr = tap // KT
+            tc = tap - tr * KT
+            k_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw + ci.to(tl.int64) * sxc
+            ih = oh[:, None] + (tr[None, :] - 1)
+            iw = ow[:, None] + (tc[None, :] - 1)
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = pix[:, None] + k_off[None, :]
+            w_rows = kk
         else:
-            oh = ch
-            ow = cw
-            w_q = w_ptr
-        # Pointer to pixel (oh − 1, ow − 1) of each row; taps add a scalar (or per-k) offset.
-        pix = x_img + (oh - 1).to(tl.int64) * sxh + (ow - 1).to(tl.int64) * sxw
+            tap = s // k_chunks
+            ci0 = (s - tap * k_chunks) * BLOCK_K
+            tr = tap // KT
+            tc = tap - tr * KT
+            ci = ci0 + ar_k
+            k_ok = ci < Ci
+            ih = oh + (tr - 1)
+            iw = ow + (tc - 1)
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ok = pix_ok[:, None] & k_ok[None, :]
+            tap_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw
+            a_ptrs = (pix + tap_off)[:, None] + (ci.to(tl.int64) * sxc)[None, :]
+            w_rows = tap * Ci + ci
+        a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+        b_ptrs = w_q + w_rows[:, None] * Co + offs_n[None, :]
+        bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(n_steps):
-            if FLAT_K:
-                kk = s * BLOCK_K + ar_k  # [BLOCK_K] rows of the packed weight
-                k_ok = kk < KTOT
-                tap = kk // Ci
-                ci = kk - tap * Ci
-                tr = tap // KT
-                tc = tap - tr * KT
-                k_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw + ci.to(tl.int64) * sxc
-                ih = oh[:, None] + (tr[None, :] - 1)
-                iw = ow[:, None] + (tc[None, :] - 1)
-                a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_ptrs = pix[:, None] + k_off[None, :]
-                w_rows = kk
-            else:
-                tap = s // k_chunks
-                ci0 = (s - tap * k_chunks) * BLOCK_K
-                tr = tap // KT
-                tc = tap - tr * KT
-                ci = ci0 + ar_k
-                k_ok = ci < Ci
-                ih = oh + (tr - 1)
-                iw = ow + (tc - 1)
-                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_ok = pix_ok[:, None] & k_ok[None, :]
-                tap_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw
-                a_ptrs = (pix + tap_off)[:, None] + (ci.to(tl.int64) * sxc)[None, :]
-                w_rows = tap * Ci + ci
-            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
-            b_ptrs = w_q + w_rows[:, None] * Co + offs_n[None, :]
-            bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc = acc + bias[None, :]
+    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
 
-        if HAS_BIAS:
-            acc = acc + bias[None, :]
-        y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
-
-        if MODE != 1:
-            if MODE == 0:
-                yh = ch
-                yw = cw
-            else:
-                yh = ch * 2 + q // 2
-                yw = cw * 2 + q % 2
-            o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
-            o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
-            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if MODE != 1:
+        if MODE == 0:
+            yh = ch
+            yw = cw
+        else:
+            yh = ch * 2 + q // 2
+            yw = cw * 2 + q % 2
+        o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
+        o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     if MODE == 1:
         # Pool in registers: [P·4, N] -> [P, N, dy, dx], split out the 4 window values.
@@ -310,7 +313,7 @@ _CONFIGS_HOPPER = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3),
     _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 64, 32, 4, 3),  # narrow inputs (RGB): one 32-deep K step covers 9·Ci
+    _cfg(128, 64, 32, 8, 2),  # narrow inputs (RGB): one 32-deep K step covers 9·Ci
     _cfg(128, 32, 64, 4, 4),  # narrow outputs (Co <= 32)
     _cfg(256, 32, 32, 8, 3),
 ]
@@ -321,7 +324,7 @@ _CONFIGS_AMPERE = [
     _cfg(64, 128, 32, 4, 4),
     _cfg(128, 128, 64, 8, 3),
     _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 64, 32, 4, 3),
+    _cfg(128, 64, 32, 8, 2),
     _cfg(128, 32, 32, 4, 4),
     _cfg(256, 32, 32, 8, 3),
 ]
@@ -552,8 +555,10 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
         HAS_CLAMP=clamp is not None, FLAT_K=flat, PRECISION=_precision(x),
     )
 
+    phases = 4 if mode == MODE_UP else 1  # the up-conv's output phases are separate programs
+
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]) * phases,)
 
     if INTERPRET or x.device.type != "cuda":
         _conv3x3_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)

@@ -171,8 +171,9 @@ def test_nan_propagates_like_pytorch():
         assert torch.isnan(expect).any()
         assert_close_rel(out, expect, dtype=torch.float32, what=op)  # NaN exactly where the reference has it
     _, saved = tconv.conv3x3_pool_forward(x, wt, b, "lrelu", 0.2, 1.0, None)
-    # PyTorch takes a NaN over any number and the last NaN of a window: here all of
-    # window (row 1..2, col 1..2)'s conv outputs see the NaN, so the last position wins.
+    # PyTorch takes a NaN over any number, and the last NaN of a window: pooled pixel
+    # (1, 1) covers conv rows 2..3, cols 2..3, whose 3×3 neighbourhoods all contain the
+    # NaN at (2, 3), so all four are NaN and the last position (3) wins.
     assert int(saved[0, 0, 1, 1]) == 3
 
 
