@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gankernels
-from gankernels.models import LAYERS, dcgan_discriminator, dcgan_generator, set_channels_last
+from gankernels.models import LAYERS, dcgan_discriminator, dcgan_generator
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Checkpoint entries that fix the networks' shapes: a checkpoint is only loadable by a
@@ -53,29 +53,82 @@ NUM_SAMPLES = 64
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--name", default="gan", help="run name: outputs go to <runs-dir>/<name>/")
-    p.add_argument("--runs-dir", default="runs", help="parent folder of the run folders")
-    p.add_argument("--data", default=None, metavar="DIR", help="folder of images (any size; resized and centre-cropped). Default: scikit-learn's bundled handwritten digits")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\nEvery random")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--name", default="gan", help="run name: outputs go to <runs-dir>/<name>/ (default: %(default)s)")
+    p.add_argument("--runs-dir", default="runs", help="parent folder of the run folders (default: %(default)s)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="folder of images (any size; resized and centre-cropped). Default: scikit-learn's bundled handwritten digits",
+    )
     p.add_argument("--resolution", type=int, default=None, help="image size, 4·2^k (default: 32 for the digits, 64 for --data)")
-    p.add_argument("--layers", choices=LAYERS, default="gankernels", help="fused gankernels layers or the same networks in stock torch layers")
-    p.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cuda"), help="gankernels backend (default: GANKERNELS_BACKEND or auto)")
-    p.add_argument("--steps", type=int, default=None, help="total training steps (one D and one G update each); default depends on the device")
+    p.add_argument(
+        "--layers",
+        choices=LAYERS,
+        default="gankernels",
+        help="fused gankernels layers or the same networks in stock torch layers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=("auto", "torch", "triton", "cuda"),
+        help="gankernels backend (default: GANKERNELS_BACKEND or auto)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="total training steps (one D and one G update each); default depends on the device"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: 64 on CPU, 128 on GPU)")
-    p.add_argument("--width", type=int, default=None, help="channels of the widest-resolution layer; others double per halving, up to 512 (default: 16 on CPU, 64 on GPU)")
-    p.add_argument("--z-dim", type=int, default=128, help="latent size")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (both networks)")
-    p.add_argument("--r1", type=float, default=0.0, metavar="GAMMA", help="R1 gradient penalty weight on real images (uses double backward); 0 = off")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds gradient scaling)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="channels of the widest-resolution layer; others double per halving, up to 512 (default: 16 on CPU, 64 on GPU)",
+    )
+    p.add_argument("--z-dim", type=int, default=128, help="latent size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, both networks (default: %(default)s)")
+    p.add_argument(
+        "--r1",
+        type=float,
+        default=0.0,
+        metavar="GAMMA",
+        help="R1 gradient penalty weight on real images (uses double backward); 0 = off",
+    )
+    p.add_argument(
+        "--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype; fp16 adds gradient scaling (default: %(default)s)"
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for images, weights and activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each process takes cuda:LOCAL_RANK)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each process takes cuda:LOCAL_RANK)",
+    )
     p.add_argument("--sample-every", type=int, default=None, help="save a sample grid every N steps (default: steps/10)")
-    p.add_argument("--ckpt-every", type=int, default=None, help="save runs/<name>/checkpoint.pt every N steps (default: steps/5), and always at the end")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT", help="continue from CKPT (default: runs/<name>/checkpoint.pt)")
+    p.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=None,
+        help="save runs/<name>/checkpoint.pt every N steps (default: steps/5), and always at the end",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT (default: runs/<name>/checkpoint.pt)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--param-checksum", default=None, metavar="PATH", help="(debugging) each process writes the SHA-256 of its parameters to PATH, '{rank}' replaced by its rank")
+    p.add_argument(
+        "--param-checksum",
+        default=None,
+        metavar="PATH",
+        help="(debugging) each process writes the SHA-256 of its parameters to PATH, '{rank}' replaced by its rank",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "width", "z_dim", "sample_every", "ckpt_every"):
         v = getattr(args, name)
@@ -182,7 +235,9 @@ def load_folder(folder: str, resolution: int, verbose: bool = True) -> torch.Ten
     for path in files:
         try:
             with Image.open(path) as im:
-                im = ImageOps.fit(im.convert("RGB"), (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+                im = ImageOps.fit(
+                    im.convert("RGB"), (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5)
+                )
                 images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             skipped.append(path)
@@ -331,7 +386,9 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"--resume: {path} is not a train_gan.py checkpoint (expected keys {CHECKPOINT_KEYS}, found {have})")
     saved = ckpt["args"]
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(args, k)!r}" for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(args, k)!r}" for k in ARCH_KEYS if saved.get(k) != getattr(args, k)
+    ]
     if diff:
         raise SystemExit(f"--resume: {path} was trained with different networks or data ({'; '.join(diff)}); pass the same options")
     return ckpt
@@ -405,7 +462,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     g_ch, d_ch = channel_plan(args.resolution, args.width)
     G = dcgan_generator(args.z_dim, g_ch, args.image_channels, layers=args.layers, channels_last=args.channels_last).to(d.device)
-    D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, layers=args.layers, channels_last=args.channels_last).to(d.device)
+    D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, layers=args.layers, channels_last=args.channels_last).to(
+        d.device
+    )
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     amp_dtype = AMP_DTYPES[args.amp]
@@ -416,7 +475,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     if args.resume is not None:
         path = ckpt_path if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(path, args)
-        _load_states(path, ckpt, [("G", G), ("D", D), ("opt_G", opt_G), ("opt_D", opt_D), ("scaler_G", scaler_G), ("scaler_D", scaler_D)])
+        _load_states(
+            path, ckpt, [("G", G), ("D", D), ("opt_G", opt_G), ("opt_D", opt_D), ("scaler_G", scaler_G), ("scaler_D", scaler_D)]
+        )
         start, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if d.device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
@@ -536,7 +597,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             flush()
             if bar is not None:
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(D=f"{history[-1][1]:.3f}", G=f"{history[-1][2]:.3f}", img_s=f"{(done - start) * B * d.world / elapsed:.0f}")
+                bar.set_postfix(
+                    D=f"{history[-1][1]:.3f}", G=f"{history[-1][2]:.3f}", img_s=f"{(done - start) * B * d.world / elapsed:.0f}"
+                )
         if bar is not None:
             bar.update(1)
         if done % args.sample_every == 0 or done == args.steps:
@@ -578,7 +641,15 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             f"train_gan: {steps_run} steps ({start}→{args.steps}) in {seconds:.1f} s, {ips:.0f} images/s, "
             f"final loss D {loss_d_final:.3f} G {loss_g_final:.3f} (mean of last {len(tail)} steps); outputs in {run_dir}/"
         )
-    return dict(steps=steps_run, seconds=seconds, images_per_s=ips, loss_D=loss_d_final, loss_G=loss_g_final, history=history, run_dir=run_dir)
+    return dict(
+        steps=steps_run,
+        seconds=seconds,
+        images_per_s=ips,
+        loss_D=loss_d_final,
+        loss_G=loss_g_final,
+        history=history,
+        run_dir=run_dir,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -134,7 +134,7 @@ def dcgan_generator(
     fused = layers == "gankernels"
     mods: list[nn.Module] = [nn.Linear(z_dim, chans[0] * 16), ToImage(chans[0], 4, channels_last)]
     mods.append(gnn.BiasAct(None, act, alpha) if fused else _ACTS[act](alpha))
-    for ci, co in zip(chans[:-1], chans[1:]):
+    for ci, co in zip(chans[:-1], chans[1:], strict=True):
         if fused:
             mods += [nn.Identity(), gnn.UpConv3x3(ci, co, act=act, alpha=alpha), nn.Identity()]
         else:
@@ -177,7 +177,7 @@ def dcgan_discriminator(
         )
     fused = layers == "gankernels"
     mods: list[nn.Module] = []
-    for ci, co in zip((in_channels,) + chans[:-1], chans):
+    for ci, co in zip((in_channels,) + chans[:-1], chans, strict=True):
         if fused:
             mods += [gnn.Conv3x3Pool(ci, co, act=act, alpha=alpha), nn.Identity(), nn.Identity()]
         else:

@@ -94,7 +94,7 @@ def test_outputs_and_grads_equal_float64(channels_last):
         assert img_f.is_contiguous(memory_format=torch.channels_last)
     assert_close_rel(img_f, img, dtype=torch.float64, what="generator output")
     assert_close_rel(logit_f, logit, dtype=torch.float64, what="discriminator output")
-    for i, (a, b) in enumerate(zip(grads_f, grads)):
+    for i, (a, b) in enumerate(zip(grads_f, grads, strict=True)):
         assert_close_rel(a, b, dtype=torch.float64, what=f"gradient {i}")
 
 
