@@ -316,29 +316,60 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict[str, torch.Tenso
     return out
 
 
-def rounded_argmax_pool_reference(
-    case: Case, inputs64: dict[str, torch.Tensor], grad_out64: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Forward and gradients of a conv+pool case in float64, with each pooling window's
-    argmax taken on the activation rounded to the case's dtype.
+# Where a low-precision conv+pool implementation rounds the activation to its dtype
+# before pooling: (after the convolution, after the bias add, after the activation).
+# Eager CUDA (cuDNN, then a separate bias add and activation): all three; eager CPU
+# (bias fused into the convolution): the last two; torch.compile (the bias add and
+# activation fused in fp32 after an extern convolution): the first, and maybe the last.
+ROUNDING_POINTS: tuple[tuple[bool, bool, bool], ...] = (
+    (True, True, True),
+    (False, True, True),
+    (True, False, True),
+    (True, False, False),
+    (False, False, True),
+)
 
-    A kernel that rounds the activation to fp16/bf16 before pooling (stock PyTorch does)
-    picks, where two window entries are equal at that precision, a different maximum
-    than exact arithmetic; one that pools in fp32 registers picks the exact one. Both
-    are correct, and their gradients differ by far more than the dtype's tolerance at
-    those windows, so gradients of these cases are accepted against either reference.
+
+def _describe_rounding(points: tuple[bool, bool, bool]) -> str:
+    where = [name for name, on in zip(("conv", "bias", "act"), points, strict=True) if on]
+    return "argmax after rounding at " + "+".join(where)
+
+
+def rounded_argmax_pool_references(case: Case, inputs64: dict[str, torch.Tensor], grad_out64: torch.Tensor):
+    """Yield ``(description, (out, grad_x, grad_w, grad_b))`` in float64 for a conv+pool
+    case, with each pooling window's argmax taken on the activation as a fp16/bf16
+    implementation has it: rounded to the dtype at each of the :data:`ROUNDING_POINTS`.
+
+    Where two entries of a window are equal or nearly so at the dtype's precision, an
+    implementation that rounds before pooling (stock PyTorch does) picks a different
+    maximum than exact arithmetic, and one that pools in fp32 registers picks the exact
+    one. Both are correct, and their gradients at those windows differ by far more than
+    the dtype's relative-L2 tolerance, so the gradients of these cases are accepted
+    against any of these references (the exact one is tried first, elsewhere). Variants
+    that pick the same maxima as one already yielded are skipped.
     """
     x, w, b = inputs64["x"], inputs64["w"], inputs64["b"]
     act = POOL_ACT[case.op]
-    p = ref.conv3x3_preact(x, w, b)
+    dt = case.torch_dtype
+    conv = ref.conv3x3_preact(x, w, None)
+    p = conv + b.view(1, -1, 1, 1)
     y = ref.epilogue(p, act, ALPHA, 1.0, None)
-    # The activation as a low-precision kernel has it: rounded pre-activation, epilogue
-    # in that dtype, rounded again (exact in float64 afterwards, so ties survive).
-    y_low = ref.epilogue(p.to(case.torch_dtype), act, ALPHA, 1.0, None).to(torch.float64)
-    _, idx = F.max_pool2d(y_low, 2, return_indices=True)
-    n, c, h, wd = y.shape
-    out = torch.gather(y.reshape(n, c, -1), 2, idx.reshape(n, c, -1)).reshape(idx.shape)
-    gy = ref._unpool(grad_out64, idx, y.shape)
-    gp = gy * ref.epilogue_derivative(p, act, ALPHA, 1.0, None)
-    gx, gw, gb = ref._conv_grads(gp, x, w, True, (True, True, True))
-    return (out, gx, gw, gb)
+    d_act = ref.epilogue_derivative(p, act, ALPHA, 1.0, None)
+    n, c, _, _ = y.shape
+    seen: list[torch.Tensor] = []
+
+    def rnd(t: torch.Tensor, on: bool) -> torch.Tensor:
+        return t.to(dt).to(torch.float64) if on else t  # exact in float64 afterwards: ties survive
+
+    for points in ROUNDING_POINTS:
+        r_conv, r_bias, r_act = points
+        p_low = rnd(rnd(conv, r_conv) + b.to(dt).to(torch.float64).view(1, -1, 1, 1), r_bias)
+        y_low = rnd(ref.epilogue(p_low, act, ALPHA, 1.0, None), r_act)
+        _, idx = F.max_pool2d(y_low, 2, return_indices=True)
+        if any(torch.equal(idx, s) for s in seen):
+            continue
+        seen.append(idx)
+        out = torch.gather(y.reshape(n, c, -1), 2, idx.reshape(n, c, -1)).reshape(idx.shape)
+        gp = ref._unpool(grad_out64, idx, y.shape) * d_act
+        gx, gw, gb = ref._conv_grads(gp, x, w, True, (True, True, True))
+        yield _describe_rounding(points), (out, gx, gw, gb)
