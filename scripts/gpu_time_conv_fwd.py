@@ -32,7 +32,8 @@ import math
 import pathlib
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,19 +100,22 @@ def _bench(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
-def measure_ceilings() -> tuple[float, float]:
-    """(bf16 matmul FLOP/s, device copy bytes/s), measured now on this GPU."""
-    n = 8192
+def _matmul_rate(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     bm = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t = _bench(lambda: a @ bm)
-    flops = 2 * n**3 / (t * 1e-3)
-    del a, bm
-    src = torch.empty(256 * 2**20, device="cuda", dtype=torch.float32)  # 1 GiB
+    return 2 * n**3 / (_bench(lambda: a @ bm) * 1e-3)
+
+
+def _copy_bandwidth(numel: int = 256 * 2**20) -> float:
+    src = torch.empty(numel, device="cuda", dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
-    t = _bench(lambda: dst.copy_(src))
-    bw = 2 * src.numel() * 4 / (t * 1e-3)
-    del src, dst
+    return 2 * numel * 4 / (_bench(lambda: dst.copy_(src)) * 1e-3)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, device copy bytes/s read + written), measured now on this GPU."""
+    flops = _matmul_rate()
+    bw = _copy_bandwidth()
     torch.cuda.empty_cache()
     return flops, bw
 
@@ -190,7 +194,9 @@ class Run:
                     self.notes.append(f"{block} {shape}: torch.compile skipped (time budget)")
             if kind == "generator":
                 wt = transposed_conv_weight(w.float()).to(dtype).contiguous(memory_format=torch.channels_last)
-                times["transposed CL"] = self.time_one(block, dname, shape, "transposed CL", lambda: transposed_generator_block(x_cl, wt, b))
+                times["transposed CL"] = self.time_one(
+                    block, dname, shape, "transposed CL", lambda: transposed_generator_block(x_cl, wt, b)
+                )
             t_op = self.time_one(block, dname, shape, "triton", lambda: op(x_cl, w, b, act="lrelu", alpha=ALPHA, backend="triton"))
             t_kernel = self.time_one(block, dname, shape, "triton kernel", lambda: fwd(x_cl, w, b, "lrelu", ALPHA, 1.0, None))
             ours = op(x_cl, w, b, act="lrelu", alpha=ALPHA, backend="triton")
@@ -238,7 +244,8 @@ class Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         md = list(self.header)
         md += [
-            "| block | dtype | Ci→Co, H_in | floor ms | eager NCHW | eager CL | compile CL | transposed CL | triton | kernel only | speed-up (vs) | target | % floor | rel err | config |",
+            "| block | dtype | Ci→Co, H_in | floor ms | eager NCHW | eager CL | compile CL | transposed CL | triton "
+            "| kernel only | speed-up (vs) | target | % floor | rel err | config |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         md += self.md_rows

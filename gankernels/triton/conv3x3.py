@@ -405,7 +405,7 @@ def _tuned_kernel(device: torch.device):
 # Weight repacking, cached per parameter version.
 
 _PACK_CACHE_SIZE = 64
-_pack_cache: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()
+_pack_cache: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
 _pack_lock = threading.Lock()
 
 

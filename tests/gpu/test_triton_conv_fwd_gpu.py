@@ -96,7 +96,9 @@ def test_anchor_shapes_fp32(op, ci, co, h, tf32, monkeypatch):
     assert_close_rel(out, _ref(op, x, w, b), dtype=torch.float32, tf32=tf32)
 
 
-@pytest.mark.parametrize("op,layout", [("conv3x3", "nchw"), ("conv3x3_pool", "nchw"), ("up_conv3x3", "nchw"), ("conv3x3_pool", "noncontiguous")])
+@pytest.mark.parametrize(
+    "op,layout", [("conv3x3", "nchw"), ("conv3x3_pool", "nchw"), ("up_conv3x3", "nchw"), ("conv3x3_pool", "noncontiguous")]
+)
 def test_other_layouts_bf16(op, layout):
     x, w, b = _inputs(2, 64, 48, 13, 10, torch.bfloat16, seed=3, layout=layout)
     out = getattr(gankernels, op)(x, w, b, act="silu", gain=1.4, clamp=1.0, backend="triton")
