@@ -174,13 +174,11 @@ class Run:
         kind = block.split()[0]
         if kind == "generator":
             stock, op, fwd = stock_generator_block, gankernels.up_conv3x3, tconv.up_conv3x3_forward
-            ho, flops_k = 2 * h, 9
         elif kind == "discriminator":
             stock, op, fwd = stock_discriminator_block, gankernels.conv3x3_pool, tconv.conv3x3_pool_forward
-            ho, flops_k = h, 9
         else:
             stock, op, fwd = stock_conv_block, gankernels.conv3x3, tconv.conv3x3_forward
-            ho, flops_k = h, 9
+        ho = 2 * h if kind == "generator" else h  # the 3×3 conv's output size, as stock computes it
         times: dict[str, Optional[float]] = {}
         with torch.no_grad():
             times["eager NCHW"] = self.time_one(block, dname, shape, "eager NCHW", lambda: stock(x, w, b))
@@ -199,16 +197,19 @@ class Run:
                 )
             t_op = self.time_one(block, dname, shape, "triton", lambda: op(x_cl, w, b, act="lrelu", alpha=ALPHA, backend="triton"))
             t_kernel = self.time_one(block, dname, shape, "triton kernel", lambda: fwd(x_cl, w, b, "lrelu", ALPHA, 1.0, None))
-            ours = op(x_cl, w, b, act="lrelu", alpha=ALPHA, backend="triton")
             # The stock result in fp32 on the same (rounded) inputs is the yardstick here;
             # the GPU tests compare against float64.
-            expect = stock(x_cl.float(), w_cl.float(), b.float())
-            err = rel_err(ours, expect)
+            try:
+                ours = op(x_cl, w, b, act="lrelu", alpha=ALPHA, backend="triton")
+                err = rel_err(ours, stock(x_cl.float(), w_cl.float(), b.float()))
+            except Exception as e:
+                self.notes.append(f"{block} {dname} {shape} triton check: failed ({type(e).__name__}: {str(e)[:160]})")
+                err = float("nan")
         best_name, best = min(((k, v) for k, v in times.items() if v is not None), key=lambda kv: kv[1], default=("-", None))
         if kind == "conv3x3":  # the target is against cuDNN + the separate epilogue
             best_name, best = "eager CL", times["eager CL"]
         speedup = best / t_op if (best and t_op) else None
-        flops = 2 * n * co * ci * flops_k * ho * ho
+        flops = 2 * n * co * ci * 9 * ho * ho
         out_numel = n * co * (ho // 2 if kind == "discriminator" else ho) ** 2
         nbytes = (x.numel() + out_numel + w.numel()) * x.element_size()
         floor_ms = max(flops / ceilings[0], nbytes / ceilings[1]) * 1e3
