@@ -71,6 +71,7 @@ def environment(device: str, argv: Optional[list[str]] = None) -> dict:
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "torch_threads": torch.get_num_threads(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
