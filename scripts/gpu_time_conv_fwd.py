@@ -130,7 +130,8 @@ def rel_err(out: torch.Tensor, expect: torch.Tensor) -> float:
 
 
 class Run:
-    def __init__(self, out_dir: pathlib.Path, batch: int, budget_s: float):
+    def __init__(self, out_dir: pathlib.Path, batch: int, budget_s: float, device: str = "cuda"):
+        self.device = device  # "cpu" only for the CPU test of this script's bookkeeping
         self.out_dir = out_dir
         self.batch = batch
         self.budget_s = budget_s
@@ -165,10 +166,11 @@ class Run:
         n = self.batch
         dname = str(dtype).replace("torch.", "")
         shape = f"{ci}→{co}, {h}"
-        g = torch.Generator(device="cuda").manual_seed(ci * 7 + h)
-        x = torch.randn(n, ci, h, h, device="cuda", dtype=dtype, generator=g)
-        w = (torch.randn(co, ci, 3, 3, device="cuda", generator=g) / (3 * math.sqrt(ci))).to(dtype)
-        b = (torch.randn(co, device="cuda", generator=g) * 0.1).to(dtype)
+        dev = self.device
+        g = torch.Generator(device=dev).manual_seed(ci * 7 + h)
+        x = torch.randn(n, ci, h, h, device=dev, dtype=dtype, generator=g)
+        w = (torch.randn(co, ci, 3, 3, device=dev, generator=g) / (3 * math.sqrt(ci))).to(dtype)
+        b = (torch.randn(co, device=dev, generator=g) * 0.1).to(dtype)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w_cl = w.contiguous(memory_format=torch.channels_last)
         kind = block.split()[0]

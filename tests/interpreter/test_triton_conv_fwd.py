@@ -254,6 +254,23 @@ def test_transposed_conv_rewrite_is_exact(ci, co, h, w):
     torch.testing.assert_close(rewrite, stock, rtol=1e-12, atol=1e-12)
 
 
+def test_timing_script_bookkeeping(tmp_path, monkeypatch):
+    """The timing script's row logic and its md/csv output, on CPU with a fake timer
+    (the GPU run is the real test; this catches bookkeeping bugs before it)."""
+    bench = _load_timing_script()
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    run = bench.Run(tmp_path, batch=1, budget_s=100.0, device="cpu")
+    monkeypatch.setattr(run, "compiled_fn", lambda name, fn: fn)  # no inductor on CPU here
+    for block, ci in (("generator", 8), ("discriminator", 3), ("conv3x3", 17)):
+        run.row(block, ci, 4, 4, torch.float32, (1e12, 1e12))
+    run.write()
+    md = (tmp_path / "gpu_time_conv_fwd.md").read_text()
+    assert md.count("| generator |") == 1 and "1.00× (eager NCHW)" in md and "1.00× (eager CL)" in md
+    assert "failed" not in md
+    rows = (tmp_path / "gpu_time_conv_fwd.csv").read_text().splitlines()
+    assert rows[0].startswith("block,dtype,shape,variant,ms") and sum("summary" in r for r in rows) == 3
+
+
 def test_case_list_covers_the_spec():
     cases = [p.values for p in _cases()]
     assert {c[3] for c in cases} | {c[4] for c in cases} == {1, 3, 8, 17, 32}
