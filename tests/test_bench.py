@@ -273,3 +273,22 @@ def test_budget_skips_compile_visibly_and_backends_filter():
     by = {r.contender: r for r in s.records}
     assert by["compile"].status == "n/a" and "--budget-s" in by["compile"].reason
     assert "gk triton" not in by and "gk cuda" not in by and by["gk torch"].status == "ok"
+
+
+def test_kink_side_is_forgiven_but_not_a_wrong_backward():
+    """fp16: the transposed-conv rewrite rounds its summed kernel, which moves a few
+    near-zero pre-activations across the leaky ReLU's kink; it must pass. A contender
+    with the right forward but the wrong slope in its backward must still FAIL."""
+    case = _case("gen_block", 2, 16, 16, 16, 8, dtype="fp16", mode="fwdbwd")
+
+    def wrong_backward(x, w, b):
+        p = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1)
+        y, y_bad = F.leaky_relu(p, C.ALPHA), F.leaky_relu(p, 0.5)
+        return y_bad + (y - y_bad).detach()  # forward: slope 0.2; backward: slope 0.5
+
+    cs = [c for c in runner.contenders_for(case, compile=False) if c.name == "convT eager"]
+    cs.append(runner.Contender("wrong bwd", runner.GK_FAMILY, lambda case, t: wrong_backward))
+    s = runner.run_case(case, "cpu", cs, FAST_TIMING, CPU_CEILINGS)
+    convt, wrong = s.records
+    assert convt.status == "ok", convt.reason
+    assert wrong.status == "FAIL" and "grad_" in wrong.reason
