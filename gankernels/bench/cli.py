@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="after this many seconds, skip torch.compile for the remaining cases (listed as n/a) so the run ends in time",
     )
+    p.add_argument(
+        "--stop-s",
+        type=float,
+        help="after this many seconds, run no further case (they are listed with every contender n/a) nor the training step",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<gpu-or-cpu>-<date>/)")
     p.add_argument("--seed", type=int, default=0)
@@ -125,9 +130,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         seed=args.seed,
         show_progress=not args.no_progress,
         budget_s=args.budget_s,
+        stop_s=args.stop_s,
     )
     train = None
-    if "train_step" in ops:
+    if "train_step" in ops and args.stop_s is not None and time.perf_counter() - t0 > args.stop_s:
+        print(f"training step not run: past --stop-s {args.stop_s:g}", file=sys.stderr)
+    elif "train_step" in ops:
         from gankernels.bench.training_step import TrainConfig, run_training_step
 
         print("training step ...", file=sys.stderr)

@@ -362,12 +362,15 @@ def run_cases(
     show_progress: bool = True,
     contenders_fn: Optional[Callable[..., list[Contender]]] = None,
     budget_s: Optional[float] = None,
+    stop_s: Optional[float] = None,
 ) -> list[CaseSummary]:
     """Every case, with a progress bar on stderr. ``backends`` limits the gankernels
     contenders (the stock ones always run: they are what the speed-up is measured
     against). ``contenders_fn`` defaults to this module's :func:`contenders_for`, looked
     up at call time. After ``budget_s`` seconds, the compiled contenders of the remaining
-    cases are listed ``n/a`` instead of compiled."""
+    cases are listed ``n/a`` instead of compiled; after ``stop_s`` seconds the remaining
+    cases are listed with every contender ``n/a`` (so a run under an outer timeout still
+    writes its results)."""
     from tqdm import tqdm
 
     contenders_fn = contenders_fn or contenders_for
@@ -384,7 +387,12 @@ def run_cases(
     with tqdm(total=total, desc="benchmark", unit="run", file=sys.stderr, disable=not show_progress, mininterval=0.5) as bar:
         for case in cases:
             bar.set_postfix_str(case.id, refresh=False)
-            if compile and budget_s is not None and time.monotonic() - start > budget_s:
+            elapsed = time.monotonic() - start
+            if stop_s is not None and elapsed > stop_s:
+                # Past the hard limit: the case is still listed, every contender n/a.
+                why = f"not run: the run passed its time limit (--stop-s {stop_s:g})"
+                cs = [Contender(c.name, c.family, _disabled(why), c.fmt) for c in plan(case, False, why)]
+            elif compile and budget_s is not None and elapsed > budget_s:
                 # Compiling is what takes the time; past the budget the compiled
                 # contenders are listed as not run, so the rest of the table still comes.
                 cs = plan(case, False, f"skipped: the run passed its time budget (--budget-s {budget_s:g})")
