@@ -371,9 +371,10 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
       }
     }
     __syncthreads();
-    if (FUSED) {
+    if (FUSED && !POOL) {
       // Recompute the pre-activation of pixel `tid` for the chunk's channels and turn
-      // the incoming gradient into gp.
+      // the incoming gradient into gp (kept in float32 for the weight gradient, stored
+      // in T for the input gradient).
       const int r = tid / kWTW, cc = tid % kWTW;
       const int64_t h = h0 + r, w = w0 + cc;
       const bool inside = h < p.H && w < p.W;
@@ -382,8 +383,6 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
       for (int c = 0; c < kWCIC; ++c)
 #pragma unroll
         for (int k = 0; k < 9; ++k) xv[c][k] = xs[c * kWXS + (r + k / 3) * XT_W + cc + k % 3];
-      const bool pooled = POOL && (h / 2) < Hp && (w / 2) < Wp;
-      const int8_t me = (int8_t)((h & 1) * 2 + (w & 1));
 #pragma unroll 4
       for (int j = 0; j < kWCOB; ++j) {
         const int64_t co = co0 + j;
@@ -391,21 +390,56 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
         if (inside && co < p.Co) {
           float pre = bsm[j];
 #pragma unroll
-          for (int c = 0; c < kWCIC; ++c)
+          for (int c = 0; c < kWCIC; ++c) {
+            if (c >= p.Ci) break;  // uniform: skip the zero padding channels
 #pragma unroll
             for (int k = 0; k < 9; ++k) pre = fmaf(wsm[j][c * 9 + k], xv[c][k], pre);
-          float gy = 0.f;
-          if (!POOL) {
-            gy = to_f<T>(p.grad[dense_off(p.cl, n, co, h, w, p.Co, p.H, p.W)]);
-          } else if (pooled) {
-            const int64_t po = dense_off(p.cl, n, co, h / 2, w / 2, p.Co, Hp, Wp);
-            if (p.argmax[po] == me) gy = to_f<T>(p.grad[po]);
           }
-          // Kept in float32 for the weight gradient; stored in T for the input gradient.
-          g = gy * epilogue_derivative(pre, p.e);
-          if (p.gp_out != nullptr) p.gp_out[dense_off(p.cl, n, co, h, w, p.Co, p.H, p.W)] = from_f<T>(g);
+          const int64_t o = dense_off(p.cl, n, co, h, w, p.Co, p.H, p.W);
+          g = to_f<T>(p.grad[o]) * epilogue_derivative(pre, p.e);
+          if (p.gp_out != nullptr) p.gp_out[o] = from_f<T>(g);
         }
         gs[j][tid] = g;
+      }
+      __syncthreads();
+    }
+    if (FUSED && POOL) {
+      // Only the argmax pixel of each 2x2 window gets a gradient: thread = (quad of the
+      // tile, group of 4 channels); recompute the pre-activation there alone. Pixels of
+      // a window without a pooled output (odd H/W edge) get 0.
+      constexpr int QW = kWTW / 2;  // quads per tile row
+      const int quad = tid >> 2, jg = tid & 3;
+      const int qr = quad / QW, qc = quad % QW;
+      const int64_t hq = h0 / 2 + qr, wq = w0 / 2 + qc;  // h0, w0 are even
+      const bool exists = hq < Hp && wq < Wp;
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const int j = jg * 4 + jj;
+        const int64_t co = co0 + j;
+        float g = 0.f;  // the gradient at the argmax pixel `am` of this window
+        int am = 0;
+        if (exists && co < p.Co) {
+          const int64_t po = dense_off(p.cl, n, co, hq, wq, p.Co, Hp, Wp);
+          am = p.argmax[po] & 3;
+          const int r = 2 * qr + (am >> 1), cc = 2 * qc + (am & 1);
+          float pre = bsm[j];
+#pragma unroll
+          for (int c = 0; c < kWCIC; ++c) {
+            if (c >= p.Ci) break;
+#pragma unroll
+            for (int k = 0; k < 9; ++k) pre = fmaf(wsm[j][c * 9 + k], xs[c * kWXS + (r + k / 3) * XT_W + cc + k % 3], pre);
+          }
+          g = to_f<T>(p.grad[po]) * epilogue_derivative(pre, p.e);
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int r = 2 * qr + (q >> 1), cc = 2 * qc + (q & 1);
+          const float gv = q == am ? g : 0.f;  // no dynamic register indexing
+          gs[j][r * kWTW + cc] = gv;
+          const int64_t h = h0 + r, w = w0 + cc;
+          if (p.gp_out != nullptr && co < p.Co && h < p.H && w < p.W)
+            p.gp_out[dense_off(p.cl, n, co, h, w, p.Co, p.H, p.W)] = from_f<T>(gv);
+        }
       }
       __syncthreads();
     }

@@ -349,11 +349,13 @@ def test_build_lock_is_released_when_the_holder_is_killed(tmp_path):
             "-c",
             textwrap.dedent(
                 f"""
-                import sys, time
-                sys.path.insert(0, {str(Path(_jit_build.__file__).parent.parent)!r})
-                from gankernels._jit_build import build_lock
+                import importlib.util, time
                 from pathlib import Path
-                with build_lock(Path({str(lock)!r})):
+                # The module alone, not the package (which would load the extension).
+                spec = importlib.util.spec_from_file_location("jit", {_jit_build.__file__!r})
+                jit = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(jit)
+                with jit.build_lock(Path({str(lock)!r})):
                     print("held", flush=True)
                     time.sleep(60)
                 """
