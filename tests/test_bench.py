@@ -180,7 +180,21 @@ def _with_wrong_contender(case, compile=True, compile_skip=""):
 
 def test_wrong_contender_is_reported_fail(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(runner, "contenders_for", _with_wrong_contender)
-    rc = main(["--quick", "--ops", "max_pool2d", "--modes", "fwd", "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    rc = main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--ops",
+            "max_pool2d",
+            "--modes",
+            "fwd",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     assert rc == 0
     data = load_results(tmp_path)
     (case,) = data["cases"]
@@ -197,7 +211,7 @@ def test_wrong_contender_is_reported_fail(monkeypatch, tmp_path, capsys):
 
 
 def test_quick_cpu_run_writes_every_output(tmp_path, capsys):
-    rc = main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    rc = main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "headline numbers need a CUDA GPU" in out
@@ -205,7 +219,7 @@ def test_quick_cpu_run_writes_every_output(tmp_path, capsys):
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["env"]["device"] == "cpu" and data["env"]["torch"] == torch.__version__
-    assert data["env"]["command"].startswith("python -m gankernels.bench --quick")
+    assert data["env"]["command"].startswith("python -m gankernels.bench --quick --device cpu")
     assert {c["op"] for c in data["cases"]} == set(C.OPS)
     assert {c["mode"] for c in data["cases"]} == {"fwd", "fwdbwd"}
     for c in data["cases"]:
@@ -292,3 +306,22 @@ def test_kink_side_is_forgiven_but_not_a_wrong_backward():
     convt, wrong = s.records
     assert convt.status == "ok", convt.reason
     assert wrong.status == "FAIL" and "grad_" in wrong.reason
+
+
+@pytest.mark.gpu
+def test_quick_gpu_run(tmp_path):
+    """The CUDA path of the harness (ceilings, do_bench, the float64 reference on the GPU):
+    one generator and one discriminator row, bf16, without compile to stay short."""
+    rc = main(
+        ["--device", "cuda", "--quick", "--ops", "gen_block", "disc_block", "--modes", "fwd", "fwdbwd", "--shapes", "8,64,16,16:32"]
+        + ["--no-compile", "--out", str(tmp_path), "--no-progress", "--no-plots"]
+    )
+    assert rc == 0
+    data = load_results(tmp_path)
+    assert data["env"]["gpu"] and data["ceilings"]["copy_bytes_per_s"] > 1e11 and data["ceilings"]["matmul_flops_per_s"] > 1e13
+    for c in data["cases"]:
+        for name in ("eager NCHW", "eager CL", "convT eager", "gk torch"):
+            if name in c["contenders"]:
+                assert c["contenders"][name]["status"] == "ok", (c["id"], name, c["contenders"][name])
+        for r in c["contenders"].values():
+            assert r["status"] != "error", (c["id"], r)
