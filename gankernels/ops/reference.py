@@ -322,6 +322,10 @@ def upsample_nearest2d_backward(grad: torch.Tensor, scale_factor: int) -> torch.
     """Sum of each s×s block of ``grad``."""
     n, c, hs, ws = grad.shape
     s = scale_factor
+    if memory_format_of(grad) == torch.channels_last:
+        # Sum in NHWC order: a view, not a layout-changing copy.
+        nhwc = grad.permute(0, 2, 3, 1).reshape(n, hs // s, s, ws // s, s, c).sum((2, 4))
+        return nhwc.permute(0, 3, 1, 2)
     return grad.reshape(n, c, hs // s, s, ws // s, s).sum((3, 5))
 
 
