@@ -182,6 +182,8 @@ def _epilogue_grad(
 # Kernels.
 
 
+# Small spaces on purpose: each configuration compiles in a few seconds per variant
+# (mode × activation × dtype), and a cold run of the ANCHORS set must stay short.
 def _dgrad_configs() -> list:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
@@ -189,9 +191,7 @@ def _dgrad_configs() -> list:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     ]
 
 
@@ -201,7 +201,6 @@ def _wgrad_configs() -> list:
     return [
         triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_M": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_CO": 64, "BLOCK_CI": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_M": 128}, num_warps=4, num_stages=3),
     ]
@@ -255,38 +254,37 @@ def _dgrad_kernel(
     ci_ok = offs_ci < Ci
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     NTAP: tl.constexpr = 16 if MODE == 2 else 9
-    for q in tl.static_range(NTAP):
+    # One flat K loop over (tap, Co-block): a single software-pipelined loop, compact
+    # code (an unrolled loop per tap compiles several times slower).
+    k_chunks = tl.cdiv(Co, BLOCK_K)
+    for step in range(0, NTAP * k_chunks):
+        q = step // k_chunks
+        offs_co = (step - q * k_chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        co_ok = offs_co < Co
         if MODE == 2:
             # Phase (a, c), tap (t, u): out[2i+a, 2j+c] reads x[i+a+t-1, j+c+u-1].
-            pa: tl.constexpr = q // 8
-            pc: tl.constexpr = (q // 4) % 2
-            tt: tl.constexpr = (q // 2) % 2
-            tu: tl.constexpr = q % 2
-            li = xh + 1 - pa - tt
-            lj = xw + 1 - pc - tu
+            pa = q // 8
+            pc = (q // 4) % 2
+            li = xh + 1 - pa - (q // 2) % 2
+            lj = xw + 1 - pc - q % 2
             ok = m_ok & (li >= 0) & (li < H) & (lj >= 0) & (lj < W)
             gh = 2 * li + pa
             gw = 2 * lj + pc
         else:
-            kh: tl.constexpr = q // 3
-            kw: tl.constexpr = q % 3
-            gh = xh + 1 - kh
-            gw = xw + 1 - kw
+            gh = xh + 1 - q // 3
+            gw = xw + 1 - q % 3
             ok = m_ok & (gh >= 0) & (gh < H) & (gw >= 0) & (gw < W)
-        for k0 in range(0, Co, BLOCK_K):
-            offs_co = k0 + tl.arange(0, BLOCK_K)
-            co_ok = offs_co < Co
-            gp = _epilogue_grad(
-                g_ptr, g_s0, g_s1, g_s2, g_s3, a_ptr, a_s0, a_s1, a_s2, a_s3, i_ptr, i_s0, i_s1, i_s2, i_s3,
-                nn[:, None], offs_co[None, :], gh[:, None], gw[:, None], ok[:, None] & co_ok[None, :], Hp, Wp,
-                alpha, gain, clamp, MODE == 1, FROM_Y, ACT, HAS_CLAMP,
-            )
-            wt = tl.load(
-                wt_ptr + (q * Ci + offs_ci[None, :]) * Co + offs_co[:, None],
-                mask=co_ok[:, None] & ci_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(gp.to(wt.dtype), wt, acc, input_precision=PRECISION)
+        gp = _epilogue_grad(
+            g_ptr, g_s0, g_s1, g_s2, g_s3, a_ptr, a_s0, a_s1, a_s2, a_s3, i_ptr, i_s0, i_s1, i_s2, i_s3,
+            nn[:, None], offs_co[None, :], gh[:, None], gw[:, None], ok[:, None] & co_ok[None, :], Hp, Wp,
+            alpha, gain, clamp, MODE == 1, FROM_Y, ACT, HAS_CLAMP,
+        )
+        wt = tl.load(
+            wt_ptr + (q * Ci + offs_ci[None, :]) * Co + offs_co[:, None],
+            mask=co_ok[:, None] & ci_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(gp.to(wt.dtype), wt, acc, input_precision=PRECISION)
     gx_off = nn[:, None] * gx_s0 + offs_ci[None, :] * gx_s1 + xh[:, None] * gx_s2 + xw[:, None] * gx_s3
     tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & ci_ok[None, :])
 
@@ -325,7 +323,7 @@ def _wgrad_kernel(
         ci_blk = pid_q // NTAP
     else:  # bias only: one program per phase
         q = pid_q * (NTAP // NPHASE)
-        ci_blk = 0
+        ci_blk = pid_q * 0  # a tensor like in the other branch
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = offs_co < Co
     offs_ci = ci_blk * BLOCK_CI + tl.arange(0, BLOCK_CI)
