@@ -78,23 +78,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="gankernels backend (default: GANKERNELS_BACKEND or auto)",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="total training steps (one D and one G update each); default depends on the device"
+        "--steps",
+        type=int,
+        default=None,
+        help="total training steps, one D and one G update each (default: 1000 on CPU, 5000 on GPU)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: 64 on CPU, 128 on GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: 32 on CPU, 128 on GPU)")
     p.add_argument(
         "--width",
         type=int,
         default=None,
-        help="channels of the widest-resolution layer; others double per halving, up to 512 (default: 16 on CPU, 64 on GPU)",
+        help="channels of the widest-resolution layer; others double per halving, up to 512 (default: 8 on CPU, 64 on GPU)",
     )
     p.add_argument("--z-dim", type=int, default=128, help="latent size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, both networks (default: %(default)s)")
     p.add_argument(
         "--r1",
         type=float,
-        default=0.0,
+        default=0.1,
         metavar="GAMMA",
-        help="R1 gradient penalty weight on real images (uses double backward); 0 = off",
+        help="R1 gradient penalty weight on real images (uses double backward); 0 = off (default: %(default)s)",
     )
     p.add_argument(
         "--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype; fp16 adds gradient scaling (default: %(default)s)"
@@ -148,11 +151,11 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
     if args.resolution is None:
         args.resolution = 32 if args.data is None else 64
     if args.steps is None:
-        args.steps = 5000 if gpu else 1500
+        args.steps = 5000 if gpu else 1000
     if args.batch_size is None:
-        args.batch_size = 128 if gpu else 64
+        args.batch_size = 128 if gpu else 32
     if args.width is None:
-        args.width = 64 if gpu else 16
+        args.width = 64 if gpu else 8
     if args.sample_every is None:
         args.sample_every = max(1, args.steps // 10)
     if args.ckpt_every is None:
