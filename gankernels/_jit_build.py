@@ -193,7 +193,7 @@ def _compile(build_dir: Path, arch_list: str, verbose: bool) -> Path:
             sources=[str(p) for p in compiled_sources()],
             extra_include_paths=[str(CSRC)],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
             build_directory=str(build_dir),
             with_cuda=True,
             is_python_module=False,
