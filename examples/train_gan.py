@@ -573,7 +573,8 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             # under fp16 (as PyTorch's AMP gradient-penalty recipe does) and unscaled.
             out = logits[:B].sum()
             (grad,) = torch.autograd.grad(scaler_D.scale(out), real, create_graph=True)
-            grad = grad.float() / scaler_D.get_scale()
+            # scale(1) is the current scale as a device tensor: no host sync, unlike get_scale().
+            grad = grad.float() / scaler_D.scale(torch.ones((), device=d.device))
             loss_d = loss_d + (args.r1 / 2) * grad.square().sum(dim=(1, 2, 3)).mean()
         opt_D.zero_grad(set_to_none=True)
         scaler_D.scale(loss_d).backward()

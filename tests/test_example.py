@@ -182,3 +182,12 @@ def test_torchrun_two_processes(tmp_path):
     assert p.stdout.count("final loss D") == 1  # one summary: only rank 0 reports
     ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
+
+
+@pytest.mark.parametrize("extra", [("--amp", "bf16", "--channels-last"), ("--amp", "fp16")])
+def test_amp_and_channels_last_run(tmp_path, extra):
+    """The autocast paths (fp16 with gradient scaling, under R1's double backward) run."""
+    s = _run(tmp_path, "amp", "--steps", "2", "--r1", "1", "--sample-every", "100", *extra)
+    assert s["steps"] == 2 and len(s["history"]) == 2
+    ckpt = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["G"].values())
