@@ -332,12 +332,14 @@ def save_losses(history: list[list[float]], folder: Path, title: str) -> None:
         w.writerows(history)
     steps = [h[0] for h in history]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    # Bias-corrected exponential moving average over about 1/20 of the run (≤ 100 steps).
+    beta = 1.0 - 1.0 / max(1, min(100, len(history) // 20))
     for col, label, color in ((1, "discriminator", "tab:blue"), (2, "generator", "tab:orange")):
         raw = [h[col] for h in history]
-        ema, smooth = raw[0] if raw else 0.0, []
-        for v in raw:
-            ema = 0.98 * ema + 0.02 * v
-            smooth.append(ema)
+        ema, smooth = 0.0, []
+        for t, v in enumerate(raw, 1):
+            ema = beta * ema + (1 - beta) * v
+            smooth.append(ema / (1 - beta**t))
         ax.plot(steps, raw, color=color, alpha=0.2, linewidth=0.7)
         ax.plot(steps, smooth, color=color, label=label)
     ax.set_xlabel("step")
