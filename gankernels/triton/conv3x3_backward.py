@@ -34,9 +34,22 @@ Numerics: operands are fed to ``tl.dot`` in the input dtype (fp16/bf16, fp32 —
 when ``torch.backends.cudnn.allow_tf32`` is on, as cuDNN does), accumulated in fp32;
 ``gp`` is rounded to the input dtype once, as a materialised gradient would be.
 
+What is materialised (memory plan, per backward call):
+
+* nothing of the size of the pre-activation gradient on the default path;
+* for silu / gain ≤ 0 / lrelu with alpha < 0 only: the recomputed pre-activation,
+  in x's dtype — N·Co·H·W for conv3x3 and (full resolution) for conv3x3_pool,
+  N·Co·2H·2W for up_conv3x3; freed when the backward returns;
+* the wgrad split-K partials, fp32 ``[S, Co, taps, Ci]`` (S = 1 when the tiles alone
+  fill the GPU, at most 64), and ``[S, phases, Co]`` for the bias.
+
 ``CUDNN_PARTS`` is a switch (off by default, not measured yet) that hands the dgrad
-and/or wgrad of the plain ``conv3x3`` to cuDNN, on a ``gp`` materialised by a small
-elementwise kernel; set it only where a GPU measurement shows cuDNN faster.
+and/or wgrad of the plain ``conv3x3`` to cuDNN, on a ``gp`` materialised (in x's
+dtype) by a small elementwise kernel; set it only where a GPU measurement shows
+cuDNN faster.
+
+The kernels run inside one opaque custom op, ``gankernels::triton_conv3x3_backward``,
+so ``torch.compile`` (AOTAutograd) traces the backward with its fake kernel.
 """
 
 from __future__ import annotations
@@ -516,6 +529,7 @@ def _operands(op: str, grad, x, w, b, out, saved, act, alpha, gain, clamp):
         aux = out
     else:
         aux = _preactivation(op, x, w, b)
+        _check_int32("the recomputed pre-activation", aux)
     n, _, h, wd = x.shape
     if mode == MODE_POOL:
         hp, wp = grad.shape[2], grad.shape[3]
