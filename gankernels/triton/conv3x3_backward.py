@@ -530,7 +530,6 @@ def _operands(op: str, grad, x, w, b, out, saved, act, alpha, gain, clamp):
     else:
         aux = _preactivation(op, x, w, b)
         _check_int32("the recomputed pre-activation", aux)
-    n, _, h, wd = x.shape
     if mode == MODE_POOL:
         hp, wp = grad.shape[2], grad.shape[3]
     else:
