@@ -81,7 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=None,
-        help="total training steps, one D and one G update each (default: 1000 on CPU, 5000 on GPU)",
+        help="total training steps, one D and one G update each (default: 1500 on CPU, 5000 on GPU)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: 32 on CPU, 128 on GPU)")
     p.add_argument(
@@ -151,7 +151,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
     if args.resolution is None:
         args.resolution = 32 if args.data is None else 64
     if args.steps is None:
-        args.steps = 5000 if gpu else 1000
+        args.steps = 5000 if gpu else 1500
     if args.batch_size is None:
         args.batch_size = 128 if gpu else 32
     if args.width is None:
