@@ -140,3 +140,48 @@ def test_explain_accepts_the_public_function_and_kwargs():
     assert ex.backend == "torch" and ex.op == "conv3x3_pool"
     with pytest.raises(ValueError, match="op: unknown op"):
         gankernels.explain("conv5x5", x)
+
+
+@pytest.fixture
+def backend_with_backward():
+    """A 'cuda' upsample whose backward refuses fake tensors, as a raw kernel launch would."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    saved = dispatch._REGISTRY["upsample_nearest2d"].get("cuda")
+    calls = []
+
+    def backward(grad, scale_factor):
+        assert not isinstance(grad, FakeTensor), "a raw kernel cannot run on fake tensors"
+        calls.append(scale_factor)
+        return ref.upsample_nearest2d_backward(grad, scale_factor)
+
+    impl = OpImpl(forward=lambda x, scale_factor: ref.upsample_nearest2d(x, scale_factor), backward=backward)
+    dispatch.register("upsample_nearest2d", "cuda", impl)
+    yield calls
+    if saved is None:
+        dispatch.unregister("upsample_nearest2d", "cuda")
+    else:
+        dispatch.register("upsample_nearest2d", "cuda", saved)
+
+
+def test_fast_backward_runs_in_an_opaque_op_under_compile(backend_with_backward):
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    f = lambda x: gankernels.upsample_nearest2d(x, 2, backend="cuda").square().sum()
+    (g_eager,) = torch.autograd.grad(f(x), x)
+    assert backend_with_backward == [2]
+    (g_compiled,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+    assert backend_with_backward == [2, 2]
+    # building a graph of the backward (double backward) uses the reference formulas ...
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    assert backend_with_backward == [2, 2]
+    # ... whose own first-order backward passes through the op again, fast
+    g.sum().backward()
+    assert backend_with_backward == [2, 2, 2]
+    torch.testing.assert_close(x.grad, torch.full_like(x, 8.0))
+
+
+def test_opcheck_backward_ops(backend_with_backward):
+    grad = torch.randn(2, 3, 8, 10).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.gankernels.upsample_nearest2d_backward.default, (grad, 2, "cuda"))

@@ -9,6 +9,11 @@ fake kernels (so ``torch.compile(fullgraph=True)`` traces them), and autograd:
   backward, e.g. an R1 penalty), the reference formulas of
   ``gankernels.ops.reference``, which are differentiable.
 
+A backend's fast backward runs inside its own opaque custom op
+(``gankernels::<op>_backward``, with a fake kernel), because AOTAutograd traces the
+backward with fake tensors under ``torch.compile`` and a raw kernel launch cannot run on
+those.
+
 The 3×3 ops return ``(out, saved)``: ``saved`` is whatever the backend keeps for its
 backward (empty for the reference). Autocast is applied in ``functional`` before the
 op is called, as ``F.conv2d`` does.
@@ -62,12 +67,39 @@ def _bias_act_setup(ctx, inputs, output):
     ctx.save_for_backward(x, b, output)
 
 
+@torch.library.custom_op(f"{LIB}::bias_act_backward", mutates_args=())
+def bias_act_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    b: Optional[torch.Tensor],
+    y: torch.Tensor,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: Optional[float],
+    dim: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend's first-order backward: (gx, gb); gb is empty when there is no bias."""
+    gx, gb = get_impl("bias_act", backend).backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+    gx = _fresh(gx, x, (grad, x, y))
+    gb = _empty_saved(x) if b is None else gb.to(b.dtype).contiguous()
+    return gx, gb
+
+
+@bias_act_backward_op.register_fake
+def _(grad, x, b, y, act, alpha, gain, clamp, dim, backend):
+    gb = _empty_saved(x) if b is None else torch.empty_like(b, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=ref.memory_format_of(x)), gb
+
+
 def _bias_act_backward(ctx, grad):
     x, b, y = ctx.saved_tensors
     act, alpha, gain, clamp, dim, backend = ctx.cfg
     impl = get_impl("bias_act", backend)
     if impl.backward is not None and not torch.is_grad_enabled():
-        gx, gb = impl.backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+        gx, gb = bias_act_backward_op(grad, x, b, y, act, alpha, gain, clamp, dim, backend)
+        gb = None if b is None else gb
     else:
         gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
     return gx, gb, None, None, None, None, None, None
@@ -125,15 +157,47 @@ def _make_conv_op(op: str):
         ctx.save_for_backward(x, w, b, output[0], output[1])
         ctx.mark_non_differentiable(output[1])
 
+    @torch.library.custom_op(f"{LIB}::{op}_backward", mutates_args=())
+    def backward_op(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: Optional[torch.Tensor],
+        out: torch.Tensor,
+        saved: torch.Tensor,
+        act: str,
+        alpha: float,
+        gain: float,
+        clamp: Optional[float],
+        needs: list[bool],
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The backend's first-order backward: (gx, gw, gb), each empty where not needed."""
+        grads = get_impl(op, backend).backward(
+            grad=grad, x=x, w=w, b=b, out=out, saved=saved, act=act, alpha=alpha, gain=gain, clamp=clamp, needs=tuple(needs)
+        )
+        return tuple(
+            _empty_saved(x) if (g is None or not need) else _fresh(g, like, (grad, x, w, out))
+            for g, like, need in zip(grads, (x, w, b if b is not None else x), needs)
+        )
+
+    @backward_op.register_fake
+    def _(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs, backend):
+        likes = (x, w, b)
+        return tuple(
+            torch.empty_like(like, memory_format=ref.memory_format_of(like)) if (need and like is not None) else _empty_saved(x)
+            for like, need in zip(likes, needs)
+        )
+
     def backward(ctx, grad, _grad_saved):
         x, w, b, out, saved = ctx.saved_tensors
         act, alpha, gain, clamp, backend = ctx.cfg
         needs = tuple(ctx.needs_input_grad[:3])
         impl = get_impl(op, backend)
         if impl.backward is not None and not torch.is_grad_enabled():
-            gx, gw, gb = impl.backward(
-                grad=grad, x=x, w=w, b=b, out=out, saved=saved, act=act, alpha=alpha, gain=gain, clamp=clamp, needs=needs
-            )
+            needs = (needs[0], needs[1], needs[2] and b is not None)
+            grads = backward_op(grad, x, w, b, out, saved, act, alpha, gain, clamp, list(needs), backend)
+            gx, gw, gb = (g if need else None for g, need in zip(grads, needs))
         else:
             gx, gw, gb = _CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
         return gx, gw, gb, None, None, None, None, None
@@ -186,14 +250,35 @@ def _max_pool_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+@torch.library.custom_op(f"{LIB}::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+    backend: str,
+) -> torch.Tensor:
+    gx = get_impl("max_pool2d", backend).backward(
+        grad=grad, x=x, indices=indices, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+    )
+    return _fresh(gx, x, (grad, x))
+
+
+@max_pool2d_backward_op.register_fake
+def _(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode, backend):
+    return torch.empty_like(x, memory_format=ref.memory_format_of(x))
+
+
 def _max_pool_backward(ctx, grad, _grad_idx):
     x, idx = ctx.saved_tensors
     kernel_size, stride, padding, dilation, ceil_mode, backend = ctx.cfg
     impl = get_impl("max_pool2d", backend)
     if impl.backward is not None and not torch.is_grad_enabled():
-        gx = impl.backward(
-            grad=grad, x=x, indices=idx, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
-        )
+        gx = max_pool2d_backward_op(grad, x, idx, kernel_size, stride, padding, dilation, ceil_mode, backend)
     else:
         gx = ref.max_pool2d_backward(grad, x, idx)
     return gx, None, None, None, None, None, None
@@ -223,11 +308,23 @@ def _upsample_setup(ctx, inputs, output):
     ctx.cfg = (scale_factor, backend)
 
 
+@torch.library.custom_op(f"{LIB}::upsample_nearest2d_backward", mutates_args=())
+def upsample_nearest2d_backward_op(grad: torch.Tensor, scale_factor: int, backend: str) -> torch.Tensor:
+    gx = get_impl("upsample_nearest2d", backend).backward(grad=grad, scale_factor=scale_factor)
+    return _fresh(gx, grad, (grad,))
+
+
+@upsample_nearest2d_backward_op.register_fake
+def _(grad, scale_factor, backend):
+    n, c, h, w = grad.shape
+    return grad.new_empty((n, c, h // scale_factor, w // scale_factor)).contiguous(memory_format=ref.memory_format_of(grad))
+
+
 def _upsample_backward(ctx, grad):
     scale_factor, backend = ctx.cfg
     impl = get_impl("upsample_nearest2d", backend)
     if impl.backward is not None and not torch.is_grad_enabled():
-        gx = impl.backward(grad=grad, scale_factor=scale_factor)
+        gx = upsample_nearest2d_backward_op(grad, scale_factor, backend)
     else:
         gx = ref.upsample_nearest2d_backward(grad, scale_factor)
     return gx, None, None
