@@ -438,3 +438,249 @@ def test_reference_memory_format_agrees_with_the_extension_rule():
     fake kernels rely on it. A 1×1 spatial channels_last tensor reads as contiguous."""
     t = torch.empty(2, 3, 1, 1).contiguous(memory_format=torch.channels_last)
     assert ref.memory_format_of(t) == torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------------
+# The kernels themselves, on CPU: csrc/*.cu compiled by g++ against a small emulation
+# of the CUDA features they use (csrc/emu/), called through ctypes with the buffers
+# ops.cpp would allocate (poisoned), and compared with the float64 reference. This is
+# the kernels' source, not a model of it; what it cannot show is GPU-only behaviour
+# (performance, memory-model races beyond __syncthreads, the torch glue's launches).
+
+EMU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACT_CODES = {a: i for i, a in enumerate(("linear", "relu", "lrelu", "tanh", "sigmoid", "silu"))}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    import ctypes
+    import importlib.util
+    import shutil
+
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if shutil.which("g++") is None or not Path(cuda_home, "include", "cuda_bf16.h").exists():
+        pytest.skip("the kernel emulation needs g++ and the CUDA headers (CUDA_HOME)")
+    spec = importlib.util.spec_from_file_location("emu_build", _jit_build.CSRC / "emu" / "emu_build.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    lib = ctypes.CDLL(str(builder.build(tmp_path_factory.mktemp("emu"))))
+    P, I, L, Fl = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    epi = [I, Fl, Fl, Fl, I]
+    signatures = {
+        "emu_bias_act_fwd": [I, P, P, P, L, L, L, *epi, I],
+        "emu_bias_act_bwd": [I, P, P, P, P, L, L, L, *epi, I],
+        "emu_max_pool2d_fwd": [I, P, P, P, P, P, I, I],
+        "emu_max_pool2d_bwd": [I, P, P, P, P, P, I],
+        "emu_upsample_fwd": [I, P, P, L, L, L, L, I, I, I],
+        "emu_upsample_bwd": [I, P, P, L, L, L, L, I, I, I],
+        "emu_conv_fwd": [I, P, P, P, P, P, P, I, *epi, I],
+        "emu_conv_gp": [I, P, P, P, P, P, P, P, I, *epi, I],
+        "emu_conv_partial_numel": [P, I, I],
+        "emu_conv_wgrad": [I, I, P, P, P, P, P, P, P, P, P, P, P, I, *epi, I],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = L if name == "emu_conv_partial_numel" else I
+    return lib
+
+
+def _p(t):
+    return None if t is None else t.data_ptr()
+
+
+def _i64(*vals):
+    import ctypes
+
+    return (ctypes.c_int64 * len(vals))(*vals)
+
+
+def _epi(act, alpha, gain, clamp):
+    return (ACT_CODES[act], alpha, gain, clamp or 0.0, int(clamp is not None))
+
+
+def _empty(shape, dtype, fmt):
+    return cuda_backend._dense_like(torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)).fill_(
+        float("nan") if dtype.is_floating_point else -1
+    )
+
+
+def _cl(t):
+    return ref.memory_format_of(t) == torch.channels_last
+
+
+EMU_LAYOUTS = ("nchw", "channels_last", "noncontiguous")
+
+
+@pytest.mark.parametrize("dtype", list(EMU_DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("cfg", [(2, 2, 0, 1, False), (3, 2, 1, 1, True), ((3, 2), (1, 2), (1, 0), (1, 2), False)])
+def test_emulated_max_pool2d(emu, dtype, layout, cfg):
+    from gankernels.testing import assert_close_rel, random_input
+
+    k, s, p, d, ceil = (list(v) if isinstance(v, tuple) else ([v, v] if not isinstance(v, bool) else v) for v in cfg)
+    x = random_input(2, 16, 9, 11, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 0, 0] = float("nan")
+    fmt = ref.memory_format_of(x)
+    ho = ref.pool_output_size(9, k[0], s[0], p[0], d[0], ceil)
+    wo = ref.pool_output_size(11, k[1], s[1], p[1], d[1], ceil)
+    y, idx = _empty((2, 16, ho, wo), dtype, fmt), _empty((2, 16, ho, wo), torch.int64, fmt)
+    shape, conf = _i64(2, 16, 9, 11, ho, wo), (__import__("ctypes").c_int * 8)(k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1])
+    assert emu.emu_max_pool2d_fwd(EMU_DTYPES[dtype], _p(x), _p(y), _p(idx), shape, conf, int(_cl(x)), 1) == 0
+    want, widx = F.max_pool2d(x.float(), k, s, p, d, ceil, return_indices=True)
+    assert torch.equal(y.float().nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(idx, widx)
+    grad = random_input(2, 16, ho, wo, dtype=dtype, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=fmt)
+    gx = _empty((2, 16, 9, 11), dtype, fmt)
+    assert emu.emu_max_pool2d_bwd(EMU_DTYPES[dtype], _p(grad), _p(idx), _p(gx), shape, conf, int(_cl(x))) == 0
+    assert_close_rel(gx, ref.max_pool2d_backward(grad.double(), x.double(), widx), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", list(EMU_DTYPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("scale", [2, 3])
+def test_emulated_upsample(emu, dtype, layout, scale):
+    from gankernels.testing import assert_close_rel, random_input
+
+    x = random_input(2, 16, 5, 8, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(3))
+    fmt = ref.memory_format_of(x)
+    y = _empty((2, 16, 5 * scale, 8 * scale), dtype, fmt)
+    assert emu.emu_upsample_fwd(EMU_DTYPES[dtype], _p(x), _p(y), 2, 16, 5, 8, scale, int(_cl(x)), 1) == 0
+    assert torch.equal(y, F.interpolate(x, scale_factor=scale, mode="nearest"))
+    gx = _empty((2, 16, 5, 8), dtype, fmt)
+    assert emu.emu_upsample_bwd(EMU_DTYPES[dtype], _p(y), _p(gx), 2, 16, 5, 8, scale, int(_cl(x)), 1) == 0
+    assert_close_rel(gx, ref.upsample_nearest2d_backward(y.double(), scale), dtype=dtype)
+
+
+@pytest.mark.parametrize("act", list(ACT_CODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", EMU_LAYOUTS)
+def test_emulated_bias_act(emu, act, dtype, layout):
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(4)
+    x = random_input(3, 5, 7, 9, dtype=dtype, layout=layout, generator=gen)
+    b = random_input(5, dtype=dtype, generator=gen)
+    for gain, clamp in ((1.0, None), (1.41, 0.7)):
+        xd = x if cuda_backend._is_dense(x) else x.contiguous()
+        y = _empty(xd.shape, dtype, ref.memory_format_of(xd))
+        assert y.stride() == xd.stride()
+        epi = _epi(act, 0.2, gain, clamp)
+        assert emu.emu_bias_act_fwd(EMU_DTYPES[dtype], _p(xd), _p(b), _p(y), xd.numel(), xd.stride(1), 5, *epi, 1) == 0
+        assert_close_rel(y, ref.bias_act(x.double(), b.double(), act, 0.2, gain, clamp), dtype=dtype)
+        grad = torch.empty_like(xd).copy_(random_input(3, 5, 7, 9, dtype=dtype, generator=gen))
+        gx = _empty(xd.shape, dtype, ref.memory_format_of(xd))
+        assert emu.emu_bias_act_bwd(EMU_DTYPES[dtype], _p(grad), _p(xd), _p(b), _p(gx), xd.numel(), xd.stride(1), 5, *epi, 1) == 0
+        want, _ = ref.bias_act_backward(grad.double(), x.double(), b.double(), act, 0.2, gain, clamp, 1)
+        assert_close_rel(gx, want, dtype=dtype)
+
+
+def _emu_conv(emu, x, w, b, act, gain, clamp, pool):
+    """ops.cpp's conv3x3_small, on the emulated kernels."""
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    fmt = ref.memory_format_of(x)
+    s9 = _i64(n, ci, h, wd, co, *x.stride())
+    out = _empty((n, co, h // 2, wd // 2) if pool else (n, co, h, wd), x.dtype, fmt)
+    saved = _empty(tuple(out.shape), torch.int8, fmt) if pool else None
+    rc = emu.emu_conv_fwd(
+        EMU_DTYPES[x.dtype], _p(x), _p(w), _p(b), _p(out), _p(saved), s9, int(_cl(x)), *_epi(act, 0.2, gain, clamp), int(pool)
+    )
+    assert rc == 0
+    return out, saved
+
+
+def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool):
+    """ops.cpp's conv3x3_small_backward (all gradients), on the emulated kernels."""
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    fmt = ref.memory_format_of(x)
+    dt, cl, epi = EMU_DTYPES[x.dtype], int(_cl(x)), _epi(act, 0.2, gain, clamp)
+    s9 = _i64(n, ci, h, wd, co, *x.stride())
+    g = grad.contiguous(memory_format=fmt)
+    fused = ci <= 4
+    gp = _empty((n, co, h, wd), x.dtype, fmt)
+    if not fused:
+        assert emu.emu_conv_gp(dt, _p(x), _p(w), _p(b), _p(g), _p(saved), _p(gp), s9, cl, *epi, int(pool)) == 0
+    gw, gb = _empty(tuple(w.shape), torch.float32, torch.contiguous_format), _empty((co,), torch.float32, torch.contiguous_format)
+    partial = _empty((emu.emu_conv_partial_numel(s9, cl, int(fused)),), torch.float32, torch.contiguous_format)
+    rc = emu.emu_conv_wgrad(
+        dt,
+        int(fused),
+        _p(x),
+        _p(w),
+        _p(b),
+        _p(g),
+        _p(saved),
+        None if fused else _p(gp),
+        _p(gp) if fused else None,
+        _p(partial),
+        _p(gw),
+        _p(gb),
+        s9,
+        cl,
+        *epi,
+        int(pool),
+    )
+    assert rc == 0
+    assert not partial.isnan().any(), "a partial sum was not written"
+    wt = w.flip((2, 3)).transpose(0, 1).contiguous()
+    gx = _empty(tuple(x.shape), x.dtype, fmt)
+    t9 = _i64(n, co, h, wd, ci, *gp.stride())
+    assert emu.emu_conv_fwd(dt, _p(gp), _p(wt), None, _p(gx), None, t9, cl, *_epi("linear", 0.2, 1.0, None), 0) == 0
+    return gx, gw.to(w.dtype), gb.to(w.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ci,co", [(3, 20), (1, 5), (12, 3), (7, 1)])
+@pytest.mark.parametrize("pool", [False, True])
+def test_emulated_conv3x3_small(emu, dtype, ci, co, pool):
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(ci * 100 + co)
+    for layout, (n, h, wd), act, gain, clamp in (
+        ("channels_last", (2, 9, 11), "lrelu", 1.0, None),
+        ("nchw", (1, 10, 7), "silu", 1.41, 0.6),
+        ("noncontiguous", (1, 6, 8), "tanh", 1.0, None),
+    ):
+        x = random_input(n, ci, h, wd, dtype=dtype, layout=layout, generator=gen)
+        w = (torch.randn(co, ci, 3, 3, generator=gen, dtype=torch.float64) / (3 * ci**0.5)).to(dtype)
+        b = (torch.randn(co, generator=gen, dtype=torch.float64) * 0.2).to(dtype)
+        what = f"{ci}->{co} {layout} {act} pool={pool}"
+        out, saved = _emu_conv(emu, x, w, b, act, gain, clamp, pool)
+        want = (ref.conv3x3_pool if pool else ref.conv3x3)(x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
+        assert_close_rel(out, want, dtype=dtype, what=what)
+        grad = random_input(*out.shape, dtype=dtype, generator=gen)
+        gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool)
+        if pool:
+            p = ref.conv3x3_preact(x.double(), w.double(), b.double())
+            qh = torch.arange(h // 2).view(1, 1, -1, 1)
+            qw = torch.arange(wd // 2).view(1, 1, 1, -1)
+            am = saved.long()
+            assert ((am >= 0) & (am < 4)).all()
+            idx = (2 * qh + am // 2) * wd + (2 * qw + am % 2)
+            gp = ref._unpool(grad.double(), idx, p.shape) * ref.epilogue_derivative(p, act, 0.2, gain, clamp)
+            want_g = ref._conv_grads(gp, x.double(), w.double(), True, (True, True, True))
+        else:
+            want_g = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
+        for got, exp, name in zip((gx, gw, gb), want_g, ("x", "w", "b"), strict=True):
+            assert_close_rel(got, exp, dtype=dtype, what=f"{what} grad {name}")
+
+
+def test_emulated_conv3x3_small_several_tiles(emu):
+    """More than one 32×32 forward tile and 8-row wgrad band, odd sizes, 16-channel chunks."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(5)
+    x = random_input(1, 3, 34, 35, layout="channels_last", generator=gen)
+    w = torch.randn(17, 3, 3, 3, generator=gen) / 5
+    b = torch.randn(17, generator=gen) * 0.2
+    for pool in (False, True):
+        out, saved = _emu_conv(emu, x, w, b, "relu", 1.0, None, pool)
+        want = (ref.conv3x3_pool if pool else ref.conv3x3)(x.double(), w.double(), b.double(), "relu")
+        assert_close_rel(out, want, dtype=torch.float32)
+    grad = random_input(1, 17, 34, 35, generator=gen)
+    _, saved = _emu_conv(emu, x, w, b, "relu", 1.0, None, False)
+    got = _emu_conv_backward(emu, grad, x, w, b, None, "relu", 1.0, None, False)
+    want = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), "relu", 0.2, 1.0, None)
+    for g, e in zip(got, want, strict=True):
+        assert_close_rel(g, e, dtype=torch.float32)

@@ -1,0 +1,154 @@
+// A CPU emulation of the few CUDA features the kernels of csrc/ use, so that the very
+// same kernel source can be compiled by g++ and checked against the reference on a
+// machine without a GPU (tests/test_cuda_extension.py). Slow and serial: the threads of
+// a block are fibers on one OS thread (launch) or plain calls in turn (launch_serial,
+// for kernels without __syncthreads / shuffles); blocks run one after another. It shows
+// indexing, layout, masking, reduction-order and synchronisation-placement bugs, not
+// performance or races. Not part of any build.
+//
+// Included before the kernel source (g++ -include); csrc/emu/emu_build.py rewrites the
+// `kernel<<<grid, block, smem, stream>>>(args)` launches into gk_emu::launch calls.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <ucontext.h>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static  // one instance per kernel instantiation: blocks run serially
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+
+namespace gk_emu {
+
+struct Ctx {
+  dim3 thread, block, block_dim, grid_dim;
+  bool fibers;  // false under launch_serial, where a sync is a bug
+  float* shfl;  // one slot per thread of the block
+};
+inline thread_local Ctx ctx;
+
+// The threads of a block are fibers (ucontext) on one OS thread, run round-robin: each
+// runs until its next __syncthreads, so a "phase" ends when all have reached it.
+struct Fiber {
+  ucontext_t uc;
+  std::vector<char> stack;
+  bool done;
+};
+inline thread_local ucontext_t scheduler;
+inline thread_local Fiber* current = nullptr;
+inline thread_local const std::function<void()>* current_body = nullptr;
+
+inline void sync() {
+  if (!ctx.fibers) std::abort();  // a kernel that syncs was launched with launch_serial
+  swapcontext(&current->uc, &scheduler);
+}
+
+inline void fiber_main() {
+  (*current_body)();
+  current->done = true;  // returning resumes the scheduler (uc_link)
+}
+
+inline unsigned flat_tid() {
+  return ctx.thread.x + ctx.block_dim.x * (ctx.thread.y + ctx.block_dim.y * ctx.thread.z);
+}
+
+// Every thread of the block must reach the same shuffles (true of the kernels here).
+inline float shfl_xor(float v, int lane_mask) {
+  const unsigned t = flat_tid();
+  ctx.shfl[t] = v;
+  sync();
+  const unsigned other = (t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask);
+  const float r = ctx.shfl[other];
+  sync();
+  return r;
+}
+
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const unsigned nthreads = block.x * block.y * block.z;
+  const unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
+  std::vector<float> shfl(nthreads);
+  std::vector<Fiber> fibers(nthreads);
+  for (auto& f : fibers) f.stack.resize(1 << 16);
+  const Ctx saved = ctx;
+  ctx.block_dim = block;
+  ctx.grid_dim = grid;
+  ctx.fibers = true;
+  ctx.shfl = shfl.data();
+  current_body = &body;
+  for (unsigned long long i = 0; i < nblocks; ++i) {
+    ctx.block = dim3(i % grid.x, (i / grid.x) % grid.y, i / ((unsigned long long)grid.x * grid.y));
+    for (auto& f : fibers) {
+      getcontext(&f.uc);
+      f.uc.uc_stack.ss_sp = f.stack.data();
+      f.uc.uc_stack.ss_size = f.stack.size();
+      f.uc.uc_link = &scheduler;
+      f.done = false;
+      makecontext(&f.uc, fiber_main, 0);
+    }
+    for (bool running = true; running;) {
+      running = false;
+      for (unsigned t = 0; t < nthreads; ++t) {
+        Fiber& f = fibers[t];
+        if (f.done) continue;
+        ctx.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        current = &f;
+        swapcontext(&scheduler, &f.uc);
+        running |= !f.done;
+      }
+    }
+  }
+  ctx = saved;
+}
+
+// Kernels without __syncthreads or shuffles: every thread of every block runs in turn
+// on the calling thread (much cheaper than real threads).
+inline void launch_serial(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const unsigned nthreads = block.x * block.y * block.z;
+  const unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
+  const Ctx saved = ctx;
+  ctx.block_dim = block;
+  ctx.grid_dim = grid;
+  ctx.fibers = false;
+  ctx.shfl = nullptr;
+  for (unsigned long long i = 0; i < nblocks; ++i) {
+    ctx.block = dim3(i % grid.x, (i / grid.x) % grid.y, i / ((unsigned long long)grid.x * grid.y));
+    for (unsigned t = 0; t < nthreads; ++t) {
+      ctx.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      body();
+    }
+  }
+  ctx = saved;
+}
+
+}  // namespace gk_emu
+
+#define threadIdx (::gk_emu::ctx.thread)
+#define blockIdx (::gk_emu::ctx.block)
+#define blockDim (::gk_emu::ctx.block_dim)
+#define gridDim (::gk_emu::ctx.grid_dim)
+#define __syncthreads() ::gk_emu::sync()
+#define __shfl_xor_sync(mask, v, lane_mask) ::gk_emu::shfl_xor((v), (lane_mask))
+#define __expf expf
+using std::isnan;
+using std::max;
+using std::min;
+#define cudaGetLastError() cudaSuccess
