@@ -138,30 +138,23 @@ def extension_status() -> str:
     return "not loaded: " + _not_built_reason()
 
 
-def _asked_by_name() -> bool:
-    """Whether the dispatcher is resolving a call that named the ``cuda`` backend
-    (``backend="cuda"`` or a ``use_backend("cuda")`` default), as opposed to ``auto``.
-
-    ``OpImpl.supports`` is not told, so this looks up the caller's frame in
-    ``dispatch.resolve``; anything else (``explain``, ``auto``) reads as not named.
-    """
-    from gankernels.ops import dispatch
-
-    code = dispatch.resolve.__code__
-    frame = sys._getframe(1)
-    for _ in range(10):
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return frame.f_locals.get("name") == "cuda"
-        frame = frame.f_back
-    return False
+def _prepare(**args) -> None:
+    """``OpImpl.prepare``: the cuda backend was asked for by name (``backend="cuda"``,
+    ``use_backend("cuda")``, ``GANKERNELS_BACKEND=cuda``), so build the extension now if
+    it is missing and the call could run (CUDA tensors on a CUDA machine). ``auto``
+    never calls this, so it never waits for a build. A failed build raises
+    ``ExtensionBuildError`` with the compiler's message."""
+    if _state["loaded"]:
+        return
+    x = args.get("x")
+    if isinstance(x, torch.Tensor) and x.is_cuda and torch.cuda.is_available():
+        load(build=True)
 
 
 def _extension_reason() -> Optional[str]:
     if _state["loaded"]:
         return None
-    return load(build=_asked_by_name())
+    return load(build=False)
 
 
 # ----------------------------------------------------------------------------------
@@ -351,14 +344,14 @@ def _make_conv(pool: bool):
     def fake_saved(x, w, b, act, alpha, gain, clamp):
         return _conv_saved(x, w, pool)
 
-    return OpImpl(forward=forward, supports=supports, backward=backward, fake_saved=fake_saved)
+    return OpImpl(forward=forward, supports=supports, backward=backward, fake_saved=fake_saved, prepare=_prepare)
 
 
 def _register_backend() -> None:
-    register("bias_act", "cuda", OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward))
-    register("max_pool2d", "cuda", OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward))
+    register("bias_act", "cuda", OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward, prepare=_prepare))
+    register("max_pool2d", "cuda", OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward, prepare=_prepare))
     register(
-        "upsample_nearest2d", "cuda", OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward)
+        "upsample_nearest2d", "cuda", OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward, prepare=_prepare)
     )
     register("conv3x3", "cuda", _make_conv(pool=False))
     register("conv3x3_pool", "cuda", _make_conv(pool=True))

@@ -266,16 +266,17 @@ def test_supports_refuses_wide_convolutions():
     assert "up_conv3x3" not in [op for op in dispatch.OPS if "cuda" in dispatch.registered_backends(op)]
 
 
-def test_asked_by_name_sees_the_requested_backend():
-    """A build is allowed only when the cuda backend is named (not under auto)."""
+def test_prepare_runs_only_when_the_backend_is_named():
+    """A build may start only when the cuda backend is named (not under auto, not in explain)."""
     seen = []
     original = dispatch.get_impl("upsample_nearest2d", "cuda")
+    assert original.prepare is cuda_backend._prepare
 
     def supports(**_):
-        seen.append(cuda_backend._asked_by_name())
         return ["test"]
 
-    dispatch.register("upsample_nearest2d", "cuda", dispatch.OpImpl(forward=original.forward, supports=supports))
+    impl = dispatch.OpImpl(forward=original.forward, supports=supports, prepare=lambda **args: seen.append(sorted(args)))
+    dispatch.register("upsample_nearest2d", "cuda", impl)
     try:
         args = {"x": torch.randn(1, 1, 2, 2), "scale_factor": 2}
         with pytest.raises(gankernels.BackendUnavailable):
@@ -286,7 +287,12 @@ def test_asked_by_name_sees_the_requested_backend():
         dispatch.explain_args("upsample_nearest2d", "cuda", args)
     finally:
         dispatch.register("upsample_nearest2d", "cuda", original)
-    assert seen == [True, False, True, False]
+    assert seen == [["scale_factor", "x"], ["scale_factor", "x"]]
+
+
+def test_prepare_never_builds_for_cpu_tensors(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "load", lambda build=False: pytest.fail("must not build for CPU tensors"))
+    cuda_backend._prepare(x=torch.randn(1, 1, 2, 2), scale_factor=2)
 
 
 def test_extension_status_is_one_informative_line():

@@ -61,13 +61,17 @@ class OpImpl:
     of reasons it cannot serve them (empty: it can). ``backward``, if given, computes
     first-order gradients fast (see ``gankernels.ops.registration``); double backward
     always uses the reference formulas. ``fake_saved``, for the 3×3 ops, gives the
-    (fake) tensor the forward saves for its backward.
+    (fake) tensor the forward saves for its backward. ``prepare``, if given, is called
+    with the same arguments before ``supports`` when the backend was asked for by name
+    (never under ``auto``): the place for slow one-time set-up such as building the
+    CUDA extension; it may raise (e.g. with the compiler's message).
     """
 
     forward: Callable[..., Any]
     supports: Callable[..., list[str]] = field(default=lambda **_: [])
     backward: Optional[Callable[..., Any]] = None
     fake_saved: Optional[Callable[..., torch.Tensor]] = None
+    prepare: Optional[Callable[..., None]] = None
 
 
 _REGISTRY: dict[str, dict[str, OpImpl]] = {op: {} for op in OPS}
@@ -148,6 +152,9 @@ def resolve(op: str, requested: Optional[str], args: dict[str, Any]) -> str:
     """The backend that will run ``op`` on ``args``; raises BackendUnavailable."""
     name = default_backend() if requested is None else _check_backend_name(requested, "backend")
     if name != "auto":
+        impl = _REGISTRY[op].get(name)
+        if impl is not None and impl.prepare is not None and not torch.compiler.is_compiling():
+            impl.prepare(**args)
         why = _reasons(op, name, args)
         if why:
             raise BackendUnavailable(op, name, {name: why})
