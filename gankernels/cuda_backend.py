@@ -297,17 +297,18 @@ def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim):
     return gx, gb
 
 
-def _max_pool_supports(x, kernel_size, stride, padding, dilation, ceil_mode) -> list[str]:
+def _max_pool_supports(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> list[str]:
     return _base_reasons(x)
 
 
-def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    # Saves PyTorch's int64 indices whether or not they were asked for.
     return _ops().max_pool2d(x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
 
 
-def _max_pool_backward(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode):
+def _max_pool_backward(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     return _ops().max_pool2d_backward(
-        grad, x, indices, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode)
+        grad, x, saved, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode)
     )
 
 

@@ -33,8 +33,9 @@ def test_opcheck_conv_ops(op, cl, bias):
 
 @pytest.mark.parametrize("cfg", [([2, 2], [2, 2], [0, 0], [1, 1], False), ([3, 3], [2, 2], [1, 1], [1, 1], True)])
 @pytest.mark.parametrize("cl", [False, True])
-def test_opcheck_max_pool(cfg, cl):
-    torch.library.opcheck(OPS.max_pool2d.default, (_t(2, 3, 7, 6, cl=cl), *cfg, "torch"))
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_opcheck_max_pool(cfg, cl, return_indices):
+    torch.library.opcheck(OPS.max_pool2d.default, (_t(2, 3, 7, 6, cl=cl), *cfg, return_indices, "torch"))
 
 
 @pytest.mark.parametrize("s", [1, 2, 3])

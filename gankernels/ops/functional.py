@@ -122,7 +122,7 @@ def _pair(v: Any, name: str, minimum: int) -> list[int]:
     return vals
 
 
-def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode) -> dict[str, Any]:
+def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=False) -> dict[str, Any]:
     _check_tensor(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-D [N, C, H, W] (or 3-D [C, H, W]) tensor, got shape {tuple(x.shape)}")
@@ -138,7 +138,7 @@ def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode) -> d
     for i, size in enumerate(x.shape[2:]):
         if pool_output_size(size, k[i], s[i], p[i], d[i], bool(ceil_mode)) <= 0:
             raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size {k} (output would be empty)")
-    return dict(x=x, kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
+    return dict(x=x, kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode), return_indices=bool(return_indices))
 
 
 def _prepare_upsample(x, scale_factor) -> dict[str, Any]:
@@ -258,7 +258,7 @@ def max_pool2d(
     unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    args = _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode)
+    args = _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     name = dispatch.resolve("max_pool2d", backend, args)
     out, idx = reg.max_pool2d_op(**args, backend=name)
     if unbatched:
@@ -305,7 +305,6 @@ def explain(op: Union[str, Callable], *args: Any, **kwargs: Any) -> dispatch.Exp
     bound.apply_defaults()
     params = dict(bound.arguments)
     backend = params.pop("backend")
-    params.pop("return_indices", None)
     if name == "max_pool2d" and isinstance(params["x"], torch.Tensor) and params["x"].dim() == 3:
         params["x"] = params["x"].unsqueeze(0)
     prepared = _PREPARE[name](**params)

@@ -212,7 +212,10 @@ up_conv3x3_op = _make_conv_op("up_conv3x3")
 
 
 # ----------------------------------------------------------------------------------
-# max_pool2d (4-D input; returns values and PyTorch's flat per-plane indices)
+# max_pool2d (4-D input). Returns (values, saved): with return_indices, ``saved`` is
+# PyTorch's int64 flat per-plane indices; without, whatever the backend keeps for its
+# backward (e.g. a 1-byte window position: int64 indices would be most of the bytes a
+# bf16 pool moves).
 
 
 @torch.library.custom_op(f"{LIB}::max_pool2d", mutates_args=())
@@ -223,29 +226,35 @@ def max_pool2d_op(
     padding: list[int],
     dilation: list[int],
     ceil_mode: bool,
+    return_indices: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, idx = get_impl("max_pool2d", backend).forward(
-        x=x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+    out, saved = get_impl("max_pool2d", backend).forward(
+        x=x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode, return_indices=return_indices
     )
-    return ref.same_memory_format(out, x), ref.same_memory_format(idx, x)
+    return ref.same_memory_format(out, x), ref.same_memory_format(saved, x) if saved.dim() == 4 else saved
 
 
 @max_pool2d_op.register_fake
-def _(x, kernel_size, stride, padding, dilation, ceil_mode, backend):
+def _(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices, backend):
     n, c, h, w = x.shape
     ho = ref.pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
     wo = ref.pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     fmt = ref.memory_format_of(x)
     out = x.new_empty((n, c, ho, wo)).contiguous(memory_format=fmt)
-    idx = x.new_empty((n, c, ho, wo), dtype=torch.int64).contiguous(memory_format=fmt)
-    return out, idx
+    fake_saved = get_impl("max_pool2d", backend).fake_saved
+    if return_indices or fake_saved is None:
+        saved = x.new_empty((n, c, ho, wo), dtype=torch.int64).contiguous(memory_format=fmt)
+    else:
+        saved = fake_saved(
+            x=x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode, return_indices=return_indices
+        )
+    return out, saved
 
 
 def _max_pool_setup(ctx, inputs, output):
-    x, kernel_size, stride, padding, dilation, ceil_mode, backend = inputs
-    ctx.cfg = (kernel_size, stride, padding, dilation, ceil_mode, backend)
-    ctx.x_shape = x.shape
+    x, kernel_size, stride, padding, dilation, ceil_mode, return_indices, backend = inputs
+    ctx.cfg = (kernel_size, stride, padding, dilation, ceil_mode, return_indices, backend)
     ctx.save_for_backward(x, output[1])
     ctx.mark_non_differentiable(output[1])
 
@@ -254,34 +263,46 @@ def _max_pool_setup(ctx, inputs, output):
 def max_pool2d_backward_op(
     grad: torch.Tensor,
     x: torch.Tensor,
-    indices: torch.Tensor,
+    saved: torch.Tensor,
     kernel_size: list[int],
     stride: list[int],
     padding: list[int],
     dilation: list[int],
     ceil_mode: bool,
+    return_indices: bool,
     backend: str,
 ) -> torch.Tensor:
     gx = get_impl("max_pool2d", backend).backward(
-        grad=grad, x=x, indices=indices, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode
+        grad=grad,
+        x=x,
+        saved=saved,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        ceil_mode=ceil_mode,
+        return_indices=return_indices,
     )
     return _fresh(gx, x, (grad, x))
 
 
 @max_pool2d_backward_op.register_fake
-def _(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode, backend):
+def _(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode, return_indices, backend):
     return torch.empty_like(x, memory_format=ref.memory_format_of(x))
 
 
-def _max_pool_backward(ctx, grad, _grad_idx):
-    x, idx = ctx.saved_tensors
-    kernel_size, stride, padding, dilation, ceil_mode, backend = ctx.cfg
+def _max_pool_backward(ctx, grad, _grad_saved):
+    x, saved = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, ceil_mode, return_indices, backend = ctx.cfg
     impl = get_impl("max_pool2d", backend)
     if impl.backward is not None and not torch.is_grad_enabled():
-        gx = max_pool2d_backward_op(grad, x, idx, kernel_size, stride, padding, dilation, ceil_mode, backend)
+        gx = max_pool2d_backward_op(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode, return_indices, backend)
     else:
-        gx = ref.max_pool2d_backward(grad, x, idx)
-    return gx, None, None, None, None, None, None
+        if saved.dtype != torch.int64:
+            # The backend kept a compact code: recover PyTorch's indices (same argmax rule).
+            _, saved = ref.max_pool2d(x.detach(), kernel_size, stride, padding, dilation, ceil_mode)
+        gx = ref.max_pool2d_backward(grad, x, saved)
+    return gx, None, None, None, None, None, None, None
 
 
 max_pool2d_op.register_autograd(_max_pool_backward, setup_context=_max_pool_setup)

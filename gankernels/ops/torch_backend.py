@@ -20,6 +20,11 @@ register("up_conv3x3", "torch", OpImpl(forward=_conv(ref.up_conv3x3)))
 register(
     "max_pool2d",
     "torch",
-    OpImpl(forward=lambda x, kernel_size, stride, padding, dilation, ceil_mode: ref.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)),
+    # Always PyTorch's int64 indices, with or without return_indices.
+    OpImpl(
+        forward=lambda x, kernel_size, stride, padding, dilation, ceil_mode, return_indices: ref.max_pool2d(
+            x, kernel_size, stride, padding, dilation, ceil_mode
+        )
+    ),
 )
 register("upsample_nearest2d", "torch", OpImpl(forward=lambda x, scale_factor: ref.upsample_nearest2d(x, scale_factor)))

@@ -246,7 +246,13 @@ def _config_reason(kernel_size: list[int], stride: list[int], padding: list[int]
 
 
 def supports(
-    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], ceil_mode: bool
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+    return_indices: bool = False,
 ) -> list[str]:
     """Every reason the triton max-pool cannot serve this call (empty: it can)."""
     reasons = common_reasons(x)
@@ -257,7 +263,13 @@ def supports(
 
 
 def max_pool2d_forward(
-    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], ceil_mode: bool
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    ceil_mode: bool,
+    return_indices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.max_pool2d(x, ..., return_indices=True)`` for a served configuration: values
     and int64 flat per-plane indices, both in ``x``'s memory format."""
@@ -295,12 +307,13 @@ def max_pool2d_forward(
 def max_pool2d_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
-    indices: torch.Tensor,
+    saved: torch.Tensor,
     kernel_size: list[int],
     stride: list[int],
     padding: list[int],
     dilation: list[int],
     ceil_mode: bool,
+    return_indices: bool = True,
 ) -> torch.Tensor:
     """Gradient w.r.t. ``x`` from the pooled ``grad`` and the forward's ``indices``, in
     ``x``'s memory format (gather, deterministic, no atomics)."""
@@ -317,12 +330,12 @@ def max_pool2d_backward(
     n_col_blocks = triton.cdiv(n_cols, block_k)
     grid = (triton.cdiv(n_rows, block_r) * n_col_blocks,)
     _max_pool_bwd_kernel[grid](
-        grad, indices, gx,
+        grad, saved, gx,
         c, h, w, ho, wo,
-        *grad.stride(), *indices.stride(), *gx.stride(),
+        *grad.stride(), *saved.stride(), *gx.stride(),
         n_rows, n_cols, n_col_blocks,
         KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw,
-        CL=cl, PAIR=pair, INT64=_needs_int64(grad, indices, gx),
+        CL=cl, PAIR=pair, INT64=_needs_int64(grad, saved, gx),
         BLOCK_R=block_r, BLOCK_K=block_k,
         num_warps=4,
     )
