@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from gankernels import backends as _backends  # noqa: E402
 from gankernels.ops import (  # noqa: E402
     BackendUnavailable,
     Explanation,
@@ -24,7 +25,6 @@ from gankernels.ops import (  # noqa: E402
     upsample_nearest2d,
     use_backend,
 )
-from gankernels import backends as _backends  # noqa: E402
 
 _backends.load_fast_backends()
 

@@ -349,10 +349,20 @@ def _make_conv(pool: bool):
 
 
 def _register_backend() -> None:
-    register("bias_act", "cuda", OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward, prepare=_prepare))
-    register("max_pool2d", "cuda", OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward, prepare=_prepare))
     register(
-        "upsample_nearest2d", "cuda", OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward, prepare=_prepare)
+        "bias_act",
+        "cuda",
+        OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward, prepare=_prepare),
+    )
+    register(
+        "max_pool2d",
+        "cuda",
+        OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward, prepare=_prepare),
+    )
+    register(
+        "upsample_nearest2d",
+        "cuda",
+        OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward, prepare=_prepare),
     )
     register("conv3x3", "cuda", _make_conv(pool=False))
     register("conv3x3_pool", "cuda", _make_conv(pool=True))

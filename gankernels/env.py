@@ -40,14 +40,18 @@ def _probe_calls():
     x = torch.randn(2, 16, 8, 8, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 16, 3, 3, device=device, dtype=dtype)
     b = torch.randn(16, device=device, dtype=dtype)
-    return device, dtype, {
-        "bias_act": ((x, b), {"act": "lrelu"}),
-        "conv3x3": ((x, w, b), {"act": "lrelu"}),
-        "conv3x3_pool": ((x, w, b), {"act": "lrelu"}),
-        "up_conv3x3": ((x, w, b), {"act": "lrelu"}),
-        "max_pool2d": ((x, 2), {}),
-        "upsample_nearest2d": ((x, 2), {}),
-    }
+    return (
+        device,
+        dtype,
+        {
+            "bias_act": ((x, b), {"act": "lrelu"}),
+            "conv3x3": ((x, w, b), {"act": "lrelu"}),
+            "conv3x3_pool": ((x, w, b), {"act": "lrelu"}),
+            "up_conv3x3": ((x, w, b), {"act": "lrelu"}),
+            "max_pool2d": ((x, 2), {}),
+            "upsample_nearest2d": ((x, 2), {}),
+        },
+    )
 
 
 def report() -> str:
@@ -67,7 +71,10 @@ def report() -> str:
         lines.append("GPU        none (CUDA not available): the fast backends need one; ops run on the torch backend")
     lines.append(f"extension  {_extension_status()}")
     device, dtype, calls = _probe_calls()
-    lines.append(f"\nbackends for a small {str(dtype).replace('torch.', '')} channels_last call on {device} ('auto' picks the first usable in preference order):")
+    lines.append(
+        f"\nbackends for a small {str(dtype).replace('torch.', '')} channels_last call on {device}"
+        " ('auto' picks the first usable in preference order):"
+    )
     for op, (args, kwargs) in calls.items():
         ex = gankernels.explain(op, *args, **kwargs)
         lines.append(f"  {op:20s} auto -> {ex.backend}")

@@ -75,7 +75,9 @@ class Conv2d(tnn.Conv2d):
         clamp: Optional[float] = None,
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
         _check_act(act)
         self.act, self.alpha, self.gain, self.clamp = act, float(alpha), float(gain), clamp
         self.backend = backend
@@ -257,5 +259,8 @@ class BiasAct(tnn.Module):
         return gk.bias_act(x, self.bias, self.act, self.alpha, self.gain, self.clamp, self.dim, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, " + _epilogue_repr(self.act, self.alpha, self.gain, self.clamp) + (f", dim={self.dim}" if self.dim != 1 else "")
-
+        return (
+            f"{self.num_features}, "
+            + _epilogue_repr(self.act, self.alpha, self.gain, self.clamp)
+            + (f", dim={self.dim}" if self.dim != 1 else "")
+        )

@@ -54,7 +54,12 @@ def rel_l2_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close_rel(
-    out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dtype] = None, tol: Optional[float] = None, tf32: bool = False, what: str = "output"
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: Optional[torch.dtype] = None,
+    tol: Optional[float] = None,
+    tf32: bool = False,
+    what: str = "output",
 ) -> float:
     """Assert ``rel_l2_error(out, ref) <= tol`` (default: :func:`tolerance` of ``dtype``,
     which defaults to ``out.dtype``). Returns the error."""
@@ -62,7 +67,9 @@ def assert_close_rel(
         tol = tolerance(dtype or out.dtype, tf32)
     err = rel_l2_error(out, ref)
     if not err <= tol:
-        raise AssertionError(f"{what}: relative L2 error {err:.3e} > {tol:.1e} (dtype {dtype or out.dtype}, shape {tuple(out.shape)})")
+        raise AssertionError(
+            f"{what}: relative L2 error {err:.3e} > {tol:.1e} (dtype {dtype or out.dtype}, shape {tuple(out.shape)})"
+        )
     return err
 
 

@@ -110,9 +110,13 @@ def test_env_variable_sets_the_default(tmp_path):
     import sys
 
     code = "import gankernels; from gankernels.ops import dispatch; print(dispatch.default_backend())"
-    out = subprocess.run([sys.executable, "-c", code], env={"GANKERNELS_BACKEND": "torch", "PATH": ""}, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={"GANKERNELS_BACKEND": "torch", "PATH": ""}, capture_output=True, text=True
+    )
     assert out.stdout.strip() == "torch", out.stderr
-    bad = subprocess.run([sys.executable, "-c", code], env={"GANKERNELS_BACKEND": "nope", "PATH": ""}, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-c", code], env={"GANKERNELS_BACKEND": "nope", "PATH": ""}, capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "GANKERNELS_BACKEND: unknown backend 'nope'" in bad.stderr
 
 

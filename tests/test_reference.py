@@ -138,7 +138,7 @@ def test_conv_backward_formulas_match_autograd(op, act, gain, clamp):
     g = torch.randn_like(y)
     expect = torch.autograd.grad(y, (x, w, b), g)
     got = bwd(g, x, w, b, act, 0.2, gain, clamp)
-    for e, o in zip(expect, got):
+    for e, o in zip(expect, got, strict=False):
         torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
 
 

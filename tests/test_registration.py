@@ -111,7 +111,7 @@ def test_r1_penalty_double_backward_matches_stock():
     gx2.square().sum().backward()
     torch.testing.assert_close(gx, gx2)
     expect = [stock[0].weight.grad, stock[0].bias.grad, stock[3].weight.grad, stock[3].bias.grad]
-    for e, o in zip(expect, got[:4]):
+    for e, o in zip(expect, got[:4], strict=False):
         torch.testing.assert_close(o, e)
     assert got[4] is not None and got[4].abs().sum() > 0  # the BiasAct bias gets a second-order gradient
     torch.testing.assert_close(got[5], stock[8].weight.grad)
@@ -136,7 +136,7 @@ def test_compile_fullgraph_generator_and_discriminator_match_eager():
     for p in list(g.parameters()) + list(d.parameters()):
         p.grad = None
     d(g(z)).sum().backward()
-    for e, o in zip([p.grad for p in list(g.parameters()) + list(d.parameters())], grads):
+    for e, o in zip([p.grad for p in list(g.parameters()) + list(d.parameters())], grads, strict=False):
         torch.testing.assert_close(o, e)
 
 

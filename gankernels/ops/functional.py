@@ -8,7 +8,8 @@ Every function takes ``backend=None`` (the default from ``gankernels.use_backend
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
 
@@ -149,7 +150,9 @@ def _prepare_upsample(x, scale_factor) -> dict[str, Any]:
             raise ValueError(f"scale_factor: expected one integer scale for both axes, got {s!r}")
         s = s[0]
     if isinstance(s, bool) or not isinstance(s, (int, float)) or (isinstance(s, float) and not s.is_integer()):
-        raise ValueError(f"scale_factor: expected a positive integer (nearest upsampling by an integer factor), got {scale_factor!r}")
+        raise ValueError(
+            f"scale_factor: expected a positive integer (nearest upsampling by an integer factor), got {scale_factor!r}"
+        )
     s = int(s)
     if s < 1:
         raise ValueError(f"scale_factor: expected a positive integer, got {scale_factor!r}")
@@ -239,7 +242,9 @@ def up_conv3x3(
 
 conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 3×3 convolution, bias, activation, fused.")
 conv3x3_pool.__doc__ = _conv_doc("``max_pool2d(conv3x3(x, w, b, ...), 2)``: the discriminator block, fused (odd H/W floor).")
-up_conv3x3.__doc__ = _conv_doc("``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W].")
+up_conv3x3.__doc__ = _conv_doc(
+    "``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W]."
+)
 
 
 def max_pool2d(
@@ -266,9 +271,7 @@ def max_pool2d(
     return (out, idx) if return_indices else out
 
 
-def upsample_nearest2d(
-    x: torch.Tensor, scale_factor: Union[int, float] = 2, *, backend: Optional[str] = None
-) -> torch.Tensor:
+def upsample_nearest2d(x: torch.Tensor, scale_factor: Union[int, float] = 2, *, backend: Optional[str] = None) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=s, mode="nearest")`` for an integer ``s``."""
     args = _prepare_upsample(x, scale_factor)
     name = dispatch.resolve("upsample_nearest2d", backend, args)

@@ -85,9 +85,7 @@ def epilogue(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Option
     return y
 
 
-def epilogue_derivative(
-    p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Optional[float]
-) -> torch.Tensor:
+def epilogue_derivative(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Optional[float]) -> torch.Tensor:
     """``d epilogue(p) / dp``. The clamp passes gradient where -clamp <= y <= clamp,
     as ``torch.clamp`` does."""
     d = activation_derivative(p, act, alpha)
@@ -177,9 +175,7 @@ def subpixel_phase_weights(w: torch.Tensor) -> torch.Tensor:
     (w0+w1, w2) on rows (i, i+1) of the low-resolution input (DESIGN.md §4).
     """
     w0, w1, w2 = w[:, :, 0], w[:, :, 1], w[:, :, 2]
-    rows = torch.stack(
-        [torch.stack([w0, w1 + w2], dim=2), torch.stack([w0 + w1, w2], dim=2)], dim=0
-    )  # [phase_r, Co, Ci, tap_r, 3]
+    rows = torch.stack([torch.stack([w0, w1 + w2], dim=2), torch.stack([w0 + w1, w2], dim=2)], dim=0)  # [phase_r, Co, Ci, tap_r, 3]
     c0, c1, c2 = rows[..., 0], rows[..., 1], rows[..., 2]
     cols = torch.stack(
         [torch.stack([c0, c1 + c2], dim=-1), torch.stack([c0 + c1, c2], dim=-1)], dim=1

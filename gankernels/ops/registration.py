@@ -178,7 +178,7 @@ def _make_conv_op(op: str):
         )
         return tuple(
             _empty_saved(x) if (g is None or not need) else _fresh(g, like, (grad, x, w, out))
-            for g, like, need in zip(grads, (x, w, b if b is not None else x), needs)
+            for g, like, need in zip(grads, (x, w, b if b is not None else x), needs, strict=False)
         )
 
     @backward_op.register_fake
@@ -186,7 +186,7 @@ def _make_conv_op(op: str):
         likes = (x, w, b)
         return tuple(
             torch.empty_like(like, memory_format=ref.memory_format_of(like)) if (need and like is not None) else _empty_saved(x)
-            for like, need in zip(likes, needs)
+            for like, need in zip(likes, needs, strict=False)
         )
 
     def backward(ctx, grad, _grad_saved):
@@ -197,7 +197,7 @@ def _make_conv_op(op: str):
         if impl.backward is not None and not torch.is_grad_enabled():
             needs = (needs[0], needs[1], needs[2] and b is not None)
             grads = backward_op(grad, x, w, b, out, saved, act, alpha, gain, clamp, list(needs), backend)
-            gx, gw, gb = (g if need else None for g, need in zip(grads, needs))
+            gx, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=False))
         else:
             gx, gw, gb = _CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
         return gx, gw, gb, None, None, None, None, None
@@ -230,7 +230,13 @@ def max_pool2d_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, saved = get_impl("max_pool2d", backend).forward(
-        x=x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode, return_indices=return_indices
+        x=x,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        ceil_mode=ceil_mode,
+        return_indices=return_indices,
     )
     return ref.same_memory_format(out, x), ref.same_memory_format(saved, x) if saved.dim() == 4 else saved
 
@@ -247,7 +253,13 @@ def _(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices, back
         saved = x.new_empty((n, c, ho, wo), dtype=torch.int64).contiguous(memory_format=fmt)
     else:
         saved = fake_saved(
-            x=x, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode, return_indices=return_indices
+            x=x,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            ceil_mode=ceil_mode,
+            return_indices=return_indices,
         )
     return out, saved
 

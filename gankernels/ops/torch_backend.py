@@ -13,7 +13,9 @@ def _conv(fn):
     return forward
 
 
-register("bias_act", "torch", OpImpl(forward=lambda x, b, act, alpha, gain, clamp, dim: ref.bias_act(x, b, act, alpha, gain, clamp, dim)))
+register(
+    "bias_act", "torch", OpImpl(forward=lambda x, b, act, alpha, gain, clamp, dim: ref.bias_act(x, b, act, alpha, gain, clamp, dim))
+)
 register("conv3x3", "torch", OpImpl(forward=_conv(ref.conv3x3)))
 register("conv3x3_pool", "torch", OpImpl(forward=_conv(ref.conv3x3_pool)))
 register("up_conv3x3", "torch", OpImpl(forward=_conv(ref.up_conv3x3)))
