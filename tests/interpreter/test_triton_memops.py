@@ -5,6 +5,9 @@ Every case calls the public API with ``backend="triton"`` (so the dispatcher and
 registered op are exercised), on fresh seeded random inputs, with the kernels' output
 buffers poisoned (NaN / -1), and compares forward and backward with the float64
 reference (indices exactly with PyTorch's). fp32 and fp16; bf16 runs on GPU only.
+
+max_pool2d runs both ways: ``return_indices=True`` (int64 indices saved) and False (the
+training default: an int8 window code saved, decoded here to PyTorch's indices).
 """
 
 from __future__ import annotations
@@ -58,26 +61,47 @@ def _pool_input(shape, dtype, layout, seed, specials: bool) -> torch.Tensor:
     return x
 
 
+def _decode_codes(code: torch.Tensor, k: int, s: int, p: int, width: int) -> torch.Tensor:
+    """PyTorch's flat per-plane indices from the triton backend's window codes
+    ``ky * k + kx``: input position (ho*s - p + ky, wo*s - p + kx)."""
+    ho = torch.arange(code.shape[2]).view(-1, 1)
+    wo = torch.arange(code.shape[3]).view(1, -1)
+    code = code.long()
+    return (ho * s - p + code // k) * width + (wo * s - p + code % k)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", POOL_CONFIGS, ids=["2x2s2", "3x3s2p1"])
 @pytest.mark.parametrize("ceil_mode", (False, True))
 @pytest.mark.parametrize("shape", ((1, 5, 7, 9), (2, 4, 8, 6)), ids=["n1_odd", "n2_even"])
-def test_max_pool2d(layout, dtype, cfg, ceil_mode, shape):
+@pytest.mark.parametrize("return_indices", (True, False), ids=["idx64", "code8"])
+def test_max_pool2d(layout, dtype, cfg, ceil_mode, shape, return_indices):
     k, s, p = cfg
     x = _pool_input(shape, dtype, layout, seed=1, specials=True)
     xt = x.detach().clone().requires_grad_(True)
-    out, idx = gankernels.max_pool2d(xt, k, s, p, ceil_mode=ceil_mode, return_indices=True, backend="triton")
+    # The registered op itself, to see what it saves for the backward.
+    out, saved = torch.ops.gankernels.max_pool2d.default(xt, [k, k], [s, s], [p, p], [1, 1], ceil_mode, return_indices, "triton")
 
     x64 = x.detach().double().requires_grad_(True)
     ref_out, ref_idx = F.max_pool2d(x64, k, s, p, ceil_mode=ceil_mode, return_indices=True)
-    assert out.dtype == dtype and idx.dtype == torch.int64
+    assert out.dtype == dtype and saved.shape == ref_out.shape
+    if return_indices:
+        assert saved.dtype == torch.int64
+        idx = saved
+    else:
+        assert saved.dtype == torch.int8, f"return_indices=False must save a 1-byte window code, got {saved.dtype}"
+        assert 0 <= int(saved.min()) and int(saved.max()) < k * k, "window code out of range"
+        idx = _decode_codes(saved, k, s, p, x.shape[3])
     assert torch.equal(idx, ref_idx), f"indices differ from PyTorch's:\n{idx}\n{ref_idx}"
     # PyTorch on the input's own dtype agrees too (the float64 reference is exact here).
     assert torch.equal(idx, F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode, return_indices=True)[1])
     assert_close_rel(out, ref_out, dtype=dtype, what="max_pool2d forward")
     _assert_format(out, x, "max_pool2d out")
-    _assert_format(idx, x, "max_pool2d indices")
+    _assert_format(saved, x, "max_pool2d saved")
+    if not return_indices:  # and the public call agrees
+        public = gankernels.max_pool2d(x, k, s, p, ceil_mode=ceil_mode, backend="triton")
+        torch.testing.assert_close(public, out.detach(), rtol=0, atol=0, equal_nan=True)
 
     g = random_input(*out.shape, dtype=dtype, generator=_gen(2))
     out.backward(g)
@@ -98,6 +122,50 @@ def test_max_pool2d_noncontiguous_grad_and_unbatched(cfg):
     (out.sum() * 3).backward()
     (ref_out.sum() * 3).backward()
     assert_close_rel(x.grad, x64.grad, what="max_pool2d backward, expanded grad")
+
+
+@pytest.mark.parametrize("cfg", POOL_CONFIGS, ids=["2x2s2", "3x3s2p1"])
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_max_pool2d_fake_saved_and_opcheck(cfg, layout):
+    """The op with return_indices=False passes opcheck (schema, autograd registration,
+    fake tensor, AOT dispatch): the backend's fake_saved matches what it really saves."""
+    k, s, p = cfg
+    x = random_input(1, 3, 5, 6, layout=layout, generator=_gen(60)).requires_grad_(True)
+    args = ([k, k], [s, s], [p, p], [1, 1], True)  # ceil_mode: a clipped last window
+    _, saved = torch.ops.gankernels.max_pool2d.default(x, *args, False, "triton")
+    fake = tmax_pool.fake_saved(x, *args, False)
+    assert (fake.shape, fake.dtype, fake.stride()) == (saved.shape, saved.dtype, saved.stride())
+    torch.library.opcheck(torch.ops.gankernels.max_pool2d.default, (x, *args, False, "triton"))
+
+
+@pytest.mark.parametrize("cfg", POOL_CONFIGS, ids=["2x2s2", "3x3s2p1"])
+def test_max_pool2d_double_backward(cfg):
+    """R1-style: the gradient w.r.t. the input, with create_graph, then differentiated
+    again; the triton op (which saved window codes) matches the torch backend."""
+    k, s, p = cfg
+    x0 = random_input(2, 3, 7, 8, generator=_gen(70), layout="channels_last")
+    w0 = random_input(3, generator=_gen(71))
+    v = random_input(*F.max_pool2d(x0, k, s, p).shape, generator=_gen(72))
+
+    def grads(backend: str):
+        x = x0.detach().clone().requires_grad_(True)
+        w = w0.detach().clone().requires_grad_(True)
+        y = gankernels.max_pool2d(x * w.view(1, -1, 1, 1), k, s, p, backend=backend)
+        score = (y.square() * v).sum()
+        (gx,) = torch.autograd.grad(score, x, create_graph=True)
+        gx.square().sum().backward()
+        return gx.detach(), x.grad, w.grad
+
+    for got, want, what in zip(grads("triton"), grads("torch"), ("grad x", "R1 grad x", "R1 grad w"), strict=True):
+        assert_close_rel(got, want.double(), what=f"max_pool2d double backward: {what}")
+
+
+def test_max_pool2d_backward_rejects_wrong_saved():
+    x = random_input(1, 2, 4, 4, generator=_gen(80))
+    g = random_input(1, 2, 2, 2, generator=_gen(81))
+    with pytest.raises(ValueError, match="saved: expected int64 indices or torch.int8"):
+        bad = torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+        tmax_pool.max_pool2d_backward(g, x, bad, [2, 2], [2, 2], [0, 0], [1, 1], False, False)
 
 
 def test_max_pool2d_unsupported_config_is_refused():
