@@ -3,7 +3,9 @@ skipped without CUDA): the interpreter tests' checks plus bfloat16, the ANCHORS 
 64×128×64×64, 64-bit offsets, torch.compile(fullgraph=True) and CUDA-graph capture.
 
 Outputs are poisoned (NaN / -1) before each kernel runs and everything is compared with
-the float64 reference; indices exactly with PyTorch's.
+the float64 reference; indices exactly with PyTorch's. max_pool2d runs with
+``return_indices`` True (int64 indices saved) and False (the training default: an int8
+window code saved, decoded here and compared with PyTorch's indices).
 """
 
 from __future__ import annotations
@@ -54,16 +56,30 @@ def _assert_format(out: torch.Tensor, x: torch.Tensor, what: str) -> None:
 # max_pool2d
 
 
-def _check_max_pool(x, k, s, p, ceil_mode):
+def _decode_codes(code: torch.Tensor, k: int, s: int, p: int, width: int) -> torch.Tensor:
+    """PyTorch's flat per-plane indices from the window codes ``ky * k + kx``."""
+    ho = torch.arange(code.shape[2], device=code.device).view(-1, 1)
+    wo = torch.arange(code.shape[3], device=code.device).view(1, -1)
+    code = code.long()
+    return (ho * s - p + code // k) * width + (wo * s - p + code % k)
+
+
+def _check_max_pool(x, k, s, p, ceil_mode, return_indices):
     dtype = x.dtype
     xt = x.detach().clone().requires_grad_(True)
-    out, idx = gankernels.max_pool2d(xt, k, s, p, ceil_mode=ceil_mode, return_indices=True, backend="triton")
+    out, saved = torch.ops.gankernels.max_pool2d.default(xt, [k, k], [s, s], [p, p], [1, 1], ceil_mode, return_indices, "triton")
     x64 = x.detach().double().requires_grad_(True)
     ref_out, ref_idx = F.max_pool2d(x64, k, s, p, ceil_mode=ceil_mode, return_indices=True)
+    if return_indices:
+        assert saved.dtype == torch.int64
+        idx = saved
+    else:
+        assert saved.dtype == torch.int8 and saved.shape == ref_out.shape
+        idx = _decode_codes(saved, k, s, p, x.shape[3])
     assert torch.equal(idx, ref_idx), "indices differ from PyTorch's"
     assert_close_rel(out, ref_out, dtype=dtype, what="max_pool2d forward")
     _assert_format(out, x, "max_pool2d out")
-    _assert_format(idx, x, "max_pool2d indices")
+    _assert_format(saved, x, "max_pool2d saved")
     g = random_input(*out.shape, dtype=dtype, device="cuda", generator=_gen(2))
     out.backward(g)
     ref_out.backward(g.double())
@@ -74,20 +90,22 @@ def _check_max_pool(x, k, s, p, ceil_mode):
 @pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS)
 @pytest.mark.parametrize("cfg", ((2, 2, 0), (3, 2, 1)), ids=["2x2s2", "3x3s2p1"])
 @pytest.mark.parametrize("ceil_mode", (False, True))
-def test_max_pool2d_small(dtype, layout, cfg, ceil_mode):
+@pytest.mark.parametrize("return_indices", (True, False), ids=["idx64", "code8"])
+def test_max_pool2d_small(dtype, layout, cfg, ceil_mode, return_indices):
     x = _x((1, 5, 7, 9), dtype, layout, seed=1)
     x[0, 0, 0, 0] = NAN
     x[0, 0, 1, 1] = NAN
     x[0, 2, 2:4, 4:6] = 1.5
     x[0, 3, 4:6, 2:4] = -INF
-    _check_max_pool(x, *cfg, ceil_mode)
+    _check_max_pool(x, *cfg, ceil_mode, return_indices)
 
 
 @pytest.mark.parametrize("layout", ("nchw", "channels_last"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("cfg", ((2, 2, 0), (3, 2, 1)), ids=["2x2s2", "3x3s2p1"])
-def test_max_pool2d_anchor_shape(layout, dtype, cfg):
-    _check_max_pool(_x(ANCHOR_SHAPE, dtype, layout, seed=3), *cfg, False)
+@pytest.mark.parametrize("return_indices", (True, False), ids=["idx64", "code8"])
+def test_max_pool2d_anchor_shape(layout, dtype, cfg, return_indices):
+    _check_max_pool(_x(ANCHOR_SHAPE, dtype, layout, seed=3), *cfg, False, return_indices)
 
 
 # ----------------------------------------------------------------------------------
@@ -191,6 +209,19 @@ def test_int64_offsets():
     width = x.shape[-1]
     assert torch.equal(idx[tail], (r_idx // 128) * width + (width - 128) + r_idx % 128)
     del out, idx
+    # The 1-byte window code path (return_indices=False) and its backward, same tail.
+    out, code = tmax_pool.max_pool2d_forward(x, [2, 2], [2, 2], [0, 0], [1, 1], False, False)
+    assert code.dtype == torch.int8 and torch.equal(out[tail].float(), r_out)
+    assert torch.equal(_decode_codes(code[tail], 2, 2, 0, 128), r_idx)
+    g = torch.ones_like(out)
+    del out
+    gx = tmax_pool.max_pool2d_backward(g, x, code, [2, 2], [2, 2], [0, 0], [1, 1], False, False)
+    del g, code
+    r_gx = torch.ops.aten.max_pool2d_with_indices_backward(
+        torch.ones_like(r_out), x[..., -128:].float(), [2, 2], [2, 2], [0, 0], [1, 1], False, r_idx
+    )
+    assert torch.equal(gx[..., -128:].float(), r_gx)
+    del gx
     b = torch.randn(2, device="cuda", dtype=torch.bfloat16)
     y = tbias_act.bias_act_forward(x, b, "lrelu", 0.2, 1.0, None, 1)
     assert_close_rel(y[tail], ref.bias_act(x[tail].double(), b.double(), "lrelu", 0.2, 1.0, None, 1), what="bias_act int64")
