@@ -13,9 +13,12 @@ public ``gankernels`` call, dispatch and custom op included). Bytes are counted 
 ANCHORS.md does (the fewest an op must move):
 
 * max-pool fwd: read x, write x/4; bwd: read grad/4 and an index/4 *of the same
-  element size*, write grad_in. The op's schema saves int64 indices, so the kernels
-  really move more (``% copy, actual``: x + x/4 + 8-byte index/4 forward, likewise
-  backward);
+  element size*, write grad_in. The kernels really move a saved tensor of their own
+  (``% copy, actual``): ``max_pool2d`` is the training default (``return_indices=False``),
+  which saves a 1-byte window code per output (x + x/4 + 1 B × numel/4 forward, grad/4
+  + 1 B × numel/4 + grad_in backward); ``max_pool2d_idx64`` is ``return_indices=True``,
+  PyTorch's 8-byte indices (8 B × numel/4 instead). Both have the same ANCHORS bytes and
+  the same stock PyTorch times (stock always keeps int64 indices);
 * upsample: read x, write 4x, and the reverse;
 * bias + lrelu fwd: read x, write y; bwd: read x and grad, write grad_in. The stock
   backward is ``leaky_relu_backward`` alone; the Triton backward also produces the
@@ -47,7 +50,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 NAME = "gpu_time_memops"
 ANCHOR_SHAPE = (64, 128, 64, 64)
-INDEX_BYTES = 8  # PyTorch's max-pool indices are int64
+# Bytes per pooled output of what each max-pool row saves for its backward.
+SAVED_BYTES = {"max_pool2d": 1, "max_pool2d_idx64": 8}  # int8 window code / int64 index
 
 
 # ----------------------------------------------------------------------------------
@@ -58,7 +62,7 @@ def anchor_bytes(op: str, direction: str, numel: int, esize: int) -> int:
     """Bytes the op must move as ANCHORS.md counts them; ``numel`` is the element count
     of the op's (full-resolution side) input x, ``esize`` its element size."""
     full = numel * esize
-    if op == "max_pool2d":
+    if op in SAVED_BYTES:
         # fwd: x + x/4; bwd: grad/4 + index/4 (counted at the element size) + grad_in.
         return full + full // 4 if direction == "fwd" else full // 4 + full // 4 + full
     if op == "upsample2x":
@@ -70,10 +74,12 @@ def anchor_bytes(op: str, direction: str, numel: int, esize: int) -> int:
 
 def actual_bytes(op: str, direction: str, numel: int, esize: int) -> int:
     """Bytes the kernels really move (differs from :func:`anchor_bytes` only for
-    max-pool, whose indices are 8 bytes each)."""
-    if op == "max_pool2d":
+    max-pool, which saves ``SAVED_BYTES[op]`` per pooled output, not ``esize``)."""
+    if op in SAVED_BYTES:
         full = numel * esize
-        return full + full // 4 + (numel // 4) * INDEX_BYTES
+        saved = (numel // 4) * SAVED_BYTES[op]
+        # fwd: x + out + saved; bwd: grad + saved + grad_in (the same total).
+        return full + full // 4 + saved
     return anchor_bytes(op, direction, numel, esize)
 
 
@@ -190,6 +196,17 @@ def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
     return rel_l2_error(a, b) <= tolerance(a.dtype)
 
 
+def as_indices(saved: torch.Tensor, k: int, s: int, p: int, width: int) -> torch.Tensor:
+    """PyTorch's flat per-plane indices from what the triton max-pool saved: int64
+    indices as they are, int8 window codes ``ky * k + kx`` decoded."""
+    if saved.dtype == torch.int64:
+        return saved
+    ho = torch.arange(saved.shape[2], device=saved.device).view(-1, 1)
+    wo = torch.arange(saved.shape[3], device=saved.device).view(1, -1)
+    code = saved.long()
+    return (ho * s - p + code // k) * width + (wo * s - p + code % k)
+
+
 def run_cases(timer, device: str, shape: tuple[int, ...], copy_gbps: float, dtypes, layouts) -> list[Row]:
     import gankernels
     from gankernels.triton import bias_act as tba
@@ -226,29 +243,29 @@ def run_cases(timer, device: str, shape: tuple[int, ...], copy_gbps: float, dtyp
         x = rnd(*shape)
         b = torch.randn(c, generator=gen).to(device=device, dtype=dtype)
 
-        # max_pool2d 2×2
+        # max_pool2d 2×2: the 1-byte window code (return_indices=False, what training
+        # runs) and PyTorch's int64 indices (return_indices=True).
         ref_out, ref_idx = F.max_pool2d(x, 2, return_indices=True)
-        add(
-            "max_pool2d", "fwd", dtype, layout,
-            lambda: F.max_pool2d(x, 2),
-            lambda: tmp.max_pool2d_forward(x, k2, s2, p0, d1, False),
-            lambda: gankernels.max_pool2d(x, 2, backend="triton"),
-            lambda: all(
-                _same(a, r, True) for a, r in zip(tmp.max_pool2d_forward(x, k2, s2, p0, d1, False), (ref_out, ref_idx), strict=True)
-            ),
-        )
         g = rnd(*ref_out.shape)
-        add(
-            "max_pool2d", "bwd", dtype, layout,
-            lambda: torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx),
-            lambda: tmp.max_pool2d_backward(g, x, ref_idx, k2, s2, p0, d1, False),
-            None,
-            lambda: _same(
-                tmp.max_pool2d_backward(g, x, ref_idx, k2, s2, p0, d1, False),
-                torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx),
-                True,
-            ),
-        )
+
+        def stock_bwd():
+            return torch.ops.aten.max_pool2d_with_indices_backward(g, x, k2, s2, p0, d1, False, ref_idx)
+
+        for op, want_indices in (("max_pool2d", False), ("max_pool2d_idx64", True)):
+            out, saved = tmp.max_pool2d_forward(x, k2, s2, p0, d1, False, want_indices)
+            add(
+                op, "fwd", dtype, layout,
+                lambda: F.max_pool2d(x, 2),
+                lambda wi=want_indices: tmp.max_pool2d_forward(x, k2, s2, p0, d1, False, wi),
+                lambda wi=want_indices: gankernels.max_pool2d(x, 2, return_indices=wi, backend="triton"),
+                lambda out=out, saved=saved: _same(out, ref_out, True) and _same(as_indices(saved, 2, 2, 0, w), ref_idx, True),
+            )
+
+            def pool_bwd(saved=saved, wi=want_indices):
+                return tmp.max_pool2d_backward(g, x, saved, k2, s2, p0, d1, False, wi)
+
+            add(op, "bwd", dtype, layout, stock_bwd, pool_bwd, None, lambda f=pool_bwd: _same(f(), stock_bwd(), True))
+            del out, saved
 
         # nearest 2× upsample
         add(
@@ -333,9 +350,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}, triton {triton.__version__}; "
         f"`python scripts/{NAME}.py {' '.join(sys.argv[1:] if argv is None else argv)}`.",
         f"Shape {'×'.join(map(str, shape))}; do_bench median, L2 flushed; copy bandwidth {copy_gbps:.0f} GB/s (read + write, "
-        f"{copy_bytes >> 20} MiB copy_). GB/s and % copy count bytes as ANCHORS.md; '% copy, actual bytes' counts the "
-        "8-byte max-pool indices the kernels really read/write. bias_lrelu bwd: stock is leaky_relu_backward alone, "
-        "triton also computes the bias gradient.",
+        f"{copy_bytes >> 20} MiB copy_). GB/s and % copy count bytes as ANCHORS.md; '% copy, actual bytes' counts what "
+        "the max-pool kernels really save and read back: max_pool2d (return_indices=False, training's default) a 1-byte "
+        "window code, max_pool2d_idx64 (return_indices=True) PyTorch's 8-byte indices. "
+        "bias_lrelu bwd: stock is leaky_relu_backward alone, triton also computes the bias gradient.",
     ]
     print("\n".join(header), flush=True)
     rows = run_cases(timer, device, shape, copy_gbps, dtypes, ("channels_last", "nchw"))
