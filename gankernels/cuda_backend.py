@@ -151,10 +151,16 @@ def _prepare(**args) -> None:
         load(build=True)
 
 
+@torch.compiler.assume_constant_result
 def _extension_reason() -> Optional[str]:
+    """Why the extension's ops are not available (None: they are). Never builds.
+
+    A constant to ``torch.compile``: it reads the file system (the JIT cache) and takes a
+    lock, which Dynamo cannot trace; the answer cannot change within a traced call.
+    """
     if _state["loaded"]:
         return None
-    return load(build=False)
+    return _state["build_error"] or load(build=False)
 
 
 # ----------------------------------------------------------------------------------
@@ -269,10 +275,6 @@ def _base_reasons(x: torch.Tensor, **others: Optional[torch.Tensor]) -> list[str
                 break
     if x.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {x.dtype} runs only on the torch backend (cuda serves float32, float16, bfloat16)")
-    if reasons:
-        if not _state["loaded"]:
-            reasons.append(_state["build_error"] or _not_built_reason())  # informative; never builds
-        return reasons
     why = _extension_reason()
     if why:
         reasons.append(why)
