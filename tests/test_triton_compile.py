@@ -157,22 +157,6 @@ KNOWN_ISSUES: tuple[Known, ...] = (
     ),
     # Extended set (every autotune configuration).
     Known(
-        r"^sm80-wgrad_kernel-fp32-.*-128x64x64w8s3$",
-        "smem",
-        "_wgrad_configs' fp32 BLOCK_CO=128, BLOCK_CI=64, BLOCK_M=64, 3-stage config needs 196-212 KB of shared "
-        "memory on sm_80 (163 KB): the wgrad pruner has no shared-memory bound, so the autotuner compiles it and "
-        "discards it at run time (OutOfResources)",
-        seen=("3.6", "3.8"),
-        extended=True,
-    ),
-    Known(
-        r"^sm90-wgrad_kernel-fp32-.*-pool.*-128x64x64w8s3$",
-        "smem",
-        "triton 3.8: the same fp32 wgrad config needs 256 KB of shared memory on sm_90 in pool mode (227 KB)",
-        seen=("3.8",),
-        extended=True,
-    ),
-    Known(
         r"^sm(80|90)-(conv3x3_fwd|dgrad|wgrad)_kernel-",
         "spill",
         "some non-first autotune configurations of the conv kernels spill (8 B to 1.8 KB; the large ones in NCHW and "

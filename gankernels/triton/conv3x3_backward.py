@@ -219,12 +219,38 @@ def _wgrad_configs() -> list:
     ]
 
 
-def _prune(dims: tuple[tuple[str, str], ...]):
+# Operand-tile bytes (stages × both tiles) a configuration may take. The real shared
+# memory is up to ~1.75× this estimate (layout conversions, the epilogue): measured by
+# tests/test_triton_compile.py, e.g. fp32 wgrad 128×64×64 ×3 stages, estimated 147 KB,
+# needed 196–256 KB, over the 227 KB (sm_90) / 163 KB (sm_80) a block may have. Above
+# this bound a configuration only costs compile time and fails at launch.
+_TILE_BYTES_LIMIT = 128 * 1024
+
+
+def _dgrad_tile_bytes(c, elsize: int) -> int:
+    """A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N] per stage."""
+    kw = c.kwargs
+    return c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
+
+
+def _wgrad_tile_bytes(c, elsize: int) -> int:
+    """grad [BLOCK_M, BLOCK_CO] and the activation [BLOCK_M, BLOCK_CI] per stage."""
+    kw = c.kwargs
+    return c.num_stages * (kw["BLOCK_CO"] + kw["BLOCK_CI"]) * kw["BLOCK_M"] * elsize
+
+
+def _prune(dims: tuple[tuple[str, str], ...], tile_bytes):
     """Drop configurations whose channel tiles are far wider than the channels (they
-    only compute padding); always keep the smallest."""
+    only compute padding) or whose tiles overflow shared memory; always keep the
+    smallest."""
 
     def prune(configs, named_args, **kwargs):
+        g = named_args.get("g_ptr")
+        elsize = g.element_size() if hasattr(g, "element_size") else 2
+
         def fits(c):
+            if tile_bytes(c, elsize) > _TILE_BYTES_LIMIT:
+                return False
             return all(c.kwargs[blk] <= max(32, triton.next_power_of_2(int(named_args[arg]))) for blk, arg in dims)
 
         kept = [c for c in configs if fits(c)]
@@ -240,7 +266,7 @@ _KEY = ["N", "H", "W", "Ci", "Co", "MODE", "ACT", "FROM_Y"]
 
 
 @triton.autotune(
-    configs=_dgrad_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune((("BLOCK_N", "Ci"), ("BLOCK_K", "Co")))}
+    configs=_dgrad_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune((("BLOCK_N", "Ci"), ("BLOCK_K", "Co")), _dgrad_tile_bytes)}
 )
 @triton.jit
 def _dgrad_kernel(
@@ -305,7 +331,7 @@ def _dgrad_kernel(
 @triton.autotune(
     configs=_wgrad_configs(),
     key=_KEY + ["COMPUTE_W"],
-    prune_configs_by={"early_config_prune": _prune((("BLOCK_CO", "Co"), ("BLOCK_CI", "Ci")))},
+    prune_configs_by={"early_config_prune": _prune((("BLOCK_CO", "Co"), ("BLOCK_CI", "Ci")), _wgrad_tile_bytes)},
 )
 @triton.jit
 def _wgrad_kernel(
