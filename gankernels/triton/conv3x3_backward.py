@@ -266,7 +266,9 @@ _KEY = ["N", "H", "W", "Ci", "Co", "MODE", "ACT", "FROM_Y"]
 
 
 @triton.autotune(
-    configs=_dgrad_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune((("BLOCK_N", "Ci"), ("BLOCK_K", "Co")), _dgrad_tile_bytes)}
+    configs=_dgrad_configs(),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune((("BLOCK_N", "Ci"), ("BLOCK_K", "Co")), _dgrad_tile_bytes)},
 )
 @triton.jit
 def _dgrad_kernel(

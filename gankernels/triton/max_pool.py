@@ -44,7 +44,8 @@ import triton.language as tl
 
 from gankernels.ops.dispatch import OpImpl, register
 from gankernels.ops.reference import memory_format_of, pool_output_size
-from gankernels.triton.utils import common_reasons
+from gankernels.triton.utils import common_reasons, empty, tile
+from gankernels.triton.utils import needs_int64 as _needs_int64
 
 # (kernel_size, stride, padding, dilation) the kernels are built and tested for.
 SERVED_CONFIGS: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]], ...] = (
@@ -54,7 +55,6 @@ SERVED_CONFIGS: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], t
 
 # Tile size in output (forward) / input (backward) elements per program.
 _TILE = 2048
-_INT32_LIMIT = 2**31 - 1
 
 
 # dtype of the window code saved when return_indices=False (values 0..KH*KW-1).
@@ -66,27 +66,11 @@ POISON_OUTPUTS = False
 
 
 def _empty(*args, **kwargs) -> torch.Tensor:
-    """``torch.empty`` (or ``torch.empty_like`` when given a tensor), poisoned if asked."""
-    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
-    if POISON_OUTPUTS:
-        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
-    return t
-
-
-def _span(t: torch.Tensor) -> int:
-    """One past the largest element offset ``t`` addresses (its storage footprint)."""
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(_span(t) > _INT32_LIMIT or t.numel() > _INT32_LIMIT for t in tensors)
+    return empty(POISON_OUTPUTS, *args, **kwargs)
 
 
 def _tile(inner: int, max_inner: int = 64) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_K): BLOCK_K covers the contiguous dimension (up to
-    ``max_inner``), BLOCK_R fills the tile with rows."""
-    block_k = min(triton.next_power_of_2(max(inner, 1)), max_inner)
-    return max(1, _TILE // block_k), block_k
+    return tile(inner, _TILE, max_inner)
 
 
 # ----------------------------------------------------------------------------------

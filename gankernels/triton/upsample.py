@@ -23,14 +23,14 @@ import triton.language as tl
 
 from gankernels.ops.dispatch import OpImpl, register
 from gankernels.ops.reference import memory_format_of
-from gankernels.triton.utils import common_reasons
+from gankernels.triton.utils import common_reasons, empty, tile
+from gankernels.triton.utils import needs_int64 as _needs_int64
 
 # The kernels unroll the s×s block; beyond this the unrolled code gets large for no
 # GAN use, so larger factors go to the torch backend.
 MAX_SCALE = 8
 
 _TILE = 2048  # input (forward) / grad-input (backward) elements per program
-_INT32_LIMIT = 2**31 - 1
 
 
 # Tests set this to True: every output buffer is then filled with NaN (-1 for indices)
@@ -39,24 +39,11 @@ POISON_OUTPUTS = False
 
 
 def _empty(*args, **kwargs) -> torch.Tensor:
-    """``torch.empty`` (or ``torch.empty_like`` when given a tensor), poisoned if asked."""
-    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
-    if POISON_OUTPUTS:
-        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
-    return t
-
-
-def _span(t: torch.Tensor) -> int:
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(_span(t) > _INT32_LIMIT or t.numel() > _INT32_LIMIT for t in tensors)
+    return empty(POISON_OUTPUTS, *args, **kwargs)
 
 
 def _tile(inner: int, max_inner: int = 64) -> tuple[int, int]:
-    block_k = min(triton.next_power_of_2(max(inner, 1)), max_inner)
-    return max(1, _TILE // block_k), block_k
+    return tile(inner, _TILE, max_inner)
 
 
 @triton.jit

@@ -46,3 +46,37 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     from gankernels.ops.reference import memory_format_of as _fmt
 
     return _fmt(t)
+
+
+# ----------------------------------------------------------------------------------
+# Launch helpers shared by the memory-bound kernel families.
+
+INT32_LIMIT = 2**31 - 1
+
+
+def empty(poison: bool, *args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` (or ``torch.empty_like`` when given a tensor); filled with NaN
+    (-1 for integers) when ``poison``, so an element a kernel fails to write shows up."""
+    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
+    if poison:
+        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+    return t
+
+
+def span(t: torch.Tensor) -> int:
+    """One past the largest element offset ``t`` addresses (its storage footprint)."""
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any offset into these tensors can exceed int32 (then kernels index in int64)."""
+    return any(span(t) > INT32_LIMIT or t.numel() > INT32_LIMIT for t in tensors)
+
+
+def tile(inner: int, total: int, max_inner: int = 64) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K) for a 2-D tile of ``total`` elements: BLOCK_K covers the
+    contiguous dimension (up to ``max_inner``), BLOCK_R fills the tile with rows."""
+    import triton
+
+    block_k = min(triton.next_power_of_2(max(inner, 1)), max_inner)
+    return max(1, total // block_k), block_k
