@@ -32,14 +32,13 @@ import triton
 import triton.language as tl
 
 from gankernels.ops.dispatch import OpImpl, register
-from gankernels.triton.utils import common_reasons
+from gankernels.triton.utils import INT32_LIMIT, common_reasons, empty
 
 ACT_CODES: dict[str, int] = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "silu": 5}
 
 _TILE = 4096  # elements per program (per iteration in the backward)
 _MAX_BLOCK_K = 1024
 _BWD_ROW_ITERS = 8  # row tiles one backward program walks (fewer gb partials to reduce)
-_INT32_LIMIT = 2**31 - 1
 
 
 # Tests set this to True: every output buffer is then filled with NaN (-1 for indices)
@@ -48,11 +47,7 @@ POISON_OUTPUTS = False
 
 
 def _empty(*args, **kwargs) -> torch.Tensor:
-    """``torch.empty`` (or ``torch.empty_like`` when given a tensor), poisoned if asked."""
-    t = torch.empty_like(*args, **kwargs) if isinstance(args[0], torch.Tensor) else torch.empty(*args, **kwargs)
-    if POISON_OUTPUTS:
-        t.fill_(float("nan") if t.dtype.is_floating_point else -1)
-    return t
+    return empty(POISON_OUTPUTS, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------
@@ -267,7 +262,7 @@ def bias_act_forward(
         xd, xd if b is None else b, y,
         R, K, C, n_col_blocks,
         float(alpha), float(gain), 0.0 if clamp is None else float(clamp),
-        HAS_BIAS=b is not None, BIAS_ON_COLS=on_cols, INT64=xd.numel() > _INT32_LIMIT,
+        HAS_BIAS=b is not None, BIAS_ON_COLS=on_cols, INT64=xd.numel() > INT32_LIMIT,
         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **flags,
     )
     return y
@@ -311,7 +306,7 @@ def bias_act_backward(
         grad, xd, xd if b is None else b, gx, part,
         R, K, C, n_col_blocks,
         float(alpha), float(gain), 0.0 if clamp is None else float(clamp),
-        HAS_BIAS=b is not None, NEED_GB=need_gb, BIAS_ON_COLS=on_cols, INT64=xd.numel() > _INT32_LIMIT,
+        HAS_BIAS=b is not None, NEED_GB=need_gb, BIAS_ON_COLS=on_cols, INT64=xd.numel() > INT32_LIMIT,
         ITERS=iters, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **flags,
     )
     gb = None

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import OpImpl, register
-from gankernels.triton.utils import INTERPRET, common_reasons
+from gankernels.triton.utils import INTERPRET, common_reasons, empty
 
 __all__ = [
     "conv3x3_forward",
@@ -514,10 +514,7 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _empty_out(shape: tuple, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=ref.memory_format_of(like))
-    if POISON_OUTPUTS:
-        out.fill_(float("nan") if out.dtype.is_floating_point else -1)
-    return out
+    return empty(POISON_OUTPUTS, shape, dtype=dtype or like.dtype, device=like.device, memory_format=ref.memory_format_of(like))
 
 
 def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float,
