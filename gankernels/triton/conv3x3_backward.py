@@ -48,8 +48,9 @@ and/or wgrad of the plain ``conv3x3`` to cuDNN, on a ``gp`` materialised (in x's
 dtype) by a small elementwise kernel; set it only where a GPU measurement shows
 cuDNN faster.
 
-The kernels run inside one opaque custom op, ``gankernels::triton_conv3x3_backward``,
-so ``torch.compile`` (AOTAutograd) traces the backward with its fake kernel.
+Under ``torch.compile`` the registration runs these inside the opaque op
+``gankernels::<op>_backward`` (``gankernels.ops.registration``), whose fake kernel
+AOTAutograd traces.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import get_impl, register, registered_backends
-from gankernels.triton.utils import INTERPRET
+from gankernels.triton.utils import INTERPRET, empty
 
 try:  # The forward family (issue 4); its forward kernels recompute pre-activations.
     from gankernels.triton import conv3x3 as _fwd
@@ -457,10 +458,7 @@ def _gp_kernel(
 def _alloc(shape: tuple, dtype: torch.dtype, device: torch.device, fmt=torch.contiguous_format) -> torch.Tensor:
     """An output buffer; NaN-filled when POISON_OUTPUTS is on, so an element a kernel
     fails to write shows up in a comparison."""
-    t = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-    if POISON_OUTPUTS:
-        t.fill_(float("nan"))
-    return t
+    return empty(POISON_OUTPUTS, shape, dtype=dtype, device=device, memory_format=fmt)
 
 
 def derivative_from_output(act: str, alpha: float, gain: float) -> bool:
@@ -705,45 +703,11 @@ def fused_backward(
     return gx, gw, gb
 
 
-# The backward kernels as one opaque custom op: autograd calls the backend's backward
-# with real tensors in eager mode, but torch.compile (AOTAutograd) traces it with fake
-# tensors, and a raw Triton launch cannot be traced. The op's fake kernel gives the
-# gradients' shapes, dtypes and memory formats; unneeded gradients are empty tensors.
-
-
-@torch.library.custom_op("gankernels::triton_conv3x3_backward", mutates_args=())
-def _backward_op(
-    op: str,
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor],
-    out: torch.Tensor,
-    saved: torch.Tensor,
-    act: str,
-    alpha: float,
-    gain: float,
-    clamp: Optional[float],
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gx, gw, gb = fused_backward(op, grad, x, w, b, out, saved, act, alpha, gain, clamp, tuple(needs))
-    empty = x.new_empty((0,))
-    return (empty if gx is None else gx, empty.clone() if gw is None else gw, empty.clone() if gb is None else gb)
-
-
-@_backward_op.register_fake
-def _(op, grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
-    gx = torch.empty_like(x, memory_format=ref.memory_format_of(x)) if needs[0] else x.new_empty((0,))
-    gw = torch.empty_like(w, memory_format=ref.memory_format_of(w)) if needs[1] else x.new_empty((0,))
-    gb = torch.empty_like(b) if (needs[2] and b is not None) else x.new_empty((0,))
-    return gx, gw, gb
-
-
 def _backward(op, grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
     needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and b is not None)
     if not any(needs):
         return None, None, None
-    gx, gw, gb = _backward_op(op, grad, x, w, b, out, saved, act, float(alpha), float(gain), clamp, list(needs))
+    gx, gw, gb = fused_backward(op, grad, x, w, b, out, saved, act, float(alpha), float(gain), clamp, needs)
     return (gx if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None)
 
 

@@ -286,7 +286,7 @@ def test_bad_saved_raises():
 
 def test_backward_traces_under_torch_compile():
     # AOTAutograd traces the backward with fake tensors: the kernels sit behind an opaque
-    # custom op (gankernels::triton_conv3x3_backward) with a fake kernel.
+    # custom op (gankernels::conv3x3_pool_backward) with a fake kernel.
     if not _triton_ready("conv3x3_pool"):
         pytest.skip("the triton forward is not registered")
     gen = torch.Generator().manual_seed(41)
@@ -311,7 +311,7 @@ def test_backward_custom_op_opcheck():
     x, w, b, out, saved, grad, _ = make_case("conv3x3", (1, 3, 4, 4, 5), torch.float32, "channels_last", "tanh", 1.0, None)
     for needs in ([True, True, True], [False, True, False]):
         torch.library.opcheck(
-            cb._backward_op,
-            ("conv3x3", grad, x, w, b, out, saved, "tanh", 0.2, 1.0, None, needs),
+            torch.ops.gankernels.conv3x3_backward.default,
+            (grad, x, w, b, out, saved, "tanh", 0.2, 1.0, None, needs, "triton"),
             test_utils=("test_schema", "test_faketensor"),
         )
