@@ -56,6 +56,7 @@ _state: dict = {
     "import_error": None,  # why gankernels._C could not be imported
     "build_error": None,  # a failed JIT build (not retried in this process)
     "cache_checked": False,
+    "not_built": None,  # _not_built_reason(), computed once: every dispatch asks for it
     "fakes": False,
 }
 
@@ -113,7 +114,12 @@ def load(build: bool = False) -> Optional[str]:
             except Exception as e:  # noqa: BLE001 - a bad cache entry: report, build anew if asked
                 _state["import_error"] = f"the cached JIT build failed to load ({type(e).__name__}: {e})"
         if not build:
-            return _state["build_error"] or _not_built_reason()
+            if _state["build_error"]:
+                return _state["build_error"]
+            # The file-system checks behind this cost ~60 µs; dispatch asks on every call.
+            if _state["not_built"] is None:
+                _state["not_built"] = _not_built_reason()
+            return _state["not_built"]
         if _state["build_error"]:
             raise _jit_build.ExtensionBuildError(_state["build_error"])
         try:
