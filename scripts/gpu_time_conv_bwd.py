@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gankernels.bench.cases import transposed_kernel
+
 NAME = "gpu_time_conv_bwd"
 ALPHA = 0.2
 GEN_ROWS = [(512, 256, 8), (256, 128, 16), (128, 64, 32), (64, 32, 64)]
@@ -53,21 +55,9 @@ def stock_discriminator(x, w, b):
     return F.max_pool2d(F.leaky_relu(F.conv2d(x, w, b, padding=1), ALPHA), 2)
 
 
-def transposed_weight(w: torch.Tensor) -> torch.Tensor:
-    """[Ci, Co, 4, 4] kernel with conv_transpose2d(x, K, stride=2, padding=1) ==
-    conv3x3(upsample2x(x), w): the flipped 3×3 kernel summed over its 4 shifts."""
-    co, ci = w.shape[:2]
-    wf = w.flip(2, 3)
-    k = w.new_zeros((co, ci, 4, 4))
-    for e in (0, 1):
-        for f in (0, 1):
-            k[:, :, e : e + 3, f : f + 3] += wf
-    return k.transpose(0, 1).contiguous()
-
-
 def transposed_generator(x, w, b):
     # The weight transform is part of the step (it is differentiated through).
-    return F.leaky_relu(F.conv_transpose2d(x, transposed_weight(w), b, stride=2, padding=1), ALPHA)
+    return F.leaky_relu(F.conv_transpose2d(x, transposed_kernel(w), b, stride=2, padding=1), ALPHA)
 
 
 def _bench(fn: Callable[[], object], grads: list[torch.Tensor]) -> float:

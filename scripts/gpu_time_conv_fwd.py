@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gankernels.bench.cases import transposed_kernel
+
 NAME = "gpu_time_conv_fwd"
 ALPHA = 0.2
 GEN_ROWS = [(512, 256, 8), (256, 128, 16), (128, 64, 32), (64, 32, 64)]
@@ -55,26 +57,9 @@ def stock_generator_block(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Te
     return F.leaky_relu(F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1), alpha)
 
 
-def transposed_conv_weight(w: torch.Tensor) -> torch.Tensor:
-    """The 4×4 ``conv_transpose2d`` kernel [Ci, Co, 4, 4] equivalent to nearest 2×
-    upsampling followed by the 3×3 conv ``w`` [Co, Ci, 3, 3] (padding 1): the flipped
-    3×3 kernel summed over its four (0/1, 0/1) shifts, in/out swapped.
-
-    Derivation: conv_transpose2d(x, K, stride=2, padding=1) gives output row Y from
-    input row i with kernel row u = Y + 1 − 2i; the up-conv reads input row i through
-    kernel rows dy = 2 − u + e, e ∈ {0, 1}; so K[u] = Σ_e flip(w)[u − e]."""
-    co, ci = w.shape[:2]
-    wf = w.flip(2, 3)
-    k = w.new_zeros((co, ci, 4, 4))
-    for e in (0, 1):
-        for f in (0, 1):
-            k[:, :, e : e + 3, f : f + 3] += wf
-    return k.transpose(0, 1).contiguous()
-
-
 def transposed_generator_block(x: torch.Tensor, wt: torch.Tensor, b: Optional[torch.Tensor], alpha: float = ALPHA) -> torch.Tensor:
     """The generator block as one exact transposed convolution (``wt`` from
-    :func:`transposed_conv_weight`)."""
+    :func:`gankernels.bench.cases.transposed_kernel`)."""
     return F.leaky_relu(F.conv_transpose2d(x, wt, b, stride=2, padding=1), alpha)
 
 
@@ -193,7 +178,7 @@ class Run:
                     times["compile CL"] = None
                     self.notes.append(f"{block} {shape}: torch.compile skipped (time budget)")
             if kind == "generator":
-                wt = transposed_conv_weight(w.float()).to(dtype).contiguous(memory_format=torch.channels_last)
+                wt = transposed_kernel(w.float()).to(dtype).contiguous(memory_format=torch.channels_last)
                 times["transposed CL"] = self.time_one(
                     block, dname, shape, "transposed CL", lambda: transposed_generator_block(x_cl, wt, b)
                 )

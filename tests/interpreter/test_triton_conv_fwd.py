@@ -248,7 +248,7 @@ def test_transposed_conv_rewrite_is_exact(ci, co, h, w):
     wt = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
     b = torch.randn(co, generator=g, dtype=torch.float64)
     stock = bench.stock_generator_block(x, wt, b)
-    wtt = bench.transposed_conv_weight(wt)
+    wtt = bench.transposed_kernel(wt)
     assert wtt.shape == (ci, co, 4, 4)
     rewrite = bench.transposed_generator_block(x, wtt, b)
     torch.testing.assert_close(rewrite, stock, rtol=1e-12, atol=1e-12)
