@@ -26,14 +26,6 @@ FAST_TIMING = TimingConfig(cpu_warmup=0, cpu_repeats=1, cpu_min_ms=0.0)
 CPU_CEILINGS = Ceilings(copy_bytes_per_s=1e10, matmul_flops_per_s=1e11)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # As the CLI does on CPU; also keeps the shared test machine quiet.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------------
 # The transposed-convolution rewrite of the generator block.

@@ -19,15 +19,6 @@ from gankernels.testing import assert_close_rel, random_input
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: OpenMP hand-offs between threads cost more than the work (~60 ms a
-    conv on a loaded 2-core machine against ~0.05 ms on one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------------
 # A small DCGAN-like generator and discriminator of stock layers, nested in custom

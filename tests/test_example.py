@@ -33,15 +33,6 @@ def _load_script():
 tg = _load_script()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait each other badly; these
-    # networks are tiny, one thread is both faster and steadier.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
     args = tg.parse_args(["--name", name, "--runs-dir", str(tmp_path), *TINY, *extra])

@@ -22,15 +22,6 @@ F64, F32 = torch.float64, torch.float32
 DTYPES = [F64, F32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: OpenMP hand-offs between threads cost more than the work (~60 ms a
-    conv on a loaded 2-core machine against ~0.05 ms on one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _grads(y: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
     """Gradients of a fixed random projection of ``y`` with respect to ``inputs``."""
