@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gankernels import nn as gknn
+from gankernels.nn import _integer_scale  # the rule gknn.Upsample fuses by
 from gankernels.ops.dispatch import _check_backend_name
 from gankernels.ops.reference import MONOTONE_ACTIVATIONS
 
@@ -193,17 +194,6 @@ def _is_pool2(m: nn.Module) -> bool:
         and not m.ceil_mode
         and not m.return_indices
     )
-
-
-def _integer_scale(scale_factor) -> Optional[int]:
-    s = scale_factor
-    if isinstance(s, (tuple, list)):
-        if len(s) != 2 or s[0] != s[1]:
-            return None
-        s = s[0]
-    if isinstance(s, (int, float)) and not isinstance(s, bool) and float(s).is_integer() and s >= 1:
-        return int(s)
-    return None
 
 
 def _upsample_reason(m: nn.Upsample) -> Optional[str]:
