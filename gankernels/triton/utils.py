@@ -42,11 +42,6 @@ def common_reasons(x: torch.Tensor, **others: torch.Tensor | None) -> list[str]:
     return device_reasons(x=x, **others) + dtype_reasons(x)
 
 
-def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    from gankernels.ops.reference import memory_format_of as _fmt
-
-    return _fmt(t)
-
 
 # ----------------------------------------------------------------------------------
 # Launch helpers shared by the memory-bound kernel families.
