@@ -42,7 +42,6 @@ def common_reasons(x: torch.Tensor, **others: torch.Tensor | None) -> list[str]:
     return device_reasons(x=x, **others) + dtype_reasons(x)
 
 
-
 # ----------------------------------------------------------------------------------
 # Launch helpers shared by the memory-bound kernel families.
 
