@@ -5,7 +5,7 @@
 // The same functions are registered for the CPU dispatch key: the argument checks then
 // run (and are tested) on machines without a GPU, and a call that passes them fails
 // with "expected CUDA tensors". Fake (meta) kernels are registered in Python
-// (gankernels/cuda_backend.py), the module named by set_python_module below.
+// (gankernels/cuda/loader.py), the module named by set_python_module below.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <Python.h>
@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
 }  // namespace
 
 TORCH_LIBRARY(gankernels_cuda, m) {
-  m.set_python_module("gankernels.cuda_backend");
+  m.set_python_module("gankernels.cuda.loader");
   m.def("bias_act(Tensor x, Tensor? b, str act, float alpha, float gain, float? clamp, int dim) -> Tensor");
   m.def(
       "bias_act_backward(Tensor grad, Tensor x, Tensor? b, str act, float alpha, float gain, float? clamp, int dim) "

@@ -26,7 +26,7 @@ from gankernels.ops import (  # noqa: E402
     use_backend,
 )
 
-_backends.load_fast_backends()
+_backends.load_backends()
 
 from gankernels import nn  # noqa: E402
 from gankernels.convert import ConversionReport, convert  # noqa: E402

@@ -22,9 +22,9 @@ def _extension_status() -> str:
     import importlib
 
     try:
-        cuda_backend = importlib.import_module("gankernels.cuda_backend")
+        cuda_backend = importlib.import_module("gankernels.cuda.loader")
     except ModuleNotFoundError as e:
-        if e.name == "gankernels.cuda_backend":
+        if e.name == "gankernels.cuda.loader":
             return "no CUDA backend in this version"
         return f"unavailable: {e}"
     try:

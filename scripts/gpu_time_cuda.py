@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import gankernels  # noqa: E402
-from gankernels import cuda_backend  # noqa: E402
+from gankernels.cuda import loader as cuda_backend  # noqa: E402
 from gankernels.ops import dispatch  # noqa: E402
 from gankernels.testing import rel_l2_error, tolerance  # noqa: E402
 

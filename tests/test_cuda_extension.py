@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gankernels  # noqa: F401  (loads the backends)
-from gankernels import _jit_build, cuda_backend
+from gankernels.cuda import jit_build as _jit_build
+from gankernels.cuda import loader as cuda_backend
 from gankernels.ops import dispatch
 from gankernels.ops import reference as ref
 

@@ -1,6 +1,5 @@
 """Functional ops: the reference (spec), dispatch, torch.library registration."""
 
-from gankernels.ops import torch_backend as _torch_backend  # noqa: F401  (registers the reference backend)
 from gankernels.ops.dispatch import BackendUnavailable, Explanation, use_backend
 from gankernels.ops.functional import (
     bias_act,

@@ -2,7 +2,7 @@
 buffer the extension allocates poisoned (NaN / -1) first (GANKERNELS_POISON_OUTPUTS=1),
 odd shapes, NCHW / channels_last / non-contiguous inputs, fp32 / fp16 / bf16.
 
-The extension is built first if needed (gankernels.cuda_backend.load(build=True));
+The extension is built first if needed (gankernels.cuda.loader.load(build=True));
 skipped without CUDA (tests/conftest.py).
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import gankernels
-from gankernels import cuda_backend
+from gankernels.cuda import loader as cuda_backend
 from gankernels.ops import reference as ref
 from gankernels.testing import assert_close_rel, random_input
 

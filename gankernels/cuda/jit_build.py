@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-CSRC: Path = Path(__file__).resolve().parent.parent / "csrc"
+CSRC: Path = Path(__file__).resolve().parents[2] / "csrc"
 SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
 # Measured on 2 busy cores for two archs (setup.py build_ext); one arch on a big
 # machine takes well under a minute.

@@ -1,23 +1,21 @@
-"""The ``cuda`` backend: hand-written CUDA kernels from the C++ extension.
+"""Loading the C++/CUDA extension behind the ``cuda`` backend.
 
 The extension (``csrc/``) defines the ops ``torch.ops.gankernels_cuda.*``; this module
-loads it, registers their fake (meta) kernels, and registers backend ``"cuda"``
-implementations of ``max_pool2d``, ``upsample_nearest2d``, ``bias_act``, ``conv3x3`` and
-``conv3x3_pool`` (the last two for small channel counts: Ci <= 4 or Co <= 4) with
-``gankernels.ops.dispatch``. ``up_conv3x3`` has no CUDA kernel.
+loads it and registers their fake (meta) kernels. :mod:`gankernels.cuda.register` wraps
+them as the backend's implementations.
 
 Where the extension comes from:
 
 1. ``gankernels._C``, built ahead of time by ``pip install --no-build-isolation -e .``
    (or ``python setup.py build_ext --inplace``). Imported here, at package import.
-2. Otherwise a library built on first use by :mod:`gankernels._jit_build` into a cache
+2. Otherwise a library built on first use by :mod:`gankernels.cuda.jit_build` into a cache
    keyed by the sources, torch and arch. An already built one is loaded (quickly) the
    first time a CUDA call asks this backend whether it can serve it.
 3. A *build* is started only when the ``cuda`` backend is asked for by name
    (``backend="cuda"``, ``use_backend("cuda")``, ``GANKERNELS_BACKEND=cuda``) or by
    :func:`load` ``(build=True)``: it takes minutes, and ``backend="auto"`` never waits for
    it (it passes over ``cuda`` with the reason and uses the next backend). A failed build
-   raises :class:`gankernels._jit_build.ExtensionBuildError` with the compiler's message.
+   raises :class:`gankernels.cuda.jit_build.ExtensionBuildError` with the compiler's message.
 
 Importing this module is cheap and never raises: problems become reasons that
 ``supports`` reports (and :func:`extension_status` summarises).
@@ -34,7 +32,6 @@ from typing import Optional
 import torch
 
 from gankernels.ops import reference as ref
-from gankernels.ops.dispatch import OpImpl, register
 
 OPS_NAMESPACE = "gankernels_cuda"
 OP_NAMES: tuple[str, ...] = (
@@ -62,7 +59,7 @@ _state: dict = {
 
 
 def _not_built_reason() -> str:
-    from gankernels import _jit_build
+    from gankernels.cuda import jit_build as _jit_build
 
     base = "gankernels._C is not built"
     if _state["import_error"]:
@@ -100,7 +97,7 @@ def load(build: bool = False) -> Optional[str]:
     with _lock:
         if _state["loaded"]:
             return None
-        from gankernels import _jit_build
+        from gankernels.cuda import jit_build as _jit_build
 
         if not _state["cache_checked"]:
             _state["cache_checked"] = True
@@ -261,120 +258,8 @@ def _conv_saved(x: torch.Tensor, w: torch.Tensor, pool: bool) -> torch.Tensor:
     return x.new_empty((n, w.shape[0], h // 2, wd // 2), dtype=torch.int8).contiguous(memory_format=_fmt(x))
 
 
-# ----------------------------------------------------------------------------------
-# Backend implementations.
-
-
 def _ops():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
-def _base_reasons(x: torch.Tensor, **others: Optional[torch.Tensor]) -> list[str]:
-    """Device, dtype and extension reasons common to every op."""
-    reasons: list[str] = []
-    if not torch.cuda.is_available():
-        reasons.append("no CUDA device")
-    else:
-        for name, t in (("x", x), *others.items()):
-            if t is not None and t.device.type != "cuda":
-                reasons.append(f"{name} is on {t.device}; the cuda backend needs CUDA tensors")
-                break
-    if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {x.dtype} runs only on the torch backend (cuda serves float32, float16, bfloat16)")
-    why = _extension_reason()
-    if why:
-        reasons.append(why)
-    return reasons
-
-
-def _bias_act_supports(x, b, act, alpha, gain, clamp, dim) -> list[str]:
-    return _base_reasons(x, b=b)
-
-
-def _bias_act_forward(x, b, act, alpha, gain, clamp, dim):
-    return _ops().bias_act(x, b, act, alpha, gain, clamp, dim)
-
-
-def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim):
-    gx = _ops().bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
-    gb = None
-    if b is not None:
-        # Deterministic reduction (torch's sum), accumulated in float32.
-        dims = [d for d in range(x.dim()) if d != dim]
-        gb = gx.sum(dims, dtype=torch.float32).to(b.dtype) if dims else gx.to(b.dtype)
-    return gx, gb
-
-
-def _max_pool_supports(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> list[str]:
-    return _base_reasons(x)
-
-
-def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    # Saves PyTorch's int64 indices whether or not they were asked for.
-    return _ops().max_pool2d(x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
-
-
-def _max_pool_backward(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    return _ops().max_pool2d_backward(
-        grad, x, saved, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode)
-    )
-
-
-def _upsample_supports(x, scale_factor) -> list[str]:
-    return _base_reasons(x)
-
-
-def _upsample_forward(x, scale_factor):
-    return _ops().upsample_nearest2d(x, int(scale_factor))
-
-
-def _upsample_backward(grad, scale_factor):
-    return _ops().upsample_nearest2d_backward(grad, int(scale_factor))
-
-
-def _make_conv(pool: bool):
-    def supports(x, w, b, act, alpha, gain, clamp) -> list[str]:
-        reasons = []
-        ci, co = x.shape[1], w.shape[0]
-        if ci > SMALL_CHANNELS and co > SMALL_CHANNELS:
-            reasons.append(f"Ci and Co both > {SMALL_CHANNELS}: the direct kernel serves Ci <= 4 or Co <= 4 (got Ci={ci}, Co={co})")
-        if pool and (x.shape[2] < 2 or x.shape[3] < 2):
-            reasons.append(f"the 2×2 pool needs H, W >= 2, got {tuple(x.shape[2:])}")
-        return _base_reasons(x, w=w, b=b) + reasons
-
-    def forward(x, w, b, act, alpha, gain, clamp):
-        return _ops().conv3x3_small(x, w, b, act, alpha, gain, clamp, pool)
-
-    def backward(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
-        needs = [bool(n) for n in needs]
-        gx, gw, gb = _ops().conv3x3_small_backward(grad, x, w, b, saved, act, alpha, gain, clamp, pool, needs)
-        return (gx if needs[0] else None, gw if needs[1] else None, gb if (needs[2] and b is not None) else None)
-
-    def fake_saved(x, w, b, act, alpha, gain, clamp):
-        return _conv_saved(x, w, pool)
-
-    return OpImpl(forward=forward, supports=supports, backward=backward, fake_saved=fake_saved, prepare=_prepare)
-
-
-def _register_backend() -> None:
-    register(
-        "bias_act",
-        "cuda",
-        OpImpl(forward=_bias_act_forward, supports=_bias_act_supports, backward=_bias_act_backward, prepare=_prepare),
-    )
-    register(
-        "max_pool2d",
-        "cuda",
-        OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward, prepare=_prepare),
-    )
-    register(
-        "upsample_nearest2d",
-        "cuda",
-        OpImpl(forward=_upsample_forward, supports=_upsample_supports, backward=_upsample_backward, prepare=_prepare),
-    )
-    register("conv3x3", "cuda", _make_conv(pool=False))
-    register("conv3x3_pool", "cuda", _make_conv(pool=True))
-
-
 _import_prebuilt()
-_register_backend()
