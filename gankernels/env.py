@@ -70,14 +70,21 @@ def report() -> str:
     else:
         lines.append("GPU        none (CUDA not available): the fast backends need one; ops run on the torch backend")
     lines.append(f"extension  {_extension_status()}")
+    from gankernels.ops import choice, dispatch
+
+    lines.append(
+        f"default    backend {dispatch.default_backend()!r}"
+        + (f"  <- PROBLEM: {dispatch.ENV_PROBLEM}" if dispatch.ENV_PROBLEM else "")
+    )
+    lines.append(f"choices    auto's measured choices are cached in {choice.cache_file()}")
     device, dtype, calls = _probe_calls()
     lines.append(
         f"\nbackends for a small {str(dtype).replace('torch.', '')} channels_last call on {device}"
-        " ('auto' picks the first usable in preference order):"
+        " ('auto' times those that can serve a call on its first use, and keeps the fastest):"
     )
     for op, (args, kwargs) in calls.items():
-        ex = gankernels.explain(op, *args, **kwargs)
-        lines.append(f"  {op:20s} auto -> {ex.backend}")
+        ex = gankernels.explain(op, *args, backend="auto", **kwargs)
+        lines.append(f"  {op:20s} auto -> {ex.backend}" + (f"  [{ex.how}]" if ex.how else ""))
         for b in BACKENDS:
             if b in ex.rejected:
                 lines.append(f"  {'':20s}   {b}: no — " + "; ".join(ex.rejected[b]))

@@ -30,3 +30,27 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fake_timer(monkeypatch, tmp_path):
+    """Let ``auto`` time candidates on CPU with a fake clock: set ``times[backend] = ms``.
+    Each timed run is executed once (so it must work); the choice cache lives in
+    tmp_path and starts empty."""
+    from gankernels.ops import choice
+
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path))
+    times: dict[str, float] = {}
+    runs: list[str] = []
+
+    def timer(run, device, backend):
+        run()
+        runs.append(backend)
+        return times[backend]
+
+    choice.clear()
+    choice.set_timer(timer, devices=("cpu",))
+    times["_runs"] = runs  # type: ignore[assignment]
+    yield times
+    choice.reset_timer()
+    choice.clear()

@@ -7,6 +7,7 @@ from gankernels.ops.functional import (
     conv3x3_pool,
     explain,
     max_pool2d,
+    tune,
     up_conv3x3,
     upsample_nearest2d,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "conv3x3_pool",
     "explain",
     "max_pool2d",
+    "tune",
     "up_conv3x3",
     "upsample_nearest2d",
     "use_backend",

@@ -28,9 +28,8 @@ BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
 
 OPS: tuple[str, ...] = ("bias_act", "conv3x3", "conv3x3_pool", "up_conv3x3", "max_pool2d", "upsample_nearest2d")
 
-# The order ``auto`` tries backends in, per op. From the benchmark results under
-# benchmarks/results/: the fast kernels come first, and each one's ``supports`` narrows
-# it to the shapes where it was measured to win; ``torch`` serves everything else.
+# The backends ``auto`` considers, per op, in the order ``explain`` lists them. Which
+# one runs is measured (gankernels.ops.choice), not read from this order.
 PREFERENCE: dict[str, tuple[str, ...]] = {op: ("cuda", "triton", "torch") for op in OPS}
 
 logger = logging.getLogger("gankernels")
@@ -66,6 +65,9 @@ class OpImpl:
     with the same arguments before ``supports`` when the backend was asked for by name
     (never under ``auto``): the place for slow one-time set-up such as building the
     CUDA extension; it may raise (e.g. with the compiler's message).
+    ``backward_needs_output``, for the 3×3 ops, takes ``(act, alpha, gain, clamp)`` and
+    says whether ``backward`` reads the forward's ``out`` (if not given: it does when
+    there is a ``backward``); when it does not, ``out`` is not kept for the backward.
     """
 
     forward: Callable[..., Any]
@@ -73,6 +75,7 @@ class OpImpl:
     backward: Optional[Callable[..., Any]] = None
     fake_saved: Optional[Callable[..., torch.Tensor]] = None
     prepare: Optional[Callable[..., None]] = None
+    backward_needs_output: Optional[Callable[[str, float, float, Optional[float]], bool]] = None
 
 
 _REGISTRY: dict[str, dict[str, OpImpl]] = {op: {} for op in OPS}
@@ -87,15 +90,18 @@ def register(op: str, backend: str, impl: OpImpl) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS}")
     _REGISTRY[op][backend] = impl
+    clear_resolution_cache()
 
 
 def unregister(op: str, backend: str) -> None:
     _REGISTRY[op].pop(backend, None)
+    clear_resolution_cache()
 
 
 def set_missing_reason(backend: str, reason: str) -> None:
     """Record why ``backend`` registered nothing (shown in every BackendUnavailable)."""
     _MISSING_BACKEND_REASON[backend] = reason
+    clear_resolution_cache()
 
 
 def get_impl(op: str, backend: str) -> OpImpl:
@@ -116,7 +122,18 @@ def _check_backend_name(name: str, what: str) -> str:
     return name
 
 
-_default_backend: list[str] = [_check_backend_name(os.environ.get("GANKERNELS_BACKEND", "auto") or "auto", "GANKERNELS_BACKEND")]
+# GANKERNELS_BACKEND is read once, case-insensitively. A bad value must not break
+# ``import gankernels`` (nor ``python -m gankernels.env``, which reports it): it is an
+# error at the first op call that would use it.
+_ENV_RAW = os.environ.get("GANKERNELS_BACKEND", "")
+_ENV_NAME = _ENV_RAW.strip().lower() or "auto"
+ENV_PROBLEM: Optional[str] = (
+    None
+    if (_ENV_NAME == "auto" or _ENV_NAME in BACKENDS)
+    else f"GANKERNELS_BACKEND: unknown backend {_ENV_RAW!r}; expected 'auto' or one of {BACKENDS} "
+    "(case does not matter); fix or unset it"
+)
+_default_backend: list[str] = [_ENV_NAME]
 
 
 def default_backend() -> str:
@@ -139,6 +156,38 @@ def use_backend(name: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------
 # Resolution.
+#
+# Deciding costs more host time than most kernels take on a GPU, so the decision is
+# made once per call signature and cached (_RESOLVED). The key holds everything a
+# ``supports`` may look at: device, dtype, shape, strides and the other arguments.
+# Registering or unregistering an implementation clears it.
+
+_RESOLVED: dict[tuple, str] = {}
+_ON_CLEAR: list[Callable[[], None]] = []
+
+
+def on_clear(fn: Callable[[], None]) -> None:
+    """Call ``fn`` whenever the per-signature decisions are forgotten (caches built on them)."""
+    _ON_CLEAR.append(fn)
+
+
+def clear_resolution_cache() -> None:
+    """Forget the per-signature decisions (done on every (un)registration)."""
+    _RESOLVED.clear()
+    for fn in _ON_CLEAR:
+        fn()
+
+
+def _signature(args: dict[str, Any]) -> tuple:
+    key = []
+    for v in args.values():
+        if isinstance(v, torch.Tensor):
+            key.append((v.dtype, v.device, v.shape, v.stride(), v.requires_grad))
+        elif isinstance(v, list):
+            key.append(tuple(v))
+        else:
+            key.append(v)
+    return tuple(key)
 
 
 def _reasons(op: str, backend: str, args: dict[str, Any]) -> list[str]:
@@ -149,35 +198,60 @@ def _reasons(op: str, backend: str, args: dict[str, Any]) -> list[str]:
     return list(impl.supports(**args))
 
 
+def _candidates(op: str, args: dict[str, Any]) -> tuple[list[str], dict[str, list[str]]]:
+    """The backends that can serve the call, in preference order, and why the others cannot."""
+    ok, rejected = [], {}
+    for cand in PREFERENCE[op]:
+        why = _reasons(op, cand, args)
+        if why:
+            rejected[cand] = why
+        else:
+            ok.append(cand)
+    return ok, rejected
+
+
 def resolve(op: str, requested: Optional[str], args: dict[str, Any]) -> str:
-    """The backend that will run ``op`` on ``args``; raises BackendUnavailable."""
-    name = default_backend() if requested is None else _check_backend_name(requested, "backend")
+    """The backend that will run ``op`` on ``args``; raises BackendUnavailable.
+
+    A named backend runs if it can serve the call. ``auto`` runs the one
+    :func:`gankernels.ops.choice.choose` picks among those that can: measured on the
+    first call of a signature, else cached, recorded, or stock."""
+    name = default_backend() if requested is None else requested
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        key = (op, name, torch.is_grad_enabled(), _signature(args))
+        chosen = _RESOLVED.get(key)
+        if chosen is not None:
+            return chosen
     if name != "auto":
+        if name not in BACKENDS:
+            if requested is None and ENV_PROBLEM is not None and name == _ENV_NAME:
+                raise ValueError(ENV_PROBLEM)
+            _check_backend_name(name, "backend")
         impl = _REGISTRY[op].get(name)
-        if impl is not None and impl.prepare is not None and not torch.compiler.is_compiling():
+        if impl is not None and impl.prepare is not None and not compiling:
             impl.prepare(**args)
         why = _reasons(op, name, args)
         if why:
             raise BackendUnavailable(op, name, {name: why})
-        chosen = name
-        rejected: dict[str, list[str]] = {}
+        chosen, rejected, how = name, {}, "asked for by name"
     else:
-        rejected = {}
-        chosen = ""
-        for cand in PREFERENCE[op]:
-            why = _reasons(op, cand, args)
-            if not why:
-                chosen = cand
-                break
-            rejected[cand] = why
-        if not chosen:
+        from gankernels.ops import choice
+
+        ok, rejected = _candidates(op, args)
+        if not ok:
             raise BackendUnavailable(op, "auto", rejected)
-    if not torch.compiler.is_compiling():
-        _log_choice(op, name, chosen, rejected, args)
+        if compiling:
+            x = args["x"]
+            chosen = ok[0] if len(ok) == 1 else choice.traced_choice(op, tuple(ok), choice.needs_grad(args), x.dtype, x.device.type)
+            how = ""
+        else:
+            picked = choice.choose(op, ok, args)
+            chosen, how = picked.backend, picked.describe()
+    if not compiling:
+        _RESOLVED[key] = chosen
+        _log_choice(op, name, chosen, how, rejected, args)
     return chosen
-
-
-_logged: set[tuple] = set()
 
 
 def _describe(args: dict[str, Any]) -> tuple:
@@ -190,57 +264,91 @@ def _describe(args: dict[str, Any]) -> tuple:
     return tuple(out)
 
 
-def _log_choice(op: str, requested: str, chosen: str, rejected: dict[str, list[str]], args: dict[str, Any]) -> None:
+def _log_choice(op: str, requested: str, chosen: str, how: str, rejected: dict[str, list[str]], args: dict[str, Any]) -> None:
     if not logger.isEnabledFor(logging.DEBUG):
         return
-    key = (op, requested, chosen, _describe(args))
-    if key in _logged:
-        return
-    _logged.add(key)
     passed = "; ".join(f"{b}: {', '.join(r)}" for b, r in rejected.items()) or "none"
-    logger.debug("%s%s -> %s (asked %s; passed over: %s)", op, key[3], chosen, requested, passed)
+    logger.debug("%s%s -> %s (asked %s; chosen: %s; passed over: %s)", op, _describe(args), chosen, requested, how, passed)
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """What ``auto`` (or the named backend) would run, and why the others were not."""
+    """What ``auto`` (or the named backend) would run, and why the others were not.
+
+    ``candidates`` are the backends that can serve the call; ``how`` says how the one
+    run was chosen among them (measured, with the times; cached; recorded; stock)."""
 
     op: str
     backend: Optional[str]
     rejected: dict[str, list[str]]
+    candidates: tuple[str, ...] = ()
+    how: str = ""
 
     def __str__(self) -> str:
         lines = [f"{self.op}: {self.backend or 'no backend can serve this call'}"]
+        if self.how:
+            lines[0] += f"  [{self.how}]"
+        if len(self.candidates) > 1:
+            lines.append("  can serve it: " + ", ".join(self.candidates))
         for b, why in self.rejected.items():
             lines.append(f"  {b} passed over: " + "; ".join(why))
         return "\n".join(lines)
 
 
 def explain_args(op: str, requested: Optional[str], args: dict[str, Any]) -> Explanation:
+    """Never times anything: for ``auto`` it reports the cached choice, or what would be
+    done on the first call."""
+    from gankernels.ops import choice
+
     name = default_backend() if requested is None else _check_backend_name(requested, "backend")
-    order = PREFERENCE[op] if name == "auto" else (name,)
-    rejected: dict[str, list[str]] = {}
-    chosen = None
-    for cand in order:
-        why = _reasons(op, cand, args)
-        if why:
-            rejected[cand] = why
-        elif chosen is None:
-            chosen = cand
-    # Also say why the backends after the chosen one would not have served it.
-    for cand in BACKENDS:
-        if cand not in order:
+    ok, rejected = _candidates(op, args)
+    for cand in BACKENDS:  # also say why backends outside the preference list would not serve it
+        if cand not in PREFERENCE[op]:
             why = _reasons(op, cand, args)
             if why:
                 rejected[cand] = why
-    return Explanation(op, chosen, rejected)
+    if name != "auto":
+        chosen = name if name in ok else None
+        return Explanation(
+            op,
+            chosen,
+            {b: r for b, r in rejected.items() if b == name or chosen is None},
+            tuple(ok),
+            "asked for by name" if chosen else "",
+        )
+    if not ok:
+        return Explanation(op, None, rejected, ())
+    hit = choice.cached(op, args)
+    if hit is not None and hit.backend in ok:
+        return Explanation(op, hit.backend, rejected, tuple(ok), hit.describe())
+    if len(ok) == 1:
+        return Explanation(op, ok[0], rejected, tuple(ok), "only candidate")
+    possible, why = choice.timing_possible(args)
+    if possible:
+        return Explanation(op, None, rejected, tuple(ok), "not measured yet: the first call times " + ", ".join(ok))
+    rec = choice.recorded_choice(op, args)
+    if rec in ok:
+        return Explanation(op, rec, rejected, tuple(ok), f"recorded (no timing: {why})")
+    fallback = choice.STOCK if choice.STOCK in ok else ok[0]
+    return Explanation(op, fallback, rejected, tuple(ok), f"stock default (no timing: {why}; nothing recorded)")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _configure_logging() -> None:
     level = os.environ.get("GANKERNELS_LOG", "").strip().lower()
     if not level:
         return
-    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
+    if level not in LOG_LEVELS:
+        import warnings
+
+        warnings.warn(
+            f"GANKERNELS_LOG: unknown level {os.environ['GANKERNELS_LOG']!r}, ignored; expected one of {LOG_LEVELS}",
+            stacklevel=2,
+        )
+        return
+    logger.setLevel(getattr(logging, level.upper()))
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[gankernels %(levelname)s] %(message)s"))

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from gankernels.ops import dispatch
+from gankernels.ops import choice, dispatch, eager
 from gankernels.ops import registration as reg
 from gankernels.ops.reference import ACTIVATIONS
 
@@ -160,6 +160,33 @@ def _prepare_upsample(x, scale_factor) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------
+# The eager call cache. A call whose tensors (dtype, device, shape, strides,
+# requires_grad), other arguments, backend request, grad mode and autocast state were
+# all seen before passes the same checks and resolves to the same backend, so an eager
+# call that hits it skips both (they cost more host time than a small layer's kernel).
+# Cleared with the dispatcher's resolution cache (on every (un)registration).
+
+_CALLS: dict[tuple, tuple] = {}
+dispatch.on_clear(_CALLS.clear)
+
+
+def _tsig(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    return None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.requires_grad)
+
+
+def _autocast_key(x: torch.Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _lookup(key: tuple) -> Optional[tuple]:
+    try:
+        return _CALLS.get(key)
+    except TypeError:  # an unhashable argument: the checks will say what is wrong with it
+        return None
+
+
+# ----------------------------------------------------------------------------------
 # Public functions.
 
 
@@ -176,9 +203,40 @@ def bias_act(
 ) -> torch.Tensor:
     """``clip(act(x + b) * gain, -clamp, clamp)``, ``b`` broadcast along ``dim`` (cast
     to ``x``'s dtype). Gradients to ``x`` and ``b``, double backward supported."""
+    key = None
+    if eager.usable(x, b):
+        key = ("bias_act", backend or dispatch.default_backend(), torch.is_grad_enabled(), _tsig(x), _tsig(b),
+               act, type(alpha), alpha, type(gain), gain, type(clamp), clamp, type(dim), dim)  # fmt: skip
+        hit = _lookup(key)
+        if hit is not None:
+            name, act, alpha, gain, clamp, dim = hit
+            if b is not None and b.dtype != x.dtype:
+                b = b.to(x.dtype)
+            return eager.bias_act(x, b, act, alpha, gain, clamp, dim, name)
     args = _prepare_bias_act(x, b, act, alpha, gain, clamp, dim)
     name = dispatch.resolve("bias_act", backend, args)
+    if key is not None:
+        _CALLS[key] = (name, args["act"], args["alpha"], args["gain"], args["clamp"], args["dim"])
+        return eager.bias_act(**args, backend=name)
     return reg.bias_act_op(**args, backend=name)
+
+
+def _conv(op: str, x, w, b, act, alpha, gain, clamp, backend: Optional[str]) -> torch.Tensor:
+    key = None
+    if eager.usable(x, w, b):
+        key = (op, backend or dispatch.default_backend(), torch.is_grad_enabled(), _autocast_key(x), _tsig(x), _tsig(w), _tsig(b),
+               act, type(alpha), alpha, type(gain), gain, type(clamp), clamp)  # fmt: skip
+        run = _lookup(key)
+        if run is not None:
+            if key[3] is not None:
+                x, w, b = _autocast(x, w, b)
+            return run(x, w, b)
+    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
+    name = dispatch.resolve(op, backend, args)
+    if key is not None:
+        run = _CALLS[key] = eager.conv_runner(op, args["act"], args["alpha"], args["gain"], args["clamp"], name)
+        return run(args["x"], args["w"], args["b"])
+    return reg.OPS[op](**args, backend=name)[0]
 
 
 def _conv_doc(what: str) -> str:
@@ -203,9 +261,7 @@ def conv3x3(
     *,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
-    name = dispatch.resolve("conv3x3", backend, args)
-    return reg.conv3x3_op(**args, backend=name)[0]
+    return _conv("conv3x3", x, w, b, act, alpha, gain, clamp, backend)
 
 
 def conv3x3_pool(
@@ -219,9 +275,7 @@ def conv3x3_pool(
     *,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
-    name = dispatch.resolve("conv3x3_pool", backend, args)
-    return reg.conv3x3_pool_op(**args, backend=name)[0]
+    return _conv("conv3x3_pool", x, w, b, act, alpha, gain, clamp, backend)
 
 
 def up_conv3x3(
@@ -235,9 +289,7 @@ def up_conv3x3(
     *,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
-    name = dispatch.resolve("up_conv3x3", backend, args)
-    return reg.up_conv3x3_op(**args, backend=name)[0]
+    return _conv("up_conv3x3", x, w, b, act, alpha, gain, clamp, backend)
 
 
 conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 3×3 convolution, bias, activation, fused.")
@@ -263,18 +315,48 @@ def max_pool2d(
     unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    args = _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    name = dispatch.resolve("max_pool2d", backend, args)
-    out, idx = reg.max_pool2d_op(**args, backend=name)
+    key = None
+    if eager.usable(x):
+        key = ("max_pool2d", backend or dispatch.default_backend(), torch.is_grad_enabled(), _tsig(x),
+               kernel_size, stride, padding, dilation, ceil_mode, return_indices)  # fmt: skip
+        hit = _lookup(key)
+    if key is not None and hit is not None:
+        name, pool_args = hit
+    else:
+        args = _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+        name = dispatch.resolve("max_pool2d", backend, args)
+        pool_args = {k: v for k, v in args.items() if k != "x"}
+        if key is not None:
+            _CALLS[key] = (name, pool_args)
+    if key is not None:
+        out, idx = eager.max_pool2d(x, backend=name, **pool_args)
+    else:
+        out, idx = reg.max_pool2d_op(**args, backend=name)
     if unbatched:
-        out, idx = out.squeeze(0), idx.squeeze(0)
+        out, idx = out.squeeze(0), (idx.squeeze(0) if idx is not None else None)
     return (out, idx) if return_indices else out
 
 
 def upsample_nearest2d(x: torch.Tensor, scale_factor: Union[int, float] = 2, *, backend: Optional[str] = None) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=s, mode="nearest")`` for an integer ``s``."""
+    key = None
+    if eager.usable(x):
+        key = (
+            "upsample_nearest2d",
+            backend or dispatch.default_backend(),
+            torch.is_grad_enabled(),
+            _tsig(x),
+            type(scale_factor),
+            scale_factor,
+        )
+        hit = _lookup(key)
+        if hit is not None:
+            return eager.upsample_nearest2d(x, hit[1], hit[0])
     args = _prepare_upsample(x, scale_factor)
     name = dispatch.resolve("upsample_nearest2d", backend, args)
+    if key is not None:
+        _CALLS[key] = (name, args["scale_factor"])
+        return eager.upsample_nearest2d(**args, backend=name)
     return reg.upsample_nearest2d_op(**args, backend=name)
 
 
@@ -312,3 +394,58 @@ def explain(op: Union[str, Callable], *args: Any, **kwargs: Any) -> dispatch.Exp
         params["x"] = params["x"].unsqueeze(0)
     prepared = _PREPARE[name](**params)
     return dispatch.explain_args(name, backend, prepared)
+
+
+# ----------------------------------------------------------------------------------
+# Timed runs for ``auto``'s measurement (gankernels.ops.choice).
+
+
+def _timed_run(op: str) -> Callable[[dict[str, Any], str], Callable[[], None]]:
+    public = _PUBLIC[op]
+
+    def make(args: dict[str, Any], backend: str) -> Callable[[], None]:
+        # Copies that share the caller's storage but not its autograd graph or .grad.
+        inputs = {k: (v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        if op == "max_pool2d":
+            inputs["return_indices"] = False
+        with_grad = choice.needs_grad(args)
+        grad: list[torch.Tensor] = []
+
+        def run() -> None:
+            out = public(**inputs, backend=backend)
+            if with_grad:
+                if not grad:
+                    grad.append(torch.randn_like(out))
+                out.backward(grad[0])
+
+        return run
+
+    return make
+
+
+for _op in _PUBLIC:
+    choice.RUNNERS[_op] = _timed_run(_op)
+
+
+def tune(model: Callable[..., Any], *example_inputs: Any, backward: bool = True) -> dict[str, choice.Choice]:
+    """Fill ``auto``'s choice cache ahead of time for every gankernels call ``model``
+    makes on ``example_inputs``: forward, and forward + backward when ``backward`` (the
+    parameters' ``.grad`` are left as they were). Returns the choices made, by call
+    signature. On a GPU each signature's candidates are timed once and the result is
+    kept on disk for later processes; elsewhere nothing is timed.
+
+    >>> gankernels.tune(G, z)
+    """
+    before = set(choice._memory)
+    params = [p for p in getattr(model, "parameters", lambda: [])()]
+    grads = [p.grad for p in params]
+    with torch.no_grad():
+        model(*example_inputs)
+    if backward:
+        out = model(*example_inputs)
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+    return {sig: c for sig, c in choice._memory.items() if sig not in before}

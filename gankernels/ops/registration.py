@@ -64,7 +64,9 @@ def _(x, b, act, alpha, gain, clamp, dim, backend):
 def _bias_act_setup(ctx, inputs, output):
     x, b, act, alpha, gain, clamp, dim, backend = inputs
     ctx.cfg = (act, alpha, gain, clamp, dim, backend)
-    ctx.save_for_backward(x, b, output)
+    # Every backend's backward works from x and b: the output is not kept, so it may be
+    # modified in place, as stock's may.
+    ctx.save_for_backward(x, b)
 
 
 @torch.library.custom_op(f"{LIB}::bias_act_backward", mutates_args=())
@@ -94,11 +96,11 @@ def _(grad, x, b, y, act, alpha, gain, clamp, dim, backend):
 
 
 def _bias_act_backward(ctx, grad):
-    x, b, y = ctx.saved_tensors
+    x, b = ctx.saved_tensors
     act, alpha, gain, clamp, dim, backend = ctx.cfg
     impl = get_impl("bias_act", backend)
     if impl.backward is not None and not torch.is_grad_enabled():
-        gx, gb = bias_act_backward_op(grad, x, b, y, act, alpha, gain, clamp, dim, backend)
+        gx, gb = bias_act_backward_op(grad, x, b, _empty_saved(x), act, alpha, gain, clamp, dim, backend)
         gb = None if b is None else gb
     else:
         gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
@@ -122,7 +124,7 @@ def _conv_out_shape(op: str, x: torch.Tensor, w: torch.Tensor) -> tuple:
     return (n, co, 2 * h, 2 * wd)
 
 
-_CONV_REFERENCE_BACKWARD = {
+CONV_REFERENCE_BACKWARD = {
     "conv3x3": ref.conv3x3_backward,
     "conv3x3_pool": ref.conv3x3_pool_backward,
     "up_conv3x3": ref.up_conv3x3_backward,
@@ -154,7 +156,14 @@ def _make_conv_op(op: str):
     def setup(ctx, inputs, output):
         x, w, b, act, alpha, gain, clamp, backend = inputs
         ctx.cfg = (act, alpha, gain, clamp, backend)
-        ctx.save_for_backward(x, w, b, output[0], output[1])
+        impl = get_impl(op, backend)
+        keep_out = impl.backward is not None and (
+            impl.backward_needs_output is None or impl.backward_needs_output(act, alpha, gain, clamp)
+        )
+        # The output is kept only for a backward that reads it (then, as for any saved
+        # output, modifying it in place makes the backward raise; the eager path in
+        # gankernels.ops.eager recomputes instead).
+        ctx.save_for_backward(x, w, b, output[0] if keep_out else _empty_saved(x), output[1])
         ctx.mark_non_differentiable(output[1])
 
     @torch.library.custom_op(f"{LIB}::{op}_backward", mutates_args=())
@@ -199,7 +208,7 @@ def _make_conv_op(op: str):
             grads = backward_op(grad, x, w, b, out, saved, act, alpha, gain, clamp, list(needs), backend)
             gx, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=False))
         else:
-            gx, gw, gb = _CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
+            gx, gw, gb = CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
         return gx, gw, gb, None, None, None, None, None
 
     conv_op.register_autograd(backward, setup_context=setup)

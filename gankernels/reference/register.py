@@ -18,7 +18,8 @@ register(
 )
 register("conv3x3", "torch", OpImpl(forward=_conv(ref.conv3x3)))
 register("conv3x3_pool", "torch", OpImpl(forward=_conv(ref.conv3x3_pool)))
-register("up_conv3x3", "torch", OpImpl(forward=_conv(ref.up_conv3x3)))
+# The composite a user writes (upsample, then convolve): stock's results and cost.
+register("up_conv3x3", "torch", OpImpl(forward=_conv(ref.up_conv3x3_naive)))
 register(
     "max_pool2d",
     "torch",
