@@ -176,8 +176,9 @@ def test_max_pool2d_unsupported_config_is_refused():
         # auto passes triton over and serves it with torch.
         out = gankernels.max_pool2d(x, backend="auto", **kwargs)
         assert torch.equal(out, F.max_pool2d(x, **kwargs))
-    assert gankernels.explain("max_pool2d", x, 2).backend == "triton"
-    assert gankernels.explain("max_pool2d", x, 3, 1).backend == "torch"
+    # triton can serve 2×2 (auto picks by measurement; CPU calls are not timed: stock)
+    assert "triton" in gankernels.explain("max_pool2d", x, 2).candidates
+    assert gankernels.explain("max_pool2d", x, 3, 1).candidates == ("torch",)
 
 
 def test_max_pool2d_bfloat16_refused_under_interpreter():
