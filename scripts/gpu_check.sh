@@ -17,6 +17,7 @@
 # after 45 % of its time and starts no case after 75 %, so its results are written
 # before its cap. Each selection writes OUT/<name>/results.{json,csv,md}; every stage's
 # output goes to OUT/<stage>.log; OUT/stages.tsv lists what ran.
+# GPU_CHECK_CAP_<STAGE>=S overrides a stage's cap (GPU_CHECK_CAP_BUILD=900 on a slow machine).
 # GPU_CHECK_PACK=1 leaves only OUT/gpu_check.tar.gz (all of the above) and OUT/summary.md
 # (for a machine that returns few files).
 #
@@ -32,7 +33,7 @@ STAGES=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) STAGES+=("$arg") ;;
   esac
 done
@@ -46,6 +47,8 @@ for s in "${STAGES[@]}"; do
     echo "gpu_check: unknown stage '$s'; expected build, tests or one of:$SELECTIONS" >&2
     exit 2
   fi
+  override="GPU_CHECK_CAP_$(echo "${s//-/_}" | tr '[:lower:]' '[:upper:]')"  # e.g. GPU_CHECK_CAP_CONV_FWD=400
+  [ -n "${!override:-}" ] && CAP[$s]=${!override}
 done
 
 PY=${PYTHON:-python3}
