@@ -87,6 +87,17 @@ else
   BENCH_EXTRA=(--quick --no-plots)
 fi
 
+# In place with setup.py; if that cannot run (setuptools < 77 rejects pyproject's SPDX
+# license, say) and the extension is wanted, gankernels' own JIT build of csrc/.
+build_extension() {
+  "$PY" setup.py build_ext --inplace && return 0
+  [ "$GANKERNELS_BUILD_CUDA" = 0 ] && return 1
+  echo "gpu_check: setup.py build_ext failed; building with gankernels.cuda.loader.load(build=True) instead"
+  "$PY" -c "import sys; from gankernels.cuda import loader; sys.exit(loader.load(build=True))"
+}
+export -f build_extension
+export PY
+
 # stage NAME LIMIT CMD...: run CMD for at most LIMIT s, log to OUT/NAME.log, record the outcome.
 stage() {
   local name=$1 limit=$2 t0 rc status; shift 2
@@ -119,7 +130,7 @@ fi
 for s in "${STAGES[@]}"; do
   limit=$(cap "${CAP[$s]}")
   case "$s" in
-    build) stage build "$limit" "$PY" setup.py build_ext --inplace ;;
+    build) stage build "$limit" bash -c build_extension ;;
     tests) stage tests "$limit" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -o addopts= -rfEs ;;
     *)
       stage "$s" "$limit" "$PY" -m gankernels.bench --select "$s" --out "$OUTDIR/$s" --no-progress \

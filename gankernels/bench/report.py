@@ -280,8 +280,10 @@ def backend_tables(results: dict) -> str:
     """One table per gankernels backend that ran: its time (and kernel-only time) per
     case against the best stock formulation, % of the floor, and on CUDA the memory
     its forward keeps for the backward next to stock eager's."""
+    from gankernels.ops.dispatch import BACKENDS
+
     out = []
-    for backend in ("torch", "triton", "cuda"):
+    for backend in BACKENDS:
         rows = []
         for c in results["cases"]:
             r = c["contenders"].get(f"gk {backend}")

@@ -42,14 +42,15 @@ from gankernels.bench import cases as C
 from gankernels.bench.cases import Case
 from gankernels.bench.roofline import Ceilings, bytes_moved, floor_ms, flops, percent_of_floor
 from gankernels.bench.timing import TimingConfig, forward_memory_mib, time_ms
+from gankernels.ops import dispatch
 from gankernels.ops import reference as ref
 from gankernels.testing import rel_l2_error, tolerance
 
 STOCK_FAMILY = "stock"
 GK_FAMILY = "gankernels"
 KERNEL_FAMILY = "kernel"
-GK_BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
-KERNEL_BACKENDS: tuple[str, ...] = ("triton", "cuda")  # the reference's "kernel" is the composite itself
+GK_BACKENDS: tuple[str, ...] = dispatch.BACKENDS
+KERNEL_BACKENDS: tuple[str, ...] = tuple(b for b in GK_BACKENDS if b != "torch")  # the reference's kernel is its composite
 
 
 class Unavailable(Exception):
