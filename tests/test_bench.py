@@ -580,3 +580,15 @@ def test_no_timing_code_outside_the_bench_package():
             continue
         text = path.read_text()
         assert "do_bench" not in text and "cuda.Event(" not in text, path
+
+
+def test_readme_section_is_replaced_between_its_markers(tmp_path):
+    from gankernels.bench.readme import BEGIN, END, replace_section
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nintro\n\n{BEGIN}\nold numbers\n{END}\n\n## next\n")
+    replace_section(readme, f"{BEGIN}\nnew numbers\n{END}")
+    assert readme.read_text() == f"# title\n\nintro\n\n{BEGIN}\nnew numbers\n{END}\n\n## next\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="--readme"):
+        replace_section(readme, "x")

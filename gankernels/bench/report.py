@@ -256,7 +256,7 @@ def memory_bound_table(results: dict) -> str:
     contender the time, GB/s and % of the copy bandwidth measured at the start."""
     from gankernels.bench.cases import CONV_OPS
 
-    cases = [c for c in results["cases"] if c["op"] not in CONV_OPS]
+    cases = [c for c in results["cases"] if c["op"] not in CONV_OPS and c.get("bytes")]  # "bytes": since 2026-12
     if not cases:
         return ""
     copy = results["ceilings"]["copy_bytes_per_s"]
