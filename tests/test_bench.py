@@ -558,7 +558,8 @@ def test_gpu_check_rejects_an_unknown_stage():
 def test_gpu_check_smoke_path_reaches_its_summary(tmp_path):
     """The CPU smoke path end to end: build (no extension), one selection on CPU, the
     summary last, exit 0 — what catches a broken driver before a GPU run."""
-    out = _gpu_check("build", "memops", env={"PYTHON": sys.executable, "OUT": str(tmp_path)}, timeout=240)
+    env = {"PYTHON": sys.executable, "OUT": str(tmp_path), "GANKERNELS_BUILD_CUDA": "0"}
+    out = _gpu_check("build", "memops", env=env, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     assert "smoke path" in text and text.index("== build") < text.index("== memops") < text.index("== summary")
