@@ -29,7 +29,7 @@ CASES = C.build_cases(
     [op for op in env_list("GANKERNELS_BENCH_OPS", list(C.OPS)) if op != "train_step"],
     env_list("GANKERNELS_BENCH_DTYPES", ["bf16"]),
     ["channels_last"],
-    env_list("GANKERNELS_BENCH_MODES", list(C.MODES)),
+    env_list("GANKERNELS_BENCH_MODES", list(C.DEFAULT_MODES)),
     DEVICE,
     quick=os.environ.get("GANKERNELS_BENCH_QUICK") == "1",
 )

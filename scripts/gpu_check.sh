@@ -1,77 +1,151 @@
 #!/usr/bin/env bash
-# The one script for a CUDA machine: build the extension, run every GPU test, time the
-# kernels against stock PyTorch, print a short table last.
+# The one command for a CUDA machine: build gankernels._C in place, run every GPU test,
+# run benchmark selections (python -m gankernels.bench --select NAME), print a summary
+# last. All timing lives in gankernels.bench; this only sequences it under a budget.
 #
-#   bash scripts/gpu_check.sh                    # build + tests + timings, within GPU_CHECK_BUDGET_S
-#   bash scripts/gpu_check.sh build tests        # only these stages
-#   bash scripts/gpu_check.sh build time bench   # timings and the benchmark suite (incl. the training step)
-#   OUT=/some/dir bash scripts/gpu_check.sh      # results there (default benchmarks/results/gpu_check-<date>/)
+#   bash scripts/gpu_check.sh                      # build tests targets cuda train, as far as the budget goes
+#   bash scripts/gpu_check.sh build memops conv-bwd   # a second call for what the first did not fit
+#   bash scripts/gpu_check.sh --dry-run            # print each stage's command and cap, run nothing
+#   OUT=/some/dir bash scripts/gpu_check.sh        # results there (default benchmarks/results/gpu_check-<date>)
+#   PYTHON=/path/to/python bash scripts/gpu_check.sh
 #
-# Stages: build (gankernels._C in place), tests (pytest -m gpu), time (every
-# scripts/gpu_time_*.py except bench), bench (scripts/gpu_time_bench.py: the headline
-# table and the DCGAN training step). Default: build tests time, then bench if time is left.
-# GPU_CHECK_BUDGET_S (default 480) is the overall deadline: each stage gets what is left,
-# capped, so the whole run fits one 10-minute call; split stages across calls for more.
-# Each timing script writes DIR/<name>.md (a short table) and DIR/<name>.csv.
+# Stages: build, tests (pytest -m gpu), and any selection of the benchmark: targets
+# conv-fwd conv-bwd memops cuda quick train (`python -m gankernels.bench --help` says
+# what each holds). GPU_CHECK_BUDGET_S (default 540) is the deadline for the whole run:
+# each stage gets min(its cap, what is left - 20 s for the summary) and is skipped
+# (listed, with the command that runs it) under 30 s; a selection skips torch.compile
+# after 45 % of its time and starts no case after 75 %, so its results are written
+# before its cap. Each selection writes OUT/<name>/results.{json,csv,md}; every stage's
+# output goes to OUT/<stage>.log; OUT/stages.tsv lists what ran.
+# GPU_CHECK_CAP_<STAGE>=S overrides a stage's cap (GPU_CHECK_CAP_BUILD=900 on a slow machine).
+# GPU_CHECK_PACK=1 leaves only OUT/gpu_check.tar.gz (all of the above) and OUT/summary.md
+# (for a machine that returns few files).
+#
+# Without a CUDA GPU this is the smoke path (what CI runs through tests/test_bench.py):
+# the build skips the extension (GANKERNELS_BUILD_CUDA=0 unless set), the GPU tests
+# skip, each selection runs on CPU at tiny shapes (--quick); it proves the driver
+# starts, builds and reaches its summary, and measures nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+STAGES=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) STAGES+=("$arg") ;;
+  esac
+done
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests targets cuda train)
+
+SELECTIONS=" targets conv-fwd conv-bwd memops cuda quick train "
+declare -A CAP=([build]=150 [tests]=180 [targets]=300 [conv-fwd]=200 [conv-bwd]=200 [memops]=120 [cuda]=120
+                [quick]=150 [train]=150)
+for s in "${STAGES[@]}"; do
+  if [ -z "${CAP[$s]:-}" ]; then
+    echo "gpu_check: unknown stage '$s'; expected build, tests or one of:$SELECTIONS" >&2
+    exit 2
+  fi
+  override="GPU_CHECK_CAP_$(echo "${s//-/_}" | tr '[:lower:]' '[:upper:]')"  # e.g. GPU_CHECK_CAP_CONV_FWD=400
+  [ -n "${!override:-}" ] && CAP[$s]=${!override}
+done
+
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-benchmarks/results/gpu_check-$(date +%F)}
-mkdir -p "$OUTDIR"
+PACK_INTO=""
+if [ "${GPU_CHECK_PACK:-0}" = 1 ] && (( ! DRY_RUN )); then
+  PACK_INTO=$OUTDIR
+  mkdir -p "$PACK_INTO"
+  OUTDIR=$(mktemp -d /tmp/gpu_check.XXXXXX)
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export MAX_JOBS=${MAX_JOBS:-16}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
 
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-# cap STAGE_SECONDS: the smaller of the cap and what is left (minus a margin for the summary)
-cap() { local l; l=$(( $(left) - 15 )); (( l < $1 )) && echo "$l" || echo "$1"; }
+PLANNED=0  # --dry-run: the seconds the stages planned so far would take at their caps
+left() { echo $(( BUDGET - ($(date +%s) - START) - PLANNED )); }
+cap() { local l; l=$(( $(left) - 20 )); (( l < $1 )) && echo "$l" || echo "$1"; }
 
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests time bench-if-time)
-want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+if (( DRY_RUN )); then
+  GPU=1  # plan as on the GPU machine
+else
+  mkdir -p "$OUTDIR"
+  : > "$OUTDIR/stages.tsv"
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then GPU=1; else GPU=0; fi
+fi
+if (( GPU )); then
+  export GANKERNELS_BUILD_CUDA=${GANKERNELS_BUILD_CUDA:-1}
+  BENCH_EXTRA=()
+else
+  echo "gpu_check: no CUDA GPU visible to $PY: smoke path (CPU, tiny shapes; nothing here is a GPU number)"
+  export GANKERNELS_BUILD_CUDA=${GANKERNELS_BUILD_CUDA:-0}
+  BENCH_EXTRA=(--quick --no-plots)
+fi
 
-echo "== environment"; $PY -m gankernels.env 2>&1 | tee "$OUTDIR/env.txt" | head -8
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null | tee -a "$OUTDIR/env.txt"
+# In place with setup.py; if that cannot run (setuptools < 77 rejects pyproject's SPDX
+# license, say) and the extension is wanted, gankernels' own JIT build of csrc/.
+build_extension() {
+  "$PY" setup.py build_ext --inplace && return 0
+  [ "$GANKERNELS_BUILD_CUDA" = 0 ] && return 1
+  echo "gpu_check: setup.py build_ext failed; building with gankernels.cuda.loader.load(build=True) instead"
+  "$PY" -c "import sys; from gankernels.cuda import loader; sys.exit(loader.load(build=True))"
+}
+export -f build_extension
+export PY
 
-if want build; then
-  echo "== build gankernels._C (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  t0=$(date +%s)
-  if timeout "$(cap 200)" $PY setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1; then
-    echo "built in $(( $(date +%s) - t0 )) s"
-  else
-    echo "BUILD FAILED (tail of $OUTDIR/build.log):"; tail -20 "$OUTDIR/build.log"
+# stage NAME LIMIT CMD...: run CMD for at most LIMIT s, log to OUT/NAME.log, record the outcome.
+stage() {
+  local name=$1 limit=$2 t0 rc status; shift 2
+  if (( limit < 30 )); then
+    echo "== $name: skipped ($(left) s of the ${BUDGET} s budget left)"
+    (( DRY_RUN )) || printf '%s\tskipped: out of budget\t0\t\n' "$name" >> "$OUTDIR/stages.tsv"
+    return
   fi
-fi
-
-if want tests; then
-  echo "== GPU tests ($(cap 240) s at most)"
-  timeout "$(cap 240)" $PY -m pytest -q -m gpu tests -p no:cacheprovider -o addopts="" -rfE 2>&1 \
-    | tee "$OUTDIR/gpu_tests.log" | tail -25
-fi
-
-run_timing() {  # script, cap seconds, extra args...
-  local script=$1 limit; limit=$(cap "$2"); shift 2
-  if (( limit < 30 )); then echo "== $script: skipped (out of time budget)"; return; fi
-  echo "== $script ($limit s at most)"
-  timeout "$limit" $PY "$script" --out "$OUTDIR" "$@" 2>&1 | tee "$OUTDIR/$(basename "$script" .py).log" | tail -3
+  if (( DRY_RUN )); then echo "== $name ($limit s at most): $*"; PLANNED=$(( PLANNED + limit )); return; fi
+  echo "== $name ($limit s at most): $*"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="timeout after $limit s" ;;
+    *) status="failed (exit $rc)" ;;
+  esac
+  tail -n 4 "$OUTDIR/$name.log" | sed 's/^/   /'
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$name.log" >> "$OUTDIR/stages.tsv"
 }
 
-if want time; then
-  run_timing scripts/gpu_time_conv_fwd.py 150 --budget 120
-  run_timing scripts/gpu_time_conv_bwd.py 150 --budget 120
-  run_timing scripts/gpu_time_memops.py 90
-  run_timing scripts/gpu_time_cuda.py 90
-fi
-if want bench || { want bench-if-time && (( $(left) > 120 )); }; then
-  run_timing scripts/gpu_time_bench.py 180 --stop-s 130
+if (( ! DRY_RUN )); then
+  echo "== environment ($OUTDIR)"
+  { timeout 60 "$PY" -m gankernels.env; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+      --format=csv 2>/dev/null; } > "$OUTDIR/env.txt" 2>&1
+  head -n 8 "$OUTDIR/env.txt" | sed 's/^/   /'
 fi
 
-echo; echo "== summary ($OUTDIR, $(( $(date +%s) - START )) s)"
-[ -e "$OUTDIR/gpu_tests.log" ] && grep -E "passed|failed|error" "$OUTDIR/gpu_tests.log" | tail -1
-for table in "$OUTDIR"/gpu_time_*.md; do
-  [ -e "$table" ] && cat "$table"
+for s in "${STAGES[@]}"; do
+  limit=$(cap "${CAP[$s]}")
+  case "$s" in
+    build) stage build "$limit" bash -c build_extension ;;
+    tests) stage tests "$limit" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -o addopts= -rfEs ;;
+    *)
+      stage "$s" "$limit" "$PY" -m gankernels.bench --select "$s" --out "$OUTDIR/$s" --no-progress \
+        --budget-s $(( limit * 45 / 100 )) --stop-s $(( limit * 75 / 100 )) "${BENCH_EXTRA[@]}" ;;
+  esac
 done
+(( DRY_RUN )) && exit 0
+
+echo
+"$PY" -m gankernels.bench.summary "$OUTDIR" > "$OUTDIR/summary.md" 2>&1 || { echo "(the summary failed; stages:)"; cat "$OUTDIR/stages.tsv"; }
+cat "$OUTDIR/summary.md"
+# Exit 1 when a stage failed or ran out of its cap (skipped ones are listed, not failures).
+FAILED=$(cut -f2 "$OUTDIR/stages.tsv" | grep -cE '^(failed|timeout)')
+if [ -n "$PACK_INTO" ]; then
+  tar -C "$OUTDIR" -czf "$PACK_INTO/gpu_check.tar.gz" . && cp "$OUTDIR/summary.md" "$PACK_INTO/summary.md" && rm -rf "$OUTDIR"
+  echo "packed into $PACK_INTO/gpu_check.tar.gz"
+fi
+(( FAILED == 0 ))

@@ -11,8 +11,14 @@ Cases (DESIGN.md §7, shapes from ANCHORS.md):
   quotes them); gankernels: ``conv3x3(act="lrelu")``.
 * ``up_conv3x3``, ``conv3x3_pool`` — the bare fused ops (bias, no activation) on one
   representative row each (add rows with ``--shapes``).
+* ``to_rgb`` — the generator's RGB output layer: conv3x3 32→3 + bias → tanh (batch
+  128, 64×64), a row the CUDA extension's direct convolution serves.
 * ``bias_act``, ``max_pool2d``, ``upsample_nearest2d`` — the memory-bound ops on the
   ANCHORS shape 64×128×64×64 (bias + leaky ReLU, 2×2 pool, 2× nearest).
+
+Modes: ``fwd`` (forward), ``fwdbwd`` (forward, then the gradients of every input for a
+fixed output gradient) and ``bwd`` (the backward alone, on a graph kept from one
+forward: what ANCHORS's "bwd" columns time).
 
 Every case function takes its tensors by keyword: ``x`` and, where the op has them,
 ``w`` ([Co, Ci, 3, 3]) and ``b`` ([Co] or [C] for ``bias_act``).
@@ -43,17 +49,19 @@ OPS: tuple[str, ...] = (
     "upsample_nearest2d",
     "gen_block",
     "disc_block",
+    "to_rgb",
 )
 """Op and block cases; ``train_step`` (see :mod:`gankernels.bench.training_step`) is separate."""
 
 ALL_CHOICES: tuple[str, ...] = OPS + ("train_step",)
-CONV_OPS = frozenset({"conv3x3", "conv3x3_pool", "up_conv3x3", "gen_block", "disc_block"})
+CONV_OPS = frozenset({"conv3x3", "conv3x3_pool", "up_conv3x3", "gen_block", "disc_block", "to_rgb"})
 UP_OPS = frozenset({"up_conv3x3", "gen_block"})
 POOL_CONV_OPS = frozenset({"conv3x3_pool", "disc_block"})
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
-MODES: tuple[str, ...] = ("fwd", "fwdbwd")
+MODES: tuple[str, ...] = ("fwd", "fwdbwd", "bwd")
+DEFAULT_MODES: tuple[str, ...] = ("fwd", "fwdbwd")
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,11 @@ class Case:
         fmt = "CL" if self.fmt == "channels_last" else "NCHW"
         return f"{self.op} {self.shape.label(self.op)} {self.dtype} {fmt} {self.mode}"
 
+    @property
+    def needs_grad(self) -> bool:
+        """Whether gradients are computed (and checked): ``fwdbwd`` and ``bwd``."""
+        return self.mode != "fwd"
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["id"] = self.id
@@ -103,11 +116,13 @@ class Case:
 _GEN_ROWS_GPU = [Shape(64, 512, 8, 8, 256), Shape(64, 256, 16, 16, 128), Shape(64, 128, 32, 32, 64), Shape(64, 64, 64, 64, 32)]
 _DISC_ROWS_GPU = [Shape(64, 3, 128, 128, 64), Shape(64, 64, 64, 64, 128), Shape(64, 128, 32, 32, 256), Shape(64, 256, 16, 16, 512)]
 _MEM_GPU = [Shape(64, 128, 64, 64, 128)]
+_RGB_GPU = [Shape(128, 32, 64, 64, 3)]
 
 # CPU: the same structure at sizes 2 shared cores finish in seconds.
 _GEN_ROWS_CPU = [Shape(2, 64, 8, 8, 32), Shape(2, 16, 32, 32, 8)]
 _DISC_ROWS_CPU = [Shape(2, 3, 64, 64, 16), Shape(2, 32, 16, 16, 64)]
 _MEM_CPU = [Shape(4, 32, 32, 32, 32)]
+_RGB_CPU = [Shape(2, 8, 16, 16, 3)]
 
 
 def default_shapes(op: str, device: str, quick: bool) -> list[Shape]:
@@ -126,6 +141,7 @@ def default_shapes(op: str, device: str, quick: bool) -> list[Shape]:
         "bias_act": mem,
         "max_pool2d": mem,
         "upsample_nearest2d": mem,
+        "to_rgb": _RGB_GPU if gpu else _RGB_CPU,
     }
     rows = table[op]
     if quick and len(rows) > 1:
@@ -228,6 +244,7 @@ STOCK: dict[str, Callable[..., torch.Tensor]] = {
     "upsample_nearest2d": lambda x: _up(x),
     "gen_block": lambda x, w, b: _lrelu(F.conv2d(_up(x), w, b, padding=1)),
     "disc_block": lambda x, w, b: F.max_pool2d(_lrelu(F.conv2d(x, w, b, padding=1)), 2),
+    "to_rgb": lambda x, w, b: torch.tanh(F.conv2d(x, w, b, padding=1)),
 }
 
 # The transposed-convolution rewrite (generator-side cases only).
@@ -246,6 +263,7 @@ REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "upsample_nearest2d": lambda x: ref.upsample_nearest2d(x, 2),
     "gen_block": lambda x, w, b: ref.up_conv3x3_naive(x, w, b, "lrelu", ALPHA),
     "disc_block": lambda x, w, b: ref.conv3x3_pool(x, w, b, "lrelu", ALPHA),
+    "to_rgb": lambda x, w, b: ref.conv3x3(x, w, b, "tanh"),
 }
 
 # The gankernels call: (public op name, keyword arguments besides the tensors).
@@ -258,6 +276,7 @@ GANKERNELS: dict[str, tuple[str, dict]] = {
     "upsample_nearest2d": ("upsample_nearest2d", {"scale_factor": 2}),
     "gen_block": ("up_conv3x3", {"act": "lrelu", "alpha": ALPHA}),
     "disc_block": ("conv3x3_pool", {"act": "lrelu", "alpha": ALPHA}),
+    "to_rgb": ("conv3x3", {"act": "tanh"}),
 }
 
 # The activation of the pooled conv cases (for the rounded-argmax reference).
@@ -282,6 +301,35 @@ def gankernels_call(op: str, backend: str) -> Callable[..., torch.Tensor]:
     if op == "bias_act":
         return lambda x, b: fn(x, b, **kwargs, backend=backend)
     return lambda x: fn(x, **kwargs, backend=backend)
+
+
+def kernel_call(op: str, backend: str, tensors: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn(**tensors)`` calling ``backend``'s registered forward directly: the kernel
+    (with its launcher's own tensor set-up) without the public op's argument checks,
+    dispatch and ``torch.library`` custom op — the "kernel only" time of a forward.
+
+    The arguments are normalised once, here, as the public op would; ``tensors``
+    supplies the values it is normalised for (the same shapes are then timed)."""
+    import inspect
+
+    from gankernels.ops import dispatch, functional
+
+    name, kwargs = GANKERNELS[op]
+    impl = dispatch.get_impl(name, backend)  # KeyError: not registered (callers check explain_backend first)
+    bound = inspect.signature(getattr(gankernels, name)).bind(**{k: tensors[k] for k in tensor_names(op)}, **kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    params.pop("backend")
+    fixed = functional._PREPARE[name](**params)  # the public op's normalisation, the one definition of it
+    if impl.prepare is not None:
+        impl.prepare(**fixed)
+    names = tensor_names(op)
+
+    def forward(**t: torch.Tensor) -> torch.Tensor:
+        out = impl.forward(**{**fixed, **{k: t[k] for k in names}})
+        return out[0] if isinstance(out, tuple) else out  # (out, saved) / (out, indices)
+
+    return forward
 
 
 def explain_backend(op: str, backend: str, tensors: dict[str, torch.Tensor]) -> list[str]:

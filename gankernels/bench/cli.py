@@ -13,6 +13,7 @@ import torch
 from gankernels.bench import cases as C
 from gankernels.bench import report
 from gankernels.bench.runner import GK_BACKENDS, run_cases
+from gankernels.bench.selections import SELECTIONS
 from gankernels.bench.timing import TimingConfig, measure_ceilings
 
 
@@ -26,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--select",
+        choices=tuple(SELECTIONS),
+        help="a named selection instead of --ops/--dtypes/--formats/--modes/--shapes: "
+        + "; ".join(f"{k}: {v.description}" for k, v in SELECTIONS.items()),
+    )
+    p.add_argument(
         "--ops", nargs="+", choices=C.ALL_CHOICES, metavar="OP", help=f"cases to run (default: all): {' '.join(C.ALL_CHOICES)}"
     )
     p.add_argument("--dtypes", nargs="+", choices=tuple(C.DTYPES), help="default: bf16 fp32 on CUDA, fp32 on CPU")
@@ -35,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(C.FORMATS),
         help="memory format of the inputs of compile and gankernels (default: channels_last; stock eager always runs in both)",
     )
-    p.add_argument("--modes", nargs="+", choices=C.MODES, help="fwd, fwdbwd (forward+backward) (default: both)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=C.MODES,
+        help="fwd, fwdbwd (forward+backward), bwd (the backward alone) (default: fwd fwdbwd)",
+    )
     p.add_argument(
         "--shapes", nargs="+", metavar="N,C,H,W[:Co]", help="custom shapes instead of the default ones, for every chosen op"
     )
@@ -43,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", nargs="+", choices=GK_BACKENDS, help="gankernels backends to include (default: all; stock always runs)"
     )
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats, bf16 only on CUDA")
+    p.add_argument(
+        "--kernel-only",
+        action="store_true",
+        help="forward cases: also time each fast backend's kernel called directly, without dispatch and the custom op",
+    )
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -84,20 +101,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         # One thread by default: on a shared CPU, OpenMP workers waiting for a busy core
         # turn millisecond ops into outliers of tens of ms.
         torch.set_num_threads(args.threads)
-    ops = args.ops or list(C.ALL_CHOICES)
-    if args.dtypes:
-        dtypes = args.dtypes
-    elif gpu:
-        dtypes = ["bf16"] if args.quick else ["bf16", "fp32"]
+    selection = SELECTIONS[args.select] if args.select else None
+    backends = args.backends
+    kernel_only = args.kernel_only
+    if selection is not None:
+        given = [f"--{k}" for k in ("ops", "dtypes", "formats", "modes", "shapes") if getattr(args, k)]
+        if given:
+            raise SystemExit(f"--select {args.select}: chooses the cases itself; drop {' '.join(given)} (or drop --select)")
+        cases = selection.cases(device, args.quick)
+        ops = sorted({c.op for c in cases}) + (["train_step"] if selection.train_step else [])
+        dtypes, formats, modes = (sorted({getattr(c, k) for c in cases}) for k in ("dtype", "fmt", "mode"))
+        backends = backends if backends is not None else (list(selection.backends) if selection.backends else None)
+        kernel_only = kernel_only or selection.kernel_only
     else:
-        dtypes = ["fp32"]
-    formats = args.formats or ["channels_last"]
-    modes = args.modes or list(C.MODES)
-    try:
-        shapes = [C.parse_shape(s) for s in args.shapes] if args.shapes else None
-        cases = C.build_cases(ops, dtypes, formats, modes, device, args.quick, shapes)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+        ops = args.ops or list(C.ALL_CHOICES)
+        if args.dtypes:
+            dtypes = args.dtypes
+        elif gpu:
+            dtypes = ["bf16"] if args.quick else ["bf16", "fp32"]
+        else:
+            dtypes = ["fp32"]
+        formats = args.formats or ["channels_last"]
+        modes = args.modes or list(C.DEFAULT_MODES)
+        try:
+            shapes = [C.parse_shape(s) for s in args.shapes] if args.shapes else None
+            cases = C.build_cases(ops, dtypes, formats, modes, device, args.quick, shapes)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     compile = args.compile if args.compile is not None else gpu
     compile_skip = (
         "torch.compile not run (--no-compile)"
@@ -126,11 +156,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         ceilings,
         compile=compile,
         compile_skip=compile_skip,
-        backends=args.backends,
+        backends=backends,
         seed=args.seed,
         show_progress=not args.no_progress,
         budget_s=args.budget_s,
         stop_s=args.stop_s,
+        kernel_only=kernel_only,
     )
     train = None
     if "train_step" in ops and args.stop_s is not None and time.perf_counter() - t0 > args.stop_s:
@@ -146,12 +177,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             timing,
             compile=train_compile,
             compile_skip=compile_skip if not compile else f"skipped: the run passed its time budget (--budget-s {args.budget_s})",
-            gankernels=args.backends is None or len(args.backends) > 0,
+            gankernels=backends is None or len(backends) > 0,
             seed=args.seed,
         )
     options = {
-        "ops": ops, "dtypes": dtypes, "formats": formats, "modes": modes, "shapes": args.shapes, "backends": args.backends,
-        "quick": args.quick, "compile": compile, "seed": args.seed, "timing": dict(timing.__dict__),
+        "select": args.select, "ops": ops, "dtypes": dtypes, "formats": formats, "modes": modes, "shapes": args.shapes,
+        "backends": backends, "kernel_only": kernel_only, "quick": args.quick, "compile": compile, "seed": args.seed,
+        "timing": dict(timing.__dict__),
         "wall_s": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     results = report.assemble(env, ceilings, summaries, train, options)
@@ -160,6 +192,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(report.markdown_table(results))
     print()
+    extra = report.extra_tables(results)
+    if extra:
+        print(extra)
+        print()
     print(f"results: {', '.join(str(p) for p in paths.values())} ({options['wall_s']} s)")
     if not gpu:
         print(report.CPU_NOTE)

@@ -129,7 +129,10 @@ def _pct(v: Optional[float]) -> str:
     return "—" if v is None else f"{v:.0f} %"
 
 
-COLUMN_ORDER = ("eager NCHW", "eager CL", "compile", "convT eager", "convT compile", "gk torch", "gk triton", "gk cuda")
+COLUMN_ORDER = (
+    "eager NCHW", "eager CL", "compile", "convT eager", "convT compile", "gk torch", "gk triton", "gk cuda",
+    "kernel triton", "kernel cuda",
+)  # fmt: skip
 
 
 def contender_columns(cases: list[dict]) -> list[str]:
@@ -160,7 +163,8 @@ def markdown_table(results: dict) -> str:
         lines.append("")
         lines.append(
             "Median ms per contender; speed-up = best stock ÷ best gankernels; % of floor = roofline floor ÷ best gankernels "
-            "time (floor = max(FLOPs / matmul rate, bytes / copy bandwidth), stock FLOPs for the up-conv cases)."
+            "time (floor = max(FLOPs / matmul rate, bytes / copy bandwidth), stock FLOPs for the up-conv cases). "
+            "`kernel <backend>`: the backend's forward called directly (no dispatch, no custom op); never the best time."
         )
         notes: dict[tuple[str, str, str], list[str]] = {}
         for c in cases:
@@ -209,6 +213,111 @@ def train_step_table(ts: dict) -> str:
     return "\n".join(lines)
 
 
+def _gbps(nbytes: float, ms: Optional[float]) -> str:
+    return "—" if not ms else f"{nbytes / (ms * 1e-3) / 1e9:.0f}"
+
+
+def targets_table(results: dict) -> str:
+    """Every case (and the training step) that ANCHORS.md sets a target for: the
+    number reached and met / missed / incomplete (:mod:`gankernels.bench.targets`)."""
+    from gankernels.bench.targets import COPY_BANDWIDTH, TRAIN_MEMORY, verdicts
+
+    vs = verdicts(results)
+    if not vs:
+        return ""
+    lines = [
+        "Targets (ANCHORS.md):",
+        "",
+        "| target | case | bound | gankernels ms | against | stock ms | reached | verdict |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- |",
+    ]
+    for v in vs:
+        if v.value is None:
+            reached = "—"
+        elif v.target.kind == COPY_BANDWIDTH:
+            reached = f"{v.value:.0f} %"
+        elif v.target.kind == TRAIN_MEMORY:
+            reached = f"{v.value:.2f}×"
+        else:
+            reached = _ratio(v.value)
+        verdict = v.status + (f" ({v.note})" if v.note and v.status != "met" else "")
+        gk = f"{fmt_ms(v.gankernels_ms)} ({v.gankernels})" if v.gankernels_ms else (v.gankernels or "—")
+        lines.append(
+            f"| {v.target.name} | {v.case} | {v.target.describe()} | {gk} | {v.against or '—'} | {fmt_ms(v.against_ms)} | "
+            f"{reached} | {verdict} |"
+        )
+    if results["env"]["device"] != "cuda":
+        lines += ["", "On CPU these verdicts only show the bookkeeping: the targets are for the GPU of ANCHORS.md."]
+    return "\n".join(lines)
+
+
+def memory_bound_table(results: dict) -> str:
+    """The memory-bound cases: bytes moved (as ANCHORS.md counts them), and per
+    contender the time, GB/s and % of the copy bandwidth measured at the start."""
+    from gankernels.bench.cases import CONV_OPS
+
+    cases = [c for c in results["cases"] if c["op"] not in CONV_OPS and c.get("bytes")]  # "bytes": since 2026-12
+    if not cases:
+        return ""
+    copy = results["ceilings"]["copy_bytes_per_s"]
+    lines = [
+        f"Memory-bound ops (copy bandwidth {copy / 1e9:.0f} GB/s; bytes as ANCHORS.md counts them):",
+        "",
+        "| case | MB | contender | ms | GB/s | % of copy |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for c in cases:
+        for r in c["contenders"].values():
+            if r["status"] != "ok":
+                continue
+            pct = 100.0 * c["bytes"] / (r["ms"] * 1e-3) / copy
+            gbps = _gbps(c["bytes"], r["ms"])
+            lines.append(f"| {c['id']} | {c['bytes'] / 1e6:.2f} | {r['contender']} | {fmt_ms(r['ms'])} | {gbps} | {pct:.0f} % |")
+    return "\n".join(lines)
+
+
+def backend_tables(results: dict) -> str:
+    """One table per gankernels backend that ran: its time (and kernel-only time) per
+    case against the best stock formulation, % of the floor, and on CUDA the memory
+    its forward keeps for the backward next to stock eager's."""
+    from gankernels.ops.dispatch import BACKENDS
+
+    out = []
+    for backend in BACKENDS:
+        rows = []
+        for c in results["cases"]:
+            r = c["contenders"].get(f"gk {backend}")
+            if r is None or r["status"] != "ok":
+                continue
+            k = c["contenders"].get(f"kernel {backend}")
+            kernel = fmt_ms(k["ms"]) if k and k["status"] == "ok" else "—"
+            stock = c["best_stock_ms"]
+            eager = c["contenders"].get("eager CL") or {}
+            mem = "—"
+            if r.get("held_mib") is not None and eager.get("held_mib") is not None:
+                mem = f"{eager['held_mib']:.0f} → {r['held_mib']:.0f}"
+            rows.append(
+                f"| {c['id']} | {fmt_ms(r['ms'])} | {kernel} | {fmt_ms(stock)} ({c['best_stock'] or '—'}) | "
+                f"{_ratio(stock / r['ms'] if stock else None)} | {_pct(100.0 * c['floor_ms'] / r['ms'])} | {mem} |"
+            )
+        if rows:
+            out += [
+                f"Backend {backend}:",
+                "",
+                "| case | ms | kernel-only ms | best stock ms | speed-up | % of floor | fwd-held MiB, eager CL → it |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+                *rows,
+                "",
+            ]
+    return "\n".join(out).rstrip()
+
+
+def extra_tables(results: dict) -> str:
+    """The target verdicts, the memory-bound table and the per-backend tables."""
+    parts = [targets_table(results), memory_bound_table(results), backend_tables(results)]
+    return "\n\n".join(p for p in parts if p)
+
+
 def header(results: dict) -> str:
     env, ce = results["env"], results["ceilings"]
     dev = env["gpu"] or f"CPU ({env['cpu_count']} cores)"
@@ -244,7 +353,8 @@ def assemble(env: dict, ceilings: Ceilings, summaries: list[CaseSummary], train_
 
 CSV_FIELDS = [
     "case", "op", "shape", "dtype", "fmt", "mode", "contender", "family", "status", "ms", "rel_l2_err", "tol",
-    "reference", "reason", "floor_ms", "case_best_stock_ms", "case_best_gankernels_ms", "case_speedup",
+    "reference", "reason", "held_mib", "peak_mib", "floor_ms", "bytes", "flops", "case_best_stock_ms",
+    "case_best_gankernels_ms", "case_speedup",
 ]  # fmt: skip
 
 
@@ -261,7 +371,8 @@ def write_csv(results: dict, path: Path) -> None:
                         "case": c["id"], "op": c["op"], "shape": shape, "dtype": c["dtype"], "fmt": c["fmt"], "mode": c["mode"],
                         "contender": r["contender"], "family": r["family"], "status": r["status"], "ms": r["ms"],
                         "rel_l2_err": r["rel_l2_err"], "tol": r["tol"], "reference": r["reference"], "reason": r["reason"],
-                        "floor_ms": c["floor_ms"], "case_best_stock_ms": c["best_stock_ms"],
+                        "held_mib": r.get("held_mib"), "peak_mib": r.get("peak_mib"), "floor_ms": c["floor_ms"],
+                        "bytes": c.get("bytes"), "flops": c.get("flops"), "case_best_stock_ms": c["best_stock_ms"],
                         "case_best_gankernels_ms": c["best_gankernels_ms"], "case_speedup": c["speedup"],
                     }
                 )  # fmt: skip
@@ -283,7 +394,8 @@ def write_all(results: dict, out_dir: Path, plots: bool = True) -> dict[str, Pat
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "md": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
     write_csv(results, paths["csv"])
-    paths["md"].write_text(header(results) + "\n\n" + markdown_table(results) + "\n")
+    extra = extra_tables(results)
+    paths["md"].write_text(header(results) + "\n\n" + markdown_table(results) + "\n" + (f"\n{extra}\n" if extra else ""))
     if plots:
         from gankernels.bench.plots import write_plots
 

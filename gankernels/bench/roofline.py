@@ -15,7 +15,11 @@ Counted as ANCHORS.md does, for the op as stock PyTorch defines it:
 
 Forward+backward (``fwdbwd``): FLOPs ×3 for the 3×3 ops (data and weight gradients
 each cost a forward), and the bytes of the backward added — for the 3×3 ops: read the
-output gradient, the output, x and w; write grad_x, grad_w and grad_b.
+output gradient, the output, x and w; write grad_x, grad_w and grad_b. The backward
+alone (``bwd``): FLOPs ×2 and the backward's bytes only.
+
+For the memory-bound ops (no FLOPs) the floor is the bytes at copy bandwidth, so "% of
+floor" is "% of copy bandwidth", the figure ANCHORS.md quotes for them.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def flops(case: Case) -> float:
     s = case.shape
     ho, wo = (2 * s.h, 2 * s.w) if case.op in UP_OPS else (s.h, s.w)
     f = 2.0 * s.n * s.co * ho * wo * 9 * s.c
-    return 3 * f if case.mode == "fwdbwd" else f
+    return {"fwd": 1, "fwdbwd": 3, "bwd": 2}[case.mode] * f
 
 
 def bytes_moved(case: Case) -> float:
@@ -78,7 +82,7 @@ def bytes_moved(case: Case) -> float:
         bwd = x + x + x
     else:
         raise ValueError(f"case.op: no byte count for {case.op!r}")
-    return float(e * (fwd + bwd if case.mode == "fwdbwd" else fwd))
+    return float(e * {"fwd": fwd, "fwdbwd": fwd + bwd, "bwd": bwd}[case.mode])
 
 
 def floor_ms(case: Case, ceilings: Ceilings) -> float:

@@ -7,12 +7,19 @@ Contenders of a case, all in the same process on the same input values:
 * ``compile`` — ``torch.compile`` of the same stock code, inputs in the case's format;
 * ``convT eager``, ``convT compile`` — generator cases only: the stock transposed-
   convolution rewrite (:func:`gankernels.bench.cases.up_conv_transposed`);
-* ``gk torch``, ``gk triton``, ``gk cuda`` — each gankernels backend asked for by name.
+* ``gk torch``, ``gk triton``, ``gk cuda`` — each gankernels backend asked for by name;
+* ``kernel triton``, ``kernel cuda`` (forward cases, on request) — the backend's
+  registered forward called directly (:func:`gankernels.bench.cases.kernel_call`): the
+  kernel without dispatch and the custom op. Family ``kernel``: reported, never the
+  "best gankernels" time (a user always pays for the dispatch).
 
 A contender that cannot serve the case is recorded ``n/a`` with the reasons
 (``gankernels.explain``); one that raises is ``error``; one whose result (and, for
 ``fwdbwd``, gradients) is outside the dtype's relative-L2 tolerance of the float64
 reference is ``FAIL`` and is not timed. Only ``ok`` contenders count for the best time.
+
+On CUDA, cases with a backward also record the memory each contender's forward keeps
+for the backward (``held_mib``) and the forward's peak (``peak_mib``).
 
 Where fp16/bf16 make two answers equally right — which entry of a near-tied pooling
 window is the maximum, which side of the leaky ReLU's kink a near-zero pre-activation
@@ -33,14 +40,17 @@ import torch
 
 from gankernels.bench import cases as C
 from gankernels.bench.cases import Case
-from gankernels.bench.roofline import Ceilings, floor_ms, percent_of_floor
-from gankernels.bench.timing import TimingConfig, time_ms
+from gankernels.bench.roofline import Ceilings, bytes_moved, floor_ms, flops, percent_of_floor
+from gankernels.bench.timing import TimingConfig, forward_memory_mib, time_ms
+from gankernels.ops import dispatch
 from gankernels.ops import reference as ref
 from gankernels.testing import rel_l2_error, tolerance
 
 STOCK_FAMILY = "stock"
 GK_FAMILY = "gankernels"
-GK_BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda")
+KERNEL_FAMILY = "kernel"
+GK_BACKENDS: tuple[str, ...] = dispatch.BACKENDS
+KERNEL_BACKENDS: tuple[str, ...] = tuple(b for b in GK_BACKENDS if b != "torch")  # the reference's kernel is its composite
 
 
 class Unavailable(Exception):
@@ -51,12 +61,13 @@ class Unavailable(Exception):
 class Contender:
     """One way to compute a case. ``make(case)`` returns ``fn(**tensors) -> Tensor`` or
     raises :class:`Unavailable`; ``fmt`` is the memory format of its inputs (None: the
-    case's)."""
+    case's); ``backend`` the gankernels backend it runs (None for stock)."""
 
     name: str
     family: str
     make: Callable[[Case, dict], Callable[..., torch.Tensor]]
     fmt: Optional[str] = None
+    backend: Optional[str] = None
 
 
 @dataclass
@@ -72,6 +83,8 @@ class Record:
     tol: Optional[float] = None
     reason: str = ""
     reference: str = ""  # which float64 reference it matched: "exact" or "argmax after rounding at ..."
+    held_mib: Optional[float] = None  # CUDA, cases with a backward: memory the forward keeps for it
+    peak_mib: Optional[float] = None  # ... and the forward's peak, both above what was allocated before
 
     def as_dict(self) -> dict:
         return {
@@ -84,6 +97,8 @@ class Record:
             "tol": self.tol,
             "reason": self.reason,
             "reference": self.reference,
+            "held_mib": self.held_mib,
+            "peak_mib": self.peak_mib,
         }
 
 
@@ -120,6 +135,8 @@ class CaseSummary:
         return {
             **self.case.as_dict(),
             "floor_ms": self.floor_ms,
+            "flops": flops(self.case),
+            "bytes": bytes_moved(self.case),
             "best_stock": s.contender if s else None,
             "best_stock_ms": s.ms if s else None,
             "best_gankernels": g.contender if g else None,
@@ -168,6 +185,16 @@ def _gankernels(backend: str) -> Callable[[Case, dict], Callable[..., torch.Tens
     return make
 
 
+def _kernel_only(backend: str) -> Callable[[Case, dict], Callable[..., torch.Tensor]]:
+    def make(case: Case, tensors: dict) -> Callable[..., torch.Tensor]:
+        why = C.explain_backend(case.op, backend, tensors)
+        if why:
+            raise Unavailable("; ".join(why))
+        return C.kernel_call(case.op, backend, tensors)
+
+    return make
+
+
 def _disabled(reason: str) -> Callable[[Case, dict], Callable[..., torch.Tensor]]:
     def make(case: Case, tensors: dict) -> Callable[..., torch.Tensor]:
         raise Unavailable(reason)
@@ -175,9 +202,12 @@ def _disabled(reason: str) -> Callable[[Case, dict], Callable[..., torch.Tensor]
     return make
 
 
-def contenders_for(case: Case, compile: bool = True, compile_skip: str = "torch.compile not run (--no-compile)") -> list[Contender]:
+def contenders_for(
+    case: Case, compile: bool = True, compile_skip: str = "torch.compile not run (--no-compile)", kernel_only: bool = False
+) -> list[Contender]:
     """Every contender of ``case``, in table order; without ``compile`` the compiled ones
-    are listed unavailable with the reason ``compile_skip``."""
+    are listed unavailable with the reason ``compile_skip``; with ``kernel_only`` (and
+    a forward case) the ``kernel <backend>`` contenders are added."""
     no_compile = _disabled(compile_skip)
     out = [
         Contender("eager NCHW", STOCK_FAMILY, _stock, "nchw"),
@@ -189,7 +219,9 @@ def contenders_for(case: Case, compile: bool = True, compile_skip: str = "torch.
             Contender("convT eager", STOCK_FAMILY, _transposed),
             Contender("convT compile", STOCK_FAMILY, _transposed_compiled if compile else no_compile),
         ]
-    out += [Contender(f"gk {b}", GK_FAMILY, _gankernels(b)) for b in GK_BACKENDS]
+    out += [Contender(f"gk {b}", GK_FAMILY, _gankernels(b), backend=b) for b in GK_BACKENDS]
+    if kernel_only and case.mode == "fwd":
+        out += [Contender(f"kernel {b}", KERNEL_FAMILY, _kernel_only(b), backend=b) for b in KERNEL_BACKENDS]
     return out
 
 
@@ -209,7 +241,7 @@ def _rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _output_names(case: Case) -> list[str]:
-    if case.mode == "fwd":
+    if not case.needs_grad:
         return ["out"]
     return ["out"] + [f"grad_{k}" for k in C.tensor_names(case.op)]
 
@@ -223,14 +255,14 @@ class CaseContext:
         self.base = C.make_inputs(case, device, seed)
         self.names = C.tensor_names(case.op)
         # The float64 reference, through autograd for the gradients.
-        leaves64 = {k: v.detach().double().requires_grad_(case.mode == "fwdbwd") for k, v in self.base.items()}
+        leaves64 = {k: v.detach().double().requires_grad_(case.needs_grad) for k, v in self.base.items()}
         with torch.enable_grad():
             out64 = C.REFERENCE[case.op](**leaves64)
         g = torch.Generator().manual_seed(seed + 1)
         gout = torch.randn(out64.shape, generator=g, dtype=torch.float64).to(device)
         self.grad_out64 = gout
         self.grad_out = {fmt: gout.to(case.torch_dtype).contiguous(memory_format=mf) for fmt, mf in C.FORMATS.items()}
-        if case.mode == "fwdbwd":
+        if case.needs_grad:
             grads = torch.autograd.grad(out64, [leaves64[k] for k in self.names], gout)
             self.expected = [out64.detach(), *grads]
         else:
@@ -240,27 +272,28 @@ class CaseContext:
         self.tol = tolerance(case.torch_dtype, tf32=device == "cuda" and case.op in C.CONV_OPS and torch.backends.cudnn.allow_tf32)
 
     def tensors(self, fmt: str) -> dict[str, torch.Tensor]:
-        """Fresh leaf copies of the inputs: 4-D ones in ``fmt``; requiring grad in fwdbwd."""
+        """Fresh leaf copies of the inputs: 4-D ones in ``fmt``; requiring grad in fwdbwd/bwd."""
         mf = C.FORMATS[fmt]
         out = {}
         for k, v in self.base.items():
             t = v.detach().clone(memory_format=mf) if v.dim() == 4 else v.detach().clone()
-            out[k] = t.requires_grad_(self.case.mode == "fwdbwd")
+            out[k] = t.requires_grad_(self.case.needs_grad)
         return out
 
     def rounded_references(self):
         """The rounded-argmax references (conv+pool cases in fp16/bf16, fwdbwd only),
         computed on first use and cached: ``[(description, expected), ...]``."""
         case = self.case
-        if not (case.op in C.POOL_CONV_OPS and case.mode == "fwdbwd" and case.dtype in ("fp16", "bf16")):
+        if not (case.op in C.POOL_CONV_OPS and case.needs_grad and case.dtype in ("fp16", "bf16")):
             return []
         if self._rounded is None:
             self._rounded = [(d, list(e)) for d, e in C.rounded_argmax_pool_references(case, self.leaves64, self.grad_out64)]
         return self._rounded
 
     def runner(self, fn: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor]) -> Callable[[], tuple]:
-        """``run()`` computing the case with ``fn``: the output, and in fwdbwd the
-        gradients of every input for the fixed output gradient."""
+        """``run()`` computing the case with ``fn``: the output, and in fwdbwd/bwd the
+        gradients of every input for the fixed output gradient. In ``bwd`` the forward
+        runs once, here, and ``run()`` repeats only the backward on its kept graph."""
         if self.case.mode == "fwd":
 
             def run_fwd() -> tuple:
@@ -268,12 +301,24 @@ class CaseContext:
 
             return run_fwd
         leaves = [tensors[k] for k in self.names]
+
+        def grad_for(out: torch.Tensor) -> torch.Tensor:  # laid out like this contender's output
+            return self.grad_out["channels_last" if ref.memory_format_of(out) == torch.channels_last else "nchw"]
+
+        if self.case.mode == "bwd":
+            kept = fn(**tensors)
+            g = grad_for(kept)
+
+            def run_bwd() -> tuple:
+                return (kept, *torch.autograd.grad(kept, leaves, g, retain_graph=True))
+
+            return run_bwd
         chosen: list[torch.Tensor] = []
 
         def run_fwdbwd() -> tuple:
             out = fn(**tensors)
-            if not chosen:  # the output gradient laid out like this contender's output
-                chosen.append(self.grad_out["channels_last" if ref.memory_format_of(out) == torch.channels_last else "nchw"])
+            if not chosen:
+                chosen.append(grad_for(out))
             return (out, *torch.autograd.grad(out, leaves, chosen[0]))
 
         return run_fwdbwd
@@ -290,7 +335,7 @@ class CaseContext:
         if err <= self.tol:
             return True, err, "exact", ""
         others = list(self.rounded_references())
-        if self.case.mode == "fwdbwd" and self.case.op in C.KINK_PREACT:
+        if self.case.needs_grad and self.case.op in C.KINK_PREACT:
             others.append(C.kink_consistent_reference(self.case, self.leaves64, self.grad_out64, results[0]))
         for what, expected in others:
             err2, where2 = worst(expected)
@@ -313,8 +358,8 @@ def prepare(ctx: CaseContext, c: Contender, device: str) -> tuple[Record, Option
     except Unavailable as e:
         rec.status, rec.reason = "n/a", str(e)
         return rec, None
-    run = ctx.runner(fn, tensors)
     try:
+        run = ctx.runner(fn, tensors)  # bwd: runs the forward (and compiles it) here
         results = run()  # also compiles, for the compiled contenders
         if device == "cuda":
             torch.cuda.synchronize()
@@ -327,6 +372,8 @@ def prepare(ctx: CaseContext, c: Contender, device: str) -> tuple[Record, Option
     if not ok:
         rec.status, rec.reason = "FAIL", why
         return rec, None
+    if device == "cuda" and case.needs_grad:
+        rec.held_mib, rec.peak_mib = forward_memory_mib(lambda: fn(**tensors))
     return rec, run
 
 
@@ -363,6 +410,7 @@ def run_cases(
     contenders_fn: Optional[Callable[..., list[Contender]]] = None,
     budget_s: Optional[float] = None,
     stop_s: Optional[float] = None,
+    kernel_only: bool = False,
 ) -> list[CaseSummary]:
     """Every case, with a progress bar on stderr. ``backends`` limits the gankernels
     contenders (the stock ones always run: they are what the speed-up is measured
@@ -370,15 +418,15 @@ def run_cases(
     up at call time. After ``budget_s`` seconds, the compiled contenders of the remaining
     cases are listed ``n/a`` instead of compiled; after ``stop_s`` seconds the remaining
     cases are listed with every contender ``n/a`` (so a run under an outer timeout still
-    writes its results)."""
+    writes its results). ``kernel_only`` adds the kernel-only contenders to forward cases."""
     from tqdm import tqdm
 
     contenders_fn = contenders_fn or contenders_for
 
     def plan(case: Case, compile: bool, skip: str) -> list[Contender]:
-        cs = contenders_fn(case, compile, skip)
+        cs = contenders_fn(case, compile, skip, kernel_only=kernel_only)
         if backends is not None:
-            cs = [c for c in cs if c.family != GK_FAMILY or c.name.removeprefix("gk ") in backends]
+            cs = [c for c in cs if c.backend is None or c.backend in backends]
         return cs
 
     total = sum(len(plan(case, compile, compile_skip)) for case in cases)
@@ -391,7 +439,7 @@ def run_cases(
             if stop_s is not None and elapsed > stop_s:
                 # Past the hard limit: the case is still listed, every contender n/a.
                 why = f"not run: the run passed its time limit (--stop-s {stop_s:g})"
-                cs = [Contender(c.name, c.family, _disabled(why), c.fmt) for c in plan(case, False, why)]
+                cs = [Contender(c.name, c.family, _disabled(why), c.fmt, c.backend) for c in plan(case, False, why)]
             elif compile and budget_s is not None and elapsed > budget_s:
                 # Compiling is what takes the time; past the budget the compiled
                 # contenders are listed as not run, so the rest of the table still comes.

@@ -82,3 +82,19 @@ def measure_ceilings(device: str, cfg: TimingConfig) -> Ceilings:
     a, b = torch.randn(m, m), torch.randn(m, m)
     t_mm = time_ms(lambda: a @ b, device, cpu_cfg)
     return Ceilings(2 * n * 4 / (t_copy * 1e-3), 2 * m**3 / (t_mm * 1e-3), "fp32 1024³ matmul (CPU)", "64 MiB fp32 copy (CPU)")
+
+
+def forward_memory_mib(forward: Callable[[], object]) -> tuple[float, float]:
+    """CUDA: ``(held, peak)`` MiB of one call of ``forward`` (with autograd recording):
+    what stays allocated while its result is alive — the output and everything saved
+    for the backward — and the peak during the call, both above what was allocated
+    before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = forward()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    return held / 2**20, peak / 2**20

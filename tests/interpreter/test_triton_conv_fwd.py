@@ -12,9 +12,7 @@ without running the full cross product.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import pathlib
 import zlib
 
 import pytest
@@ -27,7 +25,6 @@ from gankernels.ops import registration as reg
 from gankernels.testing import LAYOUTS, assert_close_rel, random_input
 from gankernels.triton import conv3x3 as tconv
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 OPS = ("conv3x3", "conv3x3_pool", "up_conv3x3")
 REFERENCE = {"conv3x3": ref.conv3x3, "conv3x3_pool": ref.conv3x3_pool, "up_conv3x3": ref.up_conv3x3_naive}
 DTYPES = (torch.float32, torch.float16)
@@ -226,49 +223,6 @@ def test_fake_saved_and_opcheck():
     _, saved = tconv.conv3x3_pool_forward(x, wt, b, "lrelu", 0.2, 1.0, None)
     fake = tconv.fake_saved_pool(x, wt, b)
     assert fake.shape == saved.shape and fake.dtype == saved.dtype and fake.stride() == saved.stride()
-
-
-# ----------------------------------------------------------------------------------
-# The transposed-convolution rewrite the benchmark times as a stock baseline.
-
-
-def _load_timing_script():
-    path = ROOT / "scripts" / "gpu_time_conv_fwd.py"
-    spec = importlib.util.spec_from_file_location("gpu_time_conv_fwd", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.parametrize("ci,co,h,w", [(3, 5, 4, 4), (4, 2, 3, 5)])
-def test_transposed_conv_rewrite_is_exact(ci, co, h, w):
-    bench = _load_timing_script()
-    g = torch.Generator().manual_seed(ci * 100 + h)
-    x = torch.randn(2, ci, h, w, generator=g, dtype=torch.float64)
-    wt = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64)
-    b = torch.randn(co, generator=g, dtype=torch.float64)
-    stock = bench.stock_generator_block(x, wt, b)
-    wtt = bench.transposed_kernel(wt)
-    assert wtt.shape == (ci, co, 4, 4)
-    rewrite = bench.transposed_generator_block(x, wtt, b)
-    torch.testing.assert_close(rewrite, stock, rtol=1e-12, atol=1e-12)
-
-
-def test_timing_script_bookkeeping(tmp_path, monkeypatch):
-    """The timing script's row logic and its md/csv output, on CPU with a fake timer
-    (the GPU run is the real test; this catches bookkeeping bugs before it)."""
-    bench = _load_timing_script()
-    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
-    run = bench.Run(tmp_path, batch=1, budget_s=100.0, device="cpu")
-    monkeypatch.setattr(run, "compiled_fn", lambda name, fn: fn)  # no inductor on CPU here
-    for block, ci in (("generator", 8), ("discriminator", 3), ("conv3x3", 17)):
-        run.row(block, ci, 4, 4, torch.float32, (1e12, 1e12))
-    run.write()
-    md = (tmp_path / "gpu_time_conv_fwd.md").read_text()
-    assert md.count("| generator |") == 1 and "1.00× (eager NCHW)" in md and "1.00× (eager CL)" in md
-    assert "failed" not in md
-    rows = (tmp_path / "gpu_time_conv_fwd.csv").read_text().splitlines()
-    assert rows[0].startswith("block,dtype,shape,variant,ms") and sum("summary" in r for r in rows) == 3
 
 
 def test_case_list_covers_the_spec():
