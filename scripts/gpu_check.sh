@@ -3,13 +3,14 @@
 # run benchmark selections (python -m gankernels.bench --select NAME), print a summary
 # last. All timing lives in gankernels.bench; this only sequences it under a budget.
 #
-#   bash scripts/gpu_check.sh                      # build tests targets cuda train, as far as the budget goes
+#   bash scripts/gpu_check.sh                      # build tests host targets cuda train, as far as the budget goes
 #   bash scripts/gpu_check.sh build memops conv-bwd   # a second call for what the first did not fit
 #   bash scripts/gpu_check.sh --dry-run            # print each stage's command and cap, run nothing
 #   OUT=/some/dir bash scripts/gpu_check.sh        # results there (default benchmarks/results/gpu_check-<date>)
 #   PYTHON=/path/to/python bash scripts/gpu_check.sh
 #
-# Stages: build, tests (pytest -m gpu), and any selection of the benchmark: targets
+# Stages: build, tests (pytest -m gpu), host (the eager path's host cost, stock vs
+# gankernels: python -m gankernels.bench host-cost), and any selection of the benchmark: targets
 # conv-fwd conv-bwd memops cuda quick train (`python -m gankernels.bench --help` says
 # what each holds). GPU_CHECK_BUDGET_S (default 540) is the deadline for the whole run:
 # each stage gets min(its cap, what is left - 20 s for the summary) and is skipped
@@ -37,14 +38,14 @@ for arg in "$@"; do
     *) STAGES+=("$arg") ;;
   esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests targets cuda train)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests host targets cuda train)
 
 SELECTIONS=" targets conv-fwd conv-bwd memops cuda quick train "
-declare -A CAP=([build]=150 [tests]=180 [targets]=300 [conv-fwd]=200 [conv-bwd]=200 [memops]=120 [cuda]=120
+declare -A CAP=([build]=150 [tests]=180 [host]=45 [targets]=300 [conv-fwd]=200 [conv-bwd]=200 [memops]=120 [cuda]=120
                 [quick]=150 [train]=150)
 for s in "${STAGES[@]}"; do
   if [ -z "${CAP[$s]:-}" ]; then
-    echo "gpu_check: unknown stage '$s'; expected build, tests or one of:$SELECTIONS" >&2
+    echo "gpu_check: unknown stage '$s'; expected build, tests, host or one of:$SELECTIONS" >&2
     exit 2
   fi
   override="GPU_CHECK_CAP_$(echo "${s//-/_}" | tr '[:lower:]' '[:upper:]')"  # e.g. GPU_CHECK_CAP_CONV_FWD=400
@@ -132,6 +133,8 @@ for s in "${STAGES[@]}"; do
   case "$s" in
     build) stage build "$limit" bash -c build_extension ;;
     tests) stage tests "$limit" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -o addopts= -rfEs ;;
+    host) stage host "$limit" "$PY" -m gankernels.bench host-cost --device "$( (( GPU )) && echo cuda || echo cpu)" \
+            --rounds 7 --out "$OUTDIR/host" ;;
     *)
       stage "$s" "$limit" "$PY" -m gankernels.bench --select "$s" --out "$OUTDIR/$s" --no-progress \
         --budget-s $(( limit * 45 / 100 )) --stop-s $(( limit * 75 / 100 )) "${BENCH_EXTRA[@]}" ;;

@@ -222,3 +222,13 @@ def test_host_cost_benchmark_reports_ratios(tmp_path):
         assert r.stock_us == r.gankernels_us == 0.5 and r.met
     table = host_cost.format_table(rows)
     assert "| upsample ×2, forward | 0.5 | 0.5 | 1.00× | +0.0 | ≤ +10 µs | met |" in table
+
+
+def test_host_cost_is_a_bench_command(tmp_path):
+    from gankernels.bench import cli
+
+    cli.main(["host-cost", "--quick", "--rounds", "1", "--out", str(tmp_path)])  # exit status: targets met or not
+    md = (tmp_path / "host_cost.md").read_text()
+    assert "python -m gankernels.bench host-cost --quick --device cpu" in md
+    rows = __import__("json").loads((tmp_path / "host_cost.json").read_text())["rows"]
+    assert len(rows) == 13 and all(r["stock_us"] > 0 and r["gankernels_us"] > 0 for r in rows)

@@ -7,8 +7,9 @@ are timed in one process, on the same inputs, interleaved round by round, and ea
 reported as its fastest round's per-call time (thread CPU time, so a loaded machine
 inflates neither side).
 
-    python -m gankernels.bench.host_cost                 # table on stdout
-    python -m gankernels.bench.host_cost --out DIR       # also DIR/host_cost.{md,json}
+    python -m gankernels.bench host-cost                 # table on stdout
+    python -m gankernels.bench host-cost --out DIR       # also DIR/host_cost.{md,json}
+    python -m gankernels.bench host-cost --device cuda   # CUDA tensors: the launch path too
 
 Targets (issue 12): a fused 3×3 op adds at most 10 µs to the stock composite's forward
 and costs at most 1.3× it forward + backward; a single op adds at most 10 µs forward and
@@ -79,17 +80,19 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[],
     return run
 
 
-def build_cases(quick: bool = False) -> list[Case]:
-    """The calls of issue 12's table, on 1×4×4×4 float32 tensors (and the tiny step)."""
+def build_cases(quick: bool = False, device: str = "cpu") -> list[Case]:
+    """The calls of issue 12's table, on 1×4×4×4 float32 tensors (and the tiny step).
+    On ``device="cuda"`` the launches are asynchronous, so the thread's CPU time is
+    still the host's cost of issuing each call (kernel launches included)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 4, 4, generator=g)
-    w = torch.randn(4, 4, 3, 3, generator=g)
-    b = torch.randn(4, generator=g)
+    x = torch.randn(1, 4, 4, 4, generator=g).to(device)
+    w = torch.randn(4, 4, 3, 3, generator=g).to(device)
+    b = torch.randn(4, generator=g).to(device)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     cases: list[Case] = []
 
     def fused(name, stock_fn, op, out_shape_like):
-        grad = torch.randn(out_shape_like.shape, generator=g)
+        grad = torch.randn(out_shape_like.shape, generator=g).to(device)
         cases.append(Case(f"{name}, forward", "fused_fwd", lambda: stock_fn(x, w, b), lambda: op(x, w, b, act="lrelu")))
         cases.append(
             Case(
@@ -107,7 +110,7 @@ def build_cases(quick: bool = False) -> list[Case]:
     fused("up_conv3x3 (+ lrelu)", up_stock, gankernels.up_conv3x3, up_stock(x, w, b))
 
     def single(name, stock_fn, gk_fn, out_like):
-        grad = torch.randn(out_like.shape, generator=g)
+        grad = torch.randn(out_like.shape, generator=g).to(device)
         cases.append(Case(f"{name}, forward", "single_fwd", lambda: stock_fn(x), lambda: gk_fn(x)))
         cases.append(
             Case(
@@ -125,8 +128,8 @@ def build_cases(quick: bool = False) -> list[Case]:
     single("bias + lrelu", ba_stock, lambda t: gankernels.bias_act(t, b, act="lrelu"), ba_stock(x))
 
     torch.manual_seed(0)
-    stock_mod = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.2))
-    gk_mod = gnn.Conv3x3(4, 4, act="lrelu")
+    stock_mod = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.2)).to(device)
+    gk_mod = gnn.Conv3x3(4, 4, act="lrelu").to(device)
     gk_mod.load_state_dict({"weight": stock_mod[0].weight.detach(), "bias": stock_mod[0].bias.detach()})
     with torch.no_grad():
         cases.append(
@@ -134,27 +137,29 @@ def build_cases(quick: bool = False) -> list[Case]:
         )
 
     if not quick:
-        cases.append(_step_case())
+        cases.append(_step_case(device))
     return cases
 
 
-def _step_case() -> Case:
+def _step_case(device: str = "cpu") -> Case:
     """A tiny DCGAN training step (8 channels, batch 2, 64×64, fp32), stock vs converted."""
     from gankernels.bench.training_step import GANStep, TrainConfig, build_models, make_batches
 
     cfg = TrainConfig(batch=2, g_channels=(8, 8, 8, 8, 8), d_channels=(8, 8, 8, 8), autocast=None)
-    g0, d0 = build_models(cfg, seed=0)
-    g1, d1 = build_models(cfg, seed=0)
+    g0, d0 = (m.to(device) for m in build_models(cfg, seed=0))
+    g1, d1 = (m.to(device) for m in build_models(cfg, seed=0))
     gankernels.convert(g1)
     gankernels.convert(d1)
-    stock_step, gk_step = GANStep(g0, d0, cfg, "cpu"), GANStep(g1, d1, cfg, "cpu")
-    real, z = make_batches(cfg, "cpu", 1, seed=1)[0]
+    stock_step, gk_step = GANStep(g0, d0, cfg, device), GANStep(g1, d1, cfg, device)
+    real, z = make_batches(cfg, device, 1, seed=1)[0]
     return Case(
         "tiny DCGAN training step (8 ch, batch 2, 64×64)", "step", lambda: stock_step(real, z), lambda: gk_step(real, z), calls=5
     )
 
 
-def measure(cases: list[Case], rounds: int = 7, clock: Callable[[], int] = time.thread_time_ns) -> list[Row]:
+def measure(
+    cases: list[Case], rounds: int = 7, clock: Callable[[], int] = time.thread_time_ns, sync: Callable[[], None] = lambda: None
+) -> list[Row]:
     """Per case, the fastest of ``rounds`` interleaved rounds' per-call times. The clock is
     this thread's CPU time and the minimum is taken, so a busy machine (time spent
     waiting for a core, another process's interruptions) inflates neither side."""
@@ -173,6 +178,7 @@ def measure(cases: list[Case], rounds: int = 7, clock: Callable[[], int] = time.
                 for _ in range(case.calls):
                     fn()
                 times[which].append((clock() - t0) / case.calls / 1e3)
+                sync()  # outside the timed part: the GPU's queue drains between rounds
         s, k = min(times["stock"]), min(times["gankernels"])
         kind, limit = TARGETS[case.target]
         met = (k - s <= limit) if kind == "add" else (k / s <= limit)
@@ -182,7 +188,7 @@ def measure(cases: list[Case], rounds: int = 7, clock: Callable[[], int] = time.
 
 def format_table(rows: list[Row]) -> str:
     lines = [
-        "| call (1×4×4×4 fp32, CPU) | stock µs | gankernels µs | ratio | added µs | target | met |",
+        "| call (1×4×4×4 fp32) | stock µs | gankernels µs | ratio | added µs | target | met |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -210,21 +216,24 @@ def environment() -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gankernels.bench.host_cost", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m gankernels.bench host-cost", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="write host_cost.md and host_cost.json here")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="skip the training step")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the tensors live (default: cpu)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(build_cases(args.quick), rounds=args.rounds)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    rows = measure(build_cases(args.quick, args.device), rounds=args.rounds, sync=sync)
     table = format_table(rows)
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        cmd = "python -m gankernels.bench.host_cost" + (" --quick" if args.quick else "")
+        cmd = "python -m gankernels.bench host-cost" + (" --quick" if args.quick else "") + f" --device {args.device}"
         env = environment()
-        md = f"# Host cost of the eager path (CPU)\n\n`{cmd}`, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
-        md += f"Python {env['python']}, 1 thread, per-thread CPU time, fastest of {args.rounds} interleaved rounds.\n\n{table}\n"
+        head = f"# Host cost of the eager path ({args.device} tensors)"
+        how = f"`{cmd}`, {env['date']}, torch {env['torch']}, triton {env['triton']}, Python {env['python']}"
+        md = f"{head}\n\n{how}, 1 thread, per-thread CPU time, fastest of {args.rounds} interleaved rounds.\n\n{table}\n"
         (args.out / "host_cost.md").write_text(md)
         (args.out / "host_cost.json").write_text(
             json.dumps({"command": cmd, "environment": env, "rows": [asdict(r) for r in rows]}, indent=1)

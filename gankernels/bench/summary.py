@@ -93,6 +93,9 @@ def render(folder: Path) -> str:
             vs = f" vs {v.against} {fmt_ms(v.against_ms)} ms" if v.against else ""
             gk = f"{v.gankernels} {fmt_ms(v.gankernels_ms)} ms{vs}" if v.gankernels_ms else ""
             lines.append(f"| {name} | {v.case} | {v.target.describe()} | {_reached(v)} {gk} | {verdict} |")
+    host = folder / "host" / "host_cost.md"
+    if host.exists():  # the host-cost stage: its table as written
+        lines += ["", *host.read_text().strip().splitlines()[2:]]
     tests = _tests_line(folder, stages)
     if tests:
         lines += ["", f"GPU tests: {tests}"]
