@@ -354,7 +354,35 @@ def same_memory_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``t`` is laid out so (and not also plain contiguous)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    """The memory format an op's output takes for input ``t``: channels_last or contiguous.
+
+    A dense tensor is channels_last when it is laid out so and not also plain contiguous
+    (a [N, C, 1, 1] tensor reads as contiguous). A strided view (``x_cl[:, :, ::2]``) has
+    no exact format; it takes the one its strides suggest, as PyTorch's
+    ``suggest_memory_format`` decides and ``F.conv2d``, ``F.max_pool2d`` and
+    ``F.interpolate`` follow.
+    (csrc/ops.cpp's ``format_of`` applies only the dense rule to the extension's own
+    buffers; the registered ops lay every result out by this one.)
+    """
+    if t.dim() != 4 or t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if _strides_like_channels_last(t.shape, t.stride()) else torch.contiguous_format
+
+
+def _strides_like_channels_last(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """ATen's ``is_channels_last_strides_2d``: strides increase in the order C, W, H, N
+    (size-1 dims may take any stride that does not contradict it; ambiguous cases read
+    as NCHW)."""
+    if strides[1] == 0:
+        return False
+    lowest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lowest:
+            return False
+        # [N, 1, 1, 1] with equal strides (or N11W sliced along W): NCHW by default.
+        if d == 0 and lowest == strides[1]:
+            return False
+        lowest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
