@@ -107,3 +107,50 @@ def test_bias_act_keeps_the_layout_an_elementwise_op_gives_a_view(name):
     got = gankernels.bias_act(x, torch.randn(x.shape[1]), act="lrelu", backend="torch")
     want = F.leaky_relu(x, 0.2)
     assert _same_layout(got, want), f"strides {got.stride()} != stock's {want.stride()}"
+
+
+def _on_the_clamp_bounds(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with values exactly at, inside and outside ±1, and a 3×3 kernel that copies
+    each channel (so the conv's pre-activation is x exactly)."""
+    vals = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 1.0], dtype=dtype)
+    x = vals.repeat(2, 2, 8, 1).clone()
+    x[:, 1] = x[:, 1].flip(-1)
+    w = torch.zeros(2, 2, 3, 3, dtype=dtype)
+    w[0, 0, 1, 1] = w[1, 1, 1, 1] = 1.0
+    return x, w
+
+
+def _hardtanh_grads(fn, inputs, grad):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad)
+    return [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("gain", [1.0, -1.0])
+@pytest.mark.parametrize("op", ["bias_act", "conv3x3", "conv3x3_pool", "up_conv3x3"])
+def test_clamp_passes_no_gradient_at_exactly_the_bound(op, gain):
+    """issue 18: at |y| == clamp the torch backend passed the gradient where torch.clamp
+    (2.12+) and F.hardtanh give 0. Every op now matches the hardtanh composite."""
+    x, w = _on_the_clamp_bounds()
+    clamp = 1.0
+    stock = {
+        "bias_act": lambda x: F.hardtanh(x * gain, -clamp, clamp),
+        "conv3x3": lambda x: F.hardtanh(F.conv2d(x, w, padding=1) * gain, -clamp, clamp),
+        "conv3x3_pool": lambda x: F.max_pool2d(F.hardtanh(F.conv2d(x, w, padding=1) * gain, -clamp, clamp), 2),
+        "up_conv3x3": lambda x: F.hardtanh(F.conv2d(F.interpolate(x, scale_factor=2), w, padding=1) * gain, -clamp, clamp),
+    }[op]
+    ours = {
+        "bias_act": lambda x: gankernels.bias_act(x, None, "linear", gain=gain, clamp=clamp, backend="torch"),
+        "conv3x3": lambda x: gankernels.conv3x3(x, w, None, "linear", gain=gain, clamp=clamp, backend="torch"),
+        "conv3x3_pool": lambda x: gankernels.conv3x3_pool(x, w, None, "linear", gain=gain, clamp=clamp, backend="torch"),
+        "up_conv3x3": lambda x: gankernels.up_conv3x3(x, w, None, "linear", gain=gain, clamp=clamp, backend="torch"),
+    }[op]
+    out = stock(x)
+    grad = torch.arange(1.0, out.numel() + 1).view(out.shape)
+    (want,) = _hardtanh_grads(stock, [x], grad)
+    (got,) = _hardtanh_grads(ours, [x], grad)
+    assert torch.equal(got, want)
+    # And the reference's derivative itself, elementwise.
+    d = ref.epilogue_derivative(torch.tensor([-1.0, -0.999, 0.999, 1.0]), "linear", 0.2, 1.0, 1.0)
+    assert d.tolist() == [0.0, 1.0, 1.0, 0.0]

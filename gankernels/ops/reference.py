@@ -86,14 +86,16 @@ def epilogue(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Option
 
 
 def epilogue_derivative(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Optional[float]) -> torch.Tensor:
-    """``d epilogue(p) / dp``. The clamp passes gradient where -clamp <= y <= clamp,
-    as ``torch.clamp`` does."""
+    """``d epilogue(p) / dp``. The clamp passes gradient where -clamp < y < clamp: at
+    exactly ``|y| == clamp`` the gradient is 0, as ``F.hardtanh`` gives it in every
+    PyTorch version and ``torch.clamp`` (scalar bounds) does since PyTorch took the
+    minimum-norm subgradient there (older releases passed it). Every backend agrees."""
     d = activation_derivative(p, act, alpha)
     if gain != 1:
         d = d * gain
     if clamp is not None:
         y = activate(p, act, alpha) * gain
-        d = d * ((y >= -clamp) & (y <= clamp)).to(d.dtype)
+        d = d * ((y > -clamp) & (y < clamp)).to(d.dtype)
     return d
 
 

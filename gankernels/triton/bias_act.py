@@ -167,8 +167,9 @@ def _bias_act_bwd_kernel(
             d = d * gain
         if HAS_CLAMP:
             y = _activate(p, ACT, alpha) * gain
-            # Multiply by the 0/1 mask (not where) so NaN * 0 stays NaN, as the reference does.
-            d = d * ((y >= -clamp) & (y <= clamp)).to(tl.float32)
+            # Open interval: 0 at |y| == clamp (reference.epilogue_derivative). Multiply by
+            # the 0/1 mask (not where) so NaN * 0 stays NaN, as the reference does.
+            d = d * ((y > -clamp) & (y < clamp)).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gx = g * d
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)

@@ -60,3 +60,33 @@ def test_bias_act_keeps_a_strided_view_in_its_stride_order():
     y = bias_act_forward(x, b, "relu", 0.2, 1.0, None, 1)
     assert y.stride() == torch.empty_like(x).stride()
     assert_close_rel(y, ref.bias_act(x.double(), b.double(), "relu"))
+
+
+@pytest.mark.parametrize("gain", [1.0, -1.0], ids=["from_y", "from_p"])
+@pytest.mark.parametrize("op", ["bias_act", "conv3x3", "conv3x3_pool", "up_conv3x3"])
+def test_clamp_passes_no_gradient_at_exactly_the_bound(op, gain):
+    """issue 18: at |y| == clamp, Triton bias_act (and the conv backward's
+    recomputed-preactivation path) passed the gradient where torch.clamp (2.12+),
+    F.hardtanh and now the reference give 0."""
+    import torch.nn.functional as F
+
+    vals = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 1.0])
+    x = vals.repeat(2, 2, 8, 1).clone()
+    x[:, 1] = x[:, 1].flip(-1)
+    w = torch.zeros(2, 2, 3, 3)
+    w[0, 0, 1, 1] = w[1, 1, 1, 1] = 1.0  # the conv's pre-activation is x exactly
+    stock = {
+        "bias_act": lambda x: F.hardtanh(x * gain),
+        "conv3x3": lambda x: F.hardtanh(F.conv2d(x, w, padding=1) * gain),
+        "conv3x3_pool": lambda x: F.max_pool2d(F.hardtanh(F.conv2d(x, w, padding=1) * gain), 2),
+        "up_conv3x3": lambda x: F.hardtanh(F.conv2d(F.interpolate(x, scale_factor=2), w, padding=1) * gain),
+    }[op]
+    fn = getattr(gankernels, op)
+    args = () if op == "bias_act" else (w,)
+    xs = x.clone().requires_grad_(True)
+    out = stock(xs)
+    grad = torch.arange(1.0, out.numel() + 1).view(out.shape)
+    out.backward(grad)
+    xt = x.clone().requires_grad_(True)
+    fn(xt, *args, None, "linear", gain=gain, clamp=1.0, backend="triton").backward(grad)
+    assert torch.equal(xt.grad, xs.grad)
