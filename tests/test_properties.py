@@ -154,3 +154,25 @@ def test_clamp_passes_no_gradient_at_exactly_the_bound(op, gain):
     # And the reference's derivative itself, elementwise.
     d = ref.epilogue_derivative(torch.tensor([-1.0, -0.999, 0.999, 1.0]), "linear", 0.2, 1.0, 1.0)
     assert d.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_max_pool2d_accepts_exactly_what_stock_accepts():
+    """issue 18: ``max_pool2d(x, 3, padding=2, dilation=2)`` passed gankernels' check
+    (it halved the dilated size) and failed inside PyTorch with a raw RuntimeError.
+    Over a grid of configurations, gankernels refuses (ValueError naming the argument)
+    exactly where F.max_pool2d refuses, and agrees with it everywhere else."""
+    x = torch.randn(2, 3, 7, 8)
+    for k in range(1, 5):
+        for pad in range(0, 4):
+            for dil in range(1, 4):
+                for stride in (1, 2, 3):
+                    for ceil in (False, True):
+                        cfg = dict(kernel_size=k, stride=stride, padding=pad, dilation=dil, ceil_mode=ceil)
+                        try:
+                            want = F.max_pool2d(x, return_indices=True, **cfg)
+                        except RuntimeError:
+                            with pytest.raises(ValueError, match=r"^(padding|x):"):
+                                gankernels.max_pool2d(x, **cfg, backend="torch")
+                            continue
+                        got = gankernels.max_pool2d(x, return_indices=True, **cfg, backend="torch")
+                        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), cfg

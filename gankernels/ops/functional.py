@@ -132,8 +132,12 @@ def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, retu
     p = _pair(padding, "padding", 0)
     d = _pair(dilation, "dilation", 1)
     for i in range(2):
-        if p[i] > (d[i] * (k[i] - 1) + 1) // 2:
-            raise ValueError(f"padding: {p} must be at most half of the effective kernel size (kernel_size={k}, dilation={d})")
+        # PyTorch's rule (pool2d_shape_check) halves kernel_size itself, whatever the dilation.
+        if p[i] > k[i] // 2:
+            raise ValueError(
+                f"padding: {p} must be at most half of kernel_size {k} (padding <= kernel_size // 2, as F.max_pool2d "
+                f"requires whatever the dilation {d}); reduce padding or use a larger kernel_size"
+            )
     from gankernels.ops.reference import pool_output_size
 
     for i, size in enumerate(x.shape[2:]):
