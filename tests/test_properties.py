@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import gankernels
 from gankernels.ops import reference as ref
+from gankernels.testing import assert_close_rel
 
 # ----------------------------------------------------------------------------------
 # Regression cases (issue 18, item 7).
@@ -131,7 +132,7 @@ def _hardtanh_grads(fn, inputs, grad):
 @pytest.mark.parametrize("op", ["bias_act", "conv3x3", "conv3x3_pool", "up_conv3x3"])
 def test_clamp_passes_no_gradient_at_exactly_the_bound(op, gain):
     """issue 18: at |y| == clamp the torch backend passed the gradient where torch.clamp
-    (2.12+) and F.hardtanh give 0. Every op now matches the hardtanh composite."""
+    (PyTorch 2.14) and F.hardtanh give 0. Every op now matches the hardtanh composite."""
     x, w = _on_the_clamp_bounds()
     clamp = 1.0
     stock = {
@@ -176,3 +177,28 @@ def test_max_pool2d_accepts_exactly_what_stock_accepts():
                             continue
                         got = gankernels.max_pool2d(x, return_indices=True, **cfg, backend="torch")
                         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), cfg
+
+
+def _inf_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, 5, generator=g)
+    x[0, 1, 1, 2] = float("inf")
+    x[1, 0, 3, 4] = float("-inf")
+    x[1, 2, 0, 0] = float("nan")
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    w[1, :, 1, 1] = 0.0  # a zero tap: 0·inf is NaN by the definition
+    return x, w, torch.randn(4, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_up_conv3x3_propagates_inf_as_upsample_then_conv(seed):
+    """issue 18: the torch backend's sub-pixel rewrite turned ``w0·inf + w1·inf`` into
+    ``(w0 + w1)·inf``, giving ±inf where upsample-then-conv gives NaN. It now computes
+    the definition: the same NaN/±inf pattern, and the same finite values."""
+    x, w, b = _inf_case(seed)
+    want = F.leaky_relu(F.conv2d(F.interpolate(x.double(), scale_factor=2), w.double(), b.double(), padding=1), 0.2)
+    got = gankernels.up_conv3x3(x, w, b, "lrelu", backend="torch")
+    assert torch.isnan(want).any() and torch.isinf(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)) and torch.equal(torch.isneginf(got), torch.isneginf(want))
+    assert_close_rel(got, want, dtype=torch.float32)

@@ -29,7 +29,7 @@ EMU_DTYPES, _emu_conv, _emu_conv_backward, _empty, _epi, _p = (
 @pytest.mark.parametrize("gain", [1.0, -1.0])
 def test_emulated_clamp_passes_no_gradient_at_exactly_the_bound(emu, gain):
     """csrc/common.cuh passed the gradient at |y| == clamp; the reference, F.hardtanh and
-    torch.clamp (2.12+) give 0."""
+    torch.clamp (PyTorch 2.14) give 0."""
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 1.0]).repeat(2, 2, 8, 1).clone()
     x[:, 1] = x[:, 1].flip(-1)
     grad = torch.arange(1.0, x.numel() + 1).view(x.shape)

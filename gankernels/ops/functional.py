@@ -248,7 +248,14 @@ conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 
 conv3x3_pool.__doc__ = _conv_doc("``max_pool2d(conv3x3(x, w, b, ...), 2)``: the discriminator block, fused (odd H/W floor).")
 up_conv3x3.__doc__ = _conv_doc(
     "``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W]."
-)
+) + """
+    Non-finite ``x``: the ``torch`` backend computes the definition, so ±inf propagates
+    exactly as upsample-then-conv. The ``triton`` kernel uses the sub-pixel rewrite,
+    which adds the taps that read the same input pixel into one weight: wherever the
+    definition is finite or ±inf it gives the same, but where the definition is NaN
+    because an inf meets taps of opposite sign (``w1·inf + w2·inf``) or a zero tap, it
+    may give ±inf instead.
+    """
 
 
 def max_pool2d(

@@ -9,7 +9,7 @@ Operations, in order, for the 3×3 ops:
 
     conv3x3:      y = clamp(act(conv2d(x, w, pad=1) + b) * gain)
     conv3x3_pool: y = max_pool2d(conv3x3(x, w, b, ...), 2)
-    up_conv3x3:   y = conv3x3(upsample_nearest(x, 2), w, b, ...)
+    up_conv3x3:   y = conv3x3(upsample_nearest(x, 2), w, b, ...)   (computed so)
 
 Gradients: the backward formulas below (``*_backward``) are written with
 differentiable PyTorch ops, so second-order gradients (an R1 penalty) work through
@@ -88,8 +88,9 @@ def epilogue(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Option
 def epilogue_derivative(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Optional[float]) -> torch.Tensor:
     """``d epilogue(p) / dp``. The clamp passes gradient where -clamp < y < clamp: at
     exactly ``|y| == clamp`` the gradient is 0, as ``F.hardtanh`` gives it in every
-    PyTorch version and ``torch.clamp`` (scalar bounds) does since PyTorch took the
-    minimum-norm subgradient there (older releases passed it). Every backend agrees."""
+    PyTorch version and ``torch.clamp`` (scalar bounds) does in PyTorch 2.14, which
+    takes the minimum-norm subgradient there (older releases passed it). Every backend
+    agrees, whatever the installed PyTorch."""
     d = activation_derivative(p, act, alpha)
     if gain != 1:
         d = d * gain
@@ -186,7 +187,8 @@ def subpixel_phase_weights(w: torch.Tensor) -> torch.Tensor:
 
 
 def up_conv3x3_preact(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """Pre-activation of :func:`up_conv3x3` by the exact sub-pixel rewrite.
+    """Pre-activation of :func:`up_conv3x3` by the sub-pixel rewrite (exact for finite
+    ``x``; with ±inf in ``x`` it can give ±inf where the definition gives NaN).
 
     Each output phase (a, b) is a 2×2 convolution of the zero-padded low-resolution
     input; phase a reads padded rows starting at i + a (i.e. rows i-1+a, i+a).
@@ -213,8 +215,13 @@ def up_conv3x3(
     gain: float = 1.0,
     clamp: Optional[float] = None,
 ) -> torch.Tensor:
-    """:func:`up_conv3x3_naive`, computed by the sub-pixel rewrite."""
-    return epilogue(up_conv3x3_preact(x, w, b), act, alpha, gain, clamp)
+    """The definition, :func:`up_conv3x3_naive`, computed as written: upsample, then conv.
+
+    Not by the sub-pixel rewrite (:func:`up_conv3x3_preact`): that rewrite pre-sums the
+    taps that read the same input pixel, which is exact for finite x but turns
+    ``w1·inf + w2·inf`` (NaN when the signs differ) into ``(w1 + w2)·inf``. The
+    reference, and so the torch backend, propagates ±inf as stock PyTorch does."""
+    return up_conv3x3_naive(x, w, b, act, alpha, gain, clamp)
 
 
 def max_pool2d(

@@ -66,7 +66,7 @@ def test_bias_act_keeps_a_strided_view_in_its_stride_order():
 @pytest.mark.parametrize("op", ["bias_act", "conv3x3", "conv3x3_pool", "up_conv3x3"])
 def test_clamp_passes_no_gradient_at_exactly_the_bound(op, gain):
     """issue 18: at |y| == clamp, Triton bias_act (and the conv backward's
-    recomputed-preactivation path) passed the gradient where torch.clamp (2.12+),
+    recomputed-preactivation path) passed the gradient where torch.clamp (PyTorch 2.14),
     F.hardtanh and now the reference give 0."""
     import torch.nn.functional as F
 
@@ -90,3 +90,30 @@ def test_clamp_passes_no_gradient_at_exactly_the_bound(op, gain):
     xt = x.clone().requires_grad_(True)
     fn(xt, *args, None, "linear", gain=gain, clamp=1.0, backend="triton").backward(grad)
     assert torch.equal(xt.grad, xs.grad)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_up_conv3x3_with_inf_is_the_documented_behaviour(seed):
+    """The Triton up_conv3x3 sums the taps that read one input pixel (the sub-pixel
+    form). As its docstring and the README say: wherever upsample-then-conv is finite or
+    ±inf it agrees; where the definition is NaN because an inf meets taps of opposite
+    sign or a zero tap, it gives NaN or ±inf."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, 5, generator=g)
+    x[0, 1, 1, 2] = float("inf")
+    x[1, 0, 3, 4] = float("-inf")
+    x[1, 2, 0, 0] = float("nan")
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    w[1, :, 1, 1] = 0.0
+    b = torch.randn(4, generator=g)
+    want = F.conv2d(F.interpolate(x.double(), scale_factor=2), w.double(), b.double(), padding=1)
+    got = gankernels.up_conv3x3(x, w, b, backend="triton").double()
+    nan = torch.isnan(want)
+    assert nan.any() and torch.isinf(want).any()
+    assert not torch.isfinite(got[nan]).any()  # NaN or ±inf where the definition is NaN
+    assert torch.equal(got[torch.isinf(want)], want[torch.isinf(want)])
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert_close_rel(got[~nan], want[~nan], dtype=torch.float32)
