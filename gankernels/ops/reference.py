@@ -265,7 +265,8 @@ def bias_act_backward(
     gb = None
     if b is not None:
         dims = [d for d in range(x.ndim) if d != dim]
-        gb = gp.sum(dims).to(b.dtype)
+        # sum(dims=[]) would sum everything: a 1-D x along dim 0 has nothing to reduce.
+        gb = (gp.sum(dims) if dims else gp).to(b.dtype)
     return gp, gb
 
 
@@ -299,8 +300,9 @@ def _unpool(grad: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> tor
     """Route pooled gradients back to the input positions named by ``indices`` (summed
     where windows overlap), as ``max_pool2d``'s backward does."""
     n, c, h, w = shape
+    pooled = grad.shape[2] * grad.shape[3]  # explicit: reshape(n, c, -1) is ambiguous when n·c == 0
     flat = grad.new_zeros((n, c, h * w))
-    flat = flat.scatter_add(2, indices.reshape(n, c, -1), grad.reshape(n, c, -1))
+    flat = flat.scatter_add(2, indices.reshape(n, c, pooled), grad.reshape(n, c, pooled))
     return flat.view(n, c, h, w)
 
 
