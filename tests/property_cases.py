@@ -118,8 +118,10 @@ class Case:
     dim: int = 1  # bias_act's bias dimension
     strided_bias: bool = False
     pool: tuple = ()  # max_pool2d: (kernel, stride, padding, dilation, ceil_mode)
-    scale: int = 2  # upsample_nearest2d
+    factor: int = 2  # upsample_nearest2d's scale_factor
     needs: tuple[bool, ...] = field(default=(True, True, True))
+    scale: float = 1.0  # x's standard deviation (large: fp16 overflow)
+    specials: bool = False  # NaN, +inf and -inf at a few positions of x
 
 
 def _epilogue(draw, dtype: torch.dtype, acts: tuple[str, ...]) -> dict:
@@ -226,7 +228,7 @@ def upsample_cases(draw, dtypes, layouts: tuple[str, ...] = LAYOUTS, max_scale: 
         dtype=draw(st.sampled_from(dtypes)),
         layout=draw(st.sampled_from(layouts)),
         seed=draw(st.integers(0, 2**16)),
-        scale=draw(st.integers(1, max_scale)),
+        factor=draw(st.integers(1, max_scale)),
         needs=(True,),
     )
 
@@ -238,7 +240,13 @@ def upsample_cases(draw, dtypes, layouts: tuple[str, ...] = LAYOUTS, max_scale: 
 def inputs(case: Case) -> list[Optional[torch.Tensor]]:
     """The case's tensors, in the op's argument order (None for an absent bias)."""
     gen = torch.Generator().manual_seed(case.seed)
-    x = make_tensor(case.shape, case.dtype, case.layout, gen)
+    x = make_tensor(case.shape, case.dtype, case.layout, gen, case.scale)
+    if case.specials and x.numel():
+        flat = torch.randperm(x.numel(), generator=gen)[:3]
+        with torch.no_grad():
+            x[torch.unravel_index(flat, x.shape)] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype)[
+                : flat.numel()
+            ]
     if case.op in ("conv3x3", "conv3x3_pool", "up_conv3x3"):
         ci = case.shape[1]
         w = (torch.randn(case.co, ci, 3, 3, generator=gen, dtype=torch.float64) / (3 * ci**0.5)).to(case.dtype)
@@ -259,7 +267,7 @@ def reference(case: Case, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
         k, s, p, d, ceil = case.pool
         return ref.max_pool2d(tensors[0], [k, k], [s, s], [p, p], [d, d], ceil)[0]
     if case.op == "upsample_nearest2d":
-        return ref.upsample_nearest2d(tensors[0], case.scale)
+        return ref.upsample_nearest2d(tensors[0], case.factor)
     fn = {"conv3x3": ref.conv3x3, "conv3x3_pool": ref.conv3x3_pool, "up_conv3x3": ref.up_conv3x3_naive}[case.op]
     return fn(*tensors, case.act, case.alpha, case.gain, case.clamp)
 
@@ -273,8 +281,19 @@ def call(case: Case, backend: str, *tensors: Optional[torch.Tensor]) -> torch.Te
         k, s, p, d, ceil = case.pool
         return gankernels.max_pool2d(tensors[0], k, s, p, d, ceil, backend=backend)
     if case.op == "upsample_nearest2d":
-        return gankernels.upsample_nearest2d(tensors[0], case.scale, backend=backend)
+        return gankernels.upsample_nearest2d(tensors[0], case.factor, backend=backend)
     return getattr(gankernels, case.op)(*tensors, case.act, case.alpha, case.gain, case.clamp, backend=backend)
+
+
+def check_forward_special_values(case: Case, backend: str) -> None:
+    """The forward on data with NaN/±inf (``case.specials``) or values that overflow the
+    dtype (``case.scale``): the float64 reference rounded to the dtype, so overflow
+    becomes ±inf as it does in PyTorch's own low-precision ops, and every NaN and ±inf in
+    the same place with the same sign (``assert_close_rel`` requires it)."""
+    tensors = inputs(case)
+    want = reference(case, *(None if t is None else t.double() for t in tensors)).to(case.dtype)
+    out = call(case, backend, *tensors)
+    assert_close_rel(out, want, dtype=case.dtype, what=f"{case.op} output with special values")
 
 
 def assume_pool_argmax_is_resolvable(case: Case, x64: torch.Tensor, w64: torch.Tensor, b64: Optional[torch.Tensor]) -> None:

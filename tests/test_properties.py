@@ -213,9 +213,27 @@ def test_up_conv3x3_propagates_inf_as_upsample_then_conv(seed):
 DTYPES = (torch.float32, torch.float16)
 
 
-@pc.bounded(40)
+@pc.bounded(120)
 @given(case=st.one_of(*(pc.conv_cases(op, DTYPES) for op in ("conv3x3", "conv3x3_pool", "up_conv3x3"))))
 def test_conv_ops_match_the_reference(case):
+    pc.check(case, "torch")
+
+
+@pc.bounded(80)
+@given(case=pc.bias_act_cases(DTYPES))
+def test_bias_act_matches_the_reference(case):
+    pc.check(case, "torch")
+
+
+@pc.bounded(60)
+@given(case=pc.max_pool_cases(DTYPES))
+def test_max_pool2d_matches_the_reference(case):
+    pc.check(case, "torch")
+
+
+@pc.bounded(40)
+@given(case=pc.upsample_cases(DTYPES))
+def test_upsample_matches_the_reference(case):
     pc.check(case, "torch")
 
 
@@ -292,3 +310,20 @@ def test_bias_act_along_dim_0_of_a_1d_tensor():
     assert_close_rel(x.grad, x64.grad)
     assert b.grad.shape == (5,)
     assert_close_rel(b.grad, b64.grad)
+
+
+# ----------------------------------------------------------------------------------
+# Special values: NaN and ±inf propagate as in PyTorch; fp16 overflow gives ±inf as
+# PyTorch's fp16 ops do.
+
+
+def _special_cases(dtypes, ops=("conv3x3", "conv3x3_pool", "up_conv3x3")):
+    conv = [pc.conv_cases(op, dtypes) for op in ops]
+    return st.one_of(*conv, pc.bias_act_cases(dtypes), pc.max_pool_cases(dtypes), pc.upsample_cases(dtypes))
+
+
+@pc.bounded(60)
+@given(case=_special_cases(DTYPES), big=st.booleans())
+def test_special_values_propagate_as_in_pytorch(case, big):
+    case.specials, case.scale = not big, (2e4 if big and case.dtype == torch.float16 else 1.0)
+    pc.check_forward_special_values(case, "torch")
