@@ -113,6 +113,22 @@ def test_bias_act_keeps_the_layout_an_elementwise_op_gives_a_view(name):
     assert _same_layout(got, want), f"strides {got.stride()} != stock's {want.stride()}"
 
 
+def test_max_pool2d_refuses_a_dilated_window_that_reads_only_padding():
+    """Found by the CUDA emulation's property test: kernel 2, stride 2, padding 1,
+    dilation 2 on a 1×1 input puts the only window's taps at -1 and 1, both padding.
+    Stock returns -inf with index 2 (outside the 1-element plane) and its backward then
+    adds that gradient to another plane; the CUDA kernel wrote out of bounds. gankernels
+    refuses the configuration, naming the argument."""
+    x = torch.randn(1, 3, 1, 1, requires_grad=True)
+    y, idx = F.max_pool2d(x, 2, 2, 1, 2, return_indices=True)
+    assert torch.isneginf(y).all() and (idx >= 1).all()  # stock's behaviour, pinned
+    with pytest.raises(ValueError, match=r"^dilation: \[2, 2\] with padding \[1, 1\].*output row 0"):
+        gankernels.max_pool2d(x, 2, 2, 1, 2, backend="torch")
+    # A dilated window that keeps an input element is served as stock.
+    x = torch.randn(2, 3, 5, 6)
+    assert torch.equal(gankernels.max_pool2d(x, 3, 1, 1, 2, backend="torch"), F.max_pool2d(x, 3, 1, 1, 2))
+
+
 def _on_the_clamp_bounds(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """x with values exactly at, inside and outside ±1, and a 3×3 kernel that copies
     each channel (so the conv's pre-activation is x exactly)."""
@@ -176,6 +192,12 @@ def test_max_pool2d_accepts_exactly_what_stock_accepts():
                             want = F.max_pool2d(x, return_indices=True, **cfg)
                         except RuntimeError:
                             with pytest.raises(ValueError, match=r"^(padding|x):"):
+                                gankernels.max_pool2d(x, **cfg, backend="torch")
+                            continue
+                        if torch.isinf(want[0]).any():
+                            # A window that reads only padding: stock gives -inf and an index
+                            # outside the plane; gankernels refuses (see the test below).
+                            with pytest.raises(ValueError, match=r"^dilation:"):
                                 gankernels.max_pool2d(x, **cfg, backend="torch")
                             continue
                         got = gankernels.max_pool2d(x, return_indices=True, **cfg, backend="torch")

@@ -141,9 +141,31 @@ def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, retu
     from gankernels.ops.reference import pool_output_size
 
     for i, size in enumerate(x.shape[2:]):
-        if pool_output_size(size, k[i], s[i], p[i], d[i], bool(ceil_mode)) <= 0:
+        out = pool_output_size(size, k[i], s[i], p[i], d[i], bool(ceil_mode))
+        if out <= 0:
             raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size {k} (output would be empty)")
+        blind = _window_reading_only_padding(size, out, k[i], s[i], p[i], d[i])
+        if blind is not None:
+            axis = ("row", "column")[i]
+            raise ValueError(
+                f"dilation: {d} with padding {p} makes the window of output {axis} {blind} read only padding "
+                f"(input size {tuple(x.shape[2:])}); F.max_pool2d returns -inf there with an index outside the plane, "
+                "and its backward writes into another plane. Reduce dilation or padding."
+            )
     return dict(x=x, kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode), return_indices=bool(return_indices))
+
+
+def _window_reading_only_padding(size: int, out: int, k: int, s: int, p: int, d: int) -> Optional[int]:
+    """The first output index (along one axis) whose pooling window holds no input
+    element, or None. Only a dilated window can step over the whole input."""
+    if d == 1:
+        return None  # with padding <= k // 2 every window holds an input element
+    for o in range(out):
+        start = o * s - p
+        first = 0 if start >= 0 else (-start + d - 1) // d  # the first tap at or after index 0
+        if not (first < k and start + first * d < size):
+            return o
+    return None
 
 
 def _prepare_upsample(x, scale_factor) -> dict[str, Any]:
@@ -246,9 +268,9 @@ def up_conv3x3(
 
 conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 3×3 convolution, bias, activation, fused.")
 conv3x3_pool.__doc__ = _conv_doc("``max_pool2d(conv3x3(x, w, b, ...), 2)``: the discriminator block, fused (odd H/W floor).")
-up_conv3x3.__doc__ = _conv_doc(
-    "``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W]."
-) + """
+up_conv3x3.__doc__ = (
+    _conv_doc("``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W].")
+    + """
     Non-finite ``x``: the ``torch`` backend computes the definition, so ±inf propagates
     exactly as upsample-then-conv. The ``triton`` kernel uses the sub-pixel rewrite,
     which adds the taps that read the same input pixel into one weight: wherever the
@@ -256,6 +278,7 @@ up_conv3x3.__doc__ = _conv_doc(
     because an inf meets taps of opposite sign (``w1·inf + w2·inf``) or a zero tap, it
     may give ±inf instead.
     """
+)
 
 
 def max_pool2d(
