@@ -292,14 +292,17 @@ def call(case: Case, backend: str, *tensors: Optional[torch.Tensor]) -> torch.Te
     return getattr(gankernels, case.op)(*tensors, case.act, case.alpha, case.gain, case.clamp, backend=backend)
 
 
-def check_forward_special_values(case: Case, backend: str) -> None:
+def check_forward_special_values(case: Case, backend: Union[str, Runner]) -> None:
     """The forward on data with NaN/±inf (``case.specials``) or values that overflow the
     dtype (``case.scale``): the float64 reference rounded to the dtype, so overflow
     becomes ±inf as it does in PyTorch's own low-precision ops, and every NaN and ±inf in
     the same place with the same sign (``assert_close_rel`` requires it)."""
     tensors = inputs(case)
     want = reference(case, *(None if t is None else t.double() for t in tensors)).to(case.dtype)
-    out = call(case, backend, *tensors)
+    if isinstance(backend, str):
+        out = call(case, backend, *tensors)
+    else:
+        out, _ = backend(case, tensors, torch.zeros_like(want), [])
     assert_close_rel(out, want, dtype=case.dtype, what=f"{case.op} output with special values")
 
 
