@@ -313,3 +313,38 @@ def _assert_close_at(ours_result, stock_result, tol, what):
     assert_close_rel(y, want, tol=tol, what=f"{what}: output")
     for i, (g, w) in enumerate(zip(grads, want_grads, strict=True)):
         assert_close_rel(g, w, tol=tol, what=f"{what}: gradient {i}")
+
+
+# ----------------------------------------------------------------------------------
+# A model as GAN code commonly writes it, converted.
+
+
+class _Block(nn.Module):
+    """``self.act(self.conv(x))`` with an in-place activation (DCGAN/pix2pix/ESRGAN style)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        pytest.param(lambda: nn.LeakyReLU(0.2, inplace=True), marks=_ITEM1, id="LeakyReLU(inplace)"),
+        pytest.param(lambda: nn.ReLU(inplace=True), marks=_ITEM1, id="ReLU(inplace)"),
+        pytest.param(lambda: nn.LeakyReLU(0.2), id="LeakyReLU"),
+    ],
+)
+def test_converted_model_with_an_inplace_activation_trains_as_stock(act):
+    import gankernels
+
+    torch.manual_seed(0)
+    stock = nn.Sequential(_Block(act()), nn.Conv2d(6, 3, 3, padding=1), act())
+    ours = copy.deepcopy(stock)
+    gankernels.convert(ours)
+    x = torch.randn(2, 4, 6, 5)
+    _assert_same(_run(ours, x, lambda y: y), _run(stock, x, lambda y: y), "converted model")
