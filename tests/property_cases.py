@@ -61,12 +61,15 @@ def bounded(max_examples: int):
 # Tensors in every layout.
 
 
-def make_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
-    """Standard-normal data (times ``scale``) of ``shape`` in ``layout``; 4-D layouts
-    only for 4-D shapes (others fall back to a contiguous tensor at a storage offset)."""
+def make_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: torch.Generator, scale: float = 1.0, device: str = "cpu"
+) -> torch.Tensor:
+    """Standard-normal data (times ``scale``) of ``shape`` in ``layout`` on ``device``;
+    4-D layouts only for 4-D shapes (others fall back to a contiguous tensor at a
+    storage offset). The view is taken on the device, so it stays a view."""
 
     def randn(*s: int) -> torch.Tensor:
-        return (torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        return (torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
     if len(shape) != 4:
         if layout == "nchw":
@@ -91,8 +94,8 @@ def make_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: to
     raise ValueError(f"layout: unknown {layout!r}; expected one of {LAYOUTS}")
 
 
-def strided_bias(c: int, dtype: torch.dtype, gen: torch.Generator, strided: bool) -> torch.Tensor:
-    b = (torch.randn(2 * c if strided else c, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+def strided_bias(c: int, dtype: torch.dtype, gen: torch.Generator, strided: bool, device: str = "cpu") -> torch.Tensor:
+    b = (torch.randn(2 * c if strided else c, generator=gen, dtype=torch.float64) * 0.5).to(device=device, dtype=dtype)
     return b[::2] if strided else b
 
 
@@ -123,6 +126,7 @@ class Case:
     needs: tuple[bool, ...] = field(default=(True, True, True))
     scale: float = 1.0  # x's standard deviation (large: fp16 overflow)
     specials: bool = False  # NaN, +inf and -inf at a few positions of x
+    device: str = "cpu"
 
 
 def _epilogue(draw, dtype: torch.dtype, acts: tuple[str, ...]) -> dict:
@@ -247,20 +251,19 @@ def upsample_cases(draw, dtypes, layouts: tuple[str, ...] = LAYOUTS, max_scale: 
 def inputs(case: Case) -> list[Optional[torch.Tensor]]:
     """The case's tensors, in the op's argument order (None for an absent bias)."""
     gen = torch.Generator().manual_seed(case.seed)
-    x = make_tensor(case.shape, case.dtype, case.layout, gen, case.scale)
+    x = make_tensor(case.shape, case.dtype, case.layout, gen, case.scale, case.device)
     if case.specials and x.numel():
         flat = torch.randperm(x.numel(), generator=gen)[:3]
         with torch.no_grad():
-            x[torch.unravel_index(flat, x.shape)] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype)[
-                : flat.numel()
-            ]
+            specials = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=x.dtype, device=x.device)
+            x[torch.unravel_index(flat.to(x.device), x.shape)] = specials[: flat.numel()]
     if case.op in ("conv3x3", "conv3x3_pool", "up_conv3x3"):
         ci = case.shape[1]
-        w = (torch.randn(case.co, ci, 3, 3, generator=gen, dtype=torch.float64) / (3 * ci**0.5)).to(case.dtype)
-        b = strided_bias(case.co, case.dtype, gen, case.strided_bias) if case.bias else None
+        w = (torch.randn(case.co, ci, 3, 3, generator=gen, dtype=torch.float64) / (3 * ci**0.5)).to(case.device, case.dtype)
+        b = strided_bias(case.co, case.dtype, gen, case.strided_bias, case.device) if case.bias else None
         return [x, w, b]
     if case.op == "bias_act":
-        b = strided_bias(case.shape[case.dim], case.dtype, gen, case.strided_bias) if case.bias else None
+        b = strided_bias(case.shape[case.dim], case.dtype, gen, case.strided_bias, case.device) if case.bias else None
         return [x, b]
     return [x]
 
@@ -344,7 +347,8 @@ def check(case: Case, backend: Union[str, Runner], repeat: bool = False) -> None
     if case.op == "conv3x3_pool":
         assume_pool_argmax_is_resolvable(case, *(t if t is None else t.detach() for t in t64))
     want = reference(case, *t64)
-    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(case.seed + 1), dtype=torch.float64).to(case.dtype)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(case.seed + 1), dtype=torch.float64)
+    grad = grad.to(device=want.device, dtype=case.dtype)
     want_grads = torch.autograd.grad(want, [t64[i] for i in wants_grad], grad.double()) if wants_grad else ()
 
     run = _run_public_op(backend) if isinstance(backend, str) else backend
