@@ -293,7 +293,11 @@ def max_pool2d(
     backend: Optional[str] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``F.max_pool2d`` with the same signature and results (NaN propagates; indices
-    are flat per-plane positions). Accepts [N, C, H, W] or [C, H, W]."""
+    are flat per-plane positions). Accepts [N, C, H, W] or [C, H, W].
+
+    One configuration stock accepts is refused (``ValueError`` naming ``dilation``): a
+    dilated window whose taps all fall in the padding, where ``F.max_pool2d`` returns
+    -inf with an index outside the plane and its backward writes into another plane."""
     unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
