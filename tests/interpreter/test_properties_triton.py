@@ -241,3 +241,28 @@ def test_conv_ops_refuse_an_empty_image_by_name(op):
     x = torch.randn(2, 3, 0, 4)
     with pytest.raises(gankernels.BackendUnavailable):
         getattr(gankernels, op)(x, torch.randn(5, 3, 3, 3), backend="triton")
+
+
+# ----------------------------------------------------------------------------------
+# The drop-in modules on the Triton backend against their stock twins
+# (tests/test_dropin_fidelity.py runs the full matrix on the torch backend).
+
+_FIDELITY_PAIRS = ("Conv2d+lrelu", "MaxPool2d", "MaxPool2d(3,2,1)", "Upsample", "Conv3x3", "Conv3x3Pool", "UpConv3x3", "BiasAct")
+
+
+@pytest.mark.parametrize("name", _FIDELITY_PAIRS)
+def test_modules_on_triton_train_as_stock(name):
+    import test_dropin_fidelity as fidelity
+
+    with gankernels.use_backend("triton"):
+        ours, stock, x = fidelity._make(name)
+        fidelity._assert_same(fidelity._run(ours, x, lambda y: y * 1.0), fidelity._run(stock, x, lambda y: y * 1.0), name)
+        with torch.no_grad():
+            assert_close_rel(ours(x), stock(x), what=f"{name} under no_grad")
+        for p in ours.parameters():
+            p.requires_grad_(False)
+        for p in stock.parameters():
+            p.requires_grad_(False)
+        fidelity._assert_same(
+            fidelity._run(ours, x, lambda y: y * 1.0), fidelity._run(stock, x, lambda y: y * 1.0), name + " x only"
+        )
