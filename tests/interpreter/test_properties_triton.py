@@ -140,7 +140,7 @@ def _poison_outputs(monkeypatch):
             monkeypatch.setattr(mod, "POISON_OUTPUTS", True)
 
 
-@pc.bounded(12)
+@pc.bounded(10)
 @given(case=st.one_of(*(pc.conv_cases(op, DTYPES, max_n=2, max_hw=6) for op in CONV_OPS)))
 def test_conv_ops_match_the_reference(case):
     pc.check(case, "triton")
@@ -152,7 +152,7 @@ def test_bias_act_matches_the_reference(case):
     pc.check(case, "triton")
 
 
-@pc.bounded(20)
+@pc.bounded(15)
 @given(case=pc.max_pool_cases(DTYPES, configs=pc.GAN_POOLS, max_hw=7))
 def test_max_pool2d_matches_the_reference(case):
     pc.check(case, "triton")
@@ -183,7 +183,7 @@ def test_special_values_propagate_as_in_pytorch(case, big):
     pc.check_forward_special_values(case, "triton")
 
 
-@pc.bounded(6)
+@pc.bounded(5)
 @given(
     case=st.one_of(
         *(pc.conv_cases(op, DTYPES, max_n=2, max_hw=5, ci_choices=(3, 9), co_choices=(5, 16)) for op in CONV_OPS),
