@@ -67,7 +67,7 @@ __device__ __forceinline__ float epilogue(float p, const Epilogue& e) {
 }
 
 // d epilogue(p) / dp; at p == 0 relu and lrelu take the negative side's slope, and the
-// clamp passes gradient where -clamp <= y <= clamp (as the reference does).
+// clamp passes gradient where -clamp < y < clamp (0 at the bounds, as the reference does).
 __device__ __forceinline__ float epilogue_derivative(float p, const Epilogue& e) {
   float d;
   switch (e.act) {
@@ -93,7 +93,7 @@ __device__ __forceinline__ float epilogue_derivative(float p, const Epilogue& e)
   d *= e.gain;
   if (e.has_clamp) {
     float y = activate(p, e) * e.gain;
-    if (!(y >= -e.clamp && y <= e.clamp)) d = 0.f;
+    if (!(y > -e.clamp && y < e.clamp)) d = 0.f;  // 0 at |y| == clamp, as the reference
   }
   return d;
 }

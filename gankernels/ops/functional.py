@@ -132,14 +132,40 @@ def _prepare_max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, retu
     p = _pair(padding, "padding", 0)
     d = _pair(dilation, "dilation", 1)
     for i in range(2):
-        if p[i] > (d[i] * (k[i] - 1) + 1) // 2:
-            raise ValueError(f"padding: {p} must be at most half of the effective kernel size (kernel_size={k}, dilation={d})")
+        # PyTorch's rule (pool2d_shape_check) halves kernel_size itself, whatever the dilation.
+        if p[i] > k[i] // 2:
+            raise ValueError(
+                f"padding: {p} must be at most half of kernel_size {k} (padding <= kernel_size // 2, as F.max_pool2d "
+                f"requires whatever the dilation {d}); reduce padding or use a larger kernel_size"
+            )
     from gankernels.ops.reference import pool_output_size
 
     for i, size in enumerate(x.shape[2:]):
-        if pool_output_size(size, k[i], s[i], p[i], d[i], bool(ceil_mode)) <= 0:
+        out = pool_output_size(size, k[i], s[i], p[i], d[i], bool(ceil_mode))
+        if out <= 0:
             raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size {k} (output would be empty)")
+        blind = _window_reading_only_padding(size, out, k[i], s[i], p[i], d[i])
+        if blind is not None:
+            axis = ("row", "column")[i]
+            raise ValueError(
+                f"dilation: {d} with padding {p} makes the window of output {axis} {blind} read only padding "
+                f"(input size {tuple(x.shape[2:])}); F.max_pool2d returns -inf there with an index outside the plane, "
+                "and its backward writes into another plane. Reduce dilation or padding."
+            )
     return dict(x=x, kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode), return_indices=bool(return_indices))
+
+
+def _window_reading_only_padding(size: int, out: int, k: int, s: int, p: int, d: int) -> Optional[int]:
+    """The first output index (along one axis) whose pooling window holds no input
+    element, or None. Only a dilated window can step over the whole input."""
+    if d == 1:
+        return None  # with padding <= k // 2 every window holds an input element
+    for o in range(out):
+        start = o * s - p
+        first = 0 if start >= 0 else (-start + d - 1) // d  # the first tap at or after index 0
+        if not (first < k and start + first * d < size):
+            return o
+    return None
 
 
 def _prepare_upsample(x, scale_factor) -> dict[str, Any]:
@@ -294,8 +320,16 @@ def up_conv3x3(
 
 conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 3×3 convolution, bias, activation, fused.")
 conv3x3_pool.__doc__ = _conv_doc("``max_pool2d(conv3x3(x, w, b, ...), 2)``: the discriminator block, fused (odd H/W floor).")
-up_conv3x3.__doc__ = _conv_doc(
-    "``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W]."
+up_conv3x3.__doc__ = (
+    _conv_doc("``conv3x3(upsample_nearest(x, 2), w, b, ...)``: the generator block, fused; output [N, Co, 2H, 2W].")
+    + """
+    Non-finite ``x``: the ``torch`` backend computes the definition, so ±inf propagates
+    exactly as upsample-then-conv. The ``triton`` kernel uses the sub-pixel rewrite,
+    which adds the taps that read the same input pixel into one weight: wherever the
+    definition is finite or ±inf it gives the same, but where the definition is NaN
+    because an inf meets taps of opposite sign (``w1·inf + w2·inf``) or a zero tap, it
+    may give ±inf instead.
+    """
 )
 
 
@@ -311,7 +345,11 @@ def max_pool2d(
     backend: Optional[str] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``F.max_pool2d`` with the same signature and results (NaN propagates; indices
-    are flat per-plane positions). Accepts [N, C, H, W] or [C, H, W]."""
+    are flat per-plane positions). Accepts [N, C, H, W] or [C, H, W].
+
+    One configuration stock accepts is refused (``ValueError`` naming ``dilation``): a
+    dilated window whose taps all fall in the padding, where ``F.max_pool2d`` returns
+    -inf with an index outside the plane and its backward writes into another plane."""
     unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

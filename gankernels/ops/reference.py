@@ -9,7 +9,7 @@ Operations, in order, for the 3×3 ops:
 
     conv3x3:      y = clamp(act(conv2d(x, w, pad=1) + b) * gain)
     conv3x3_pool: y = max_pool2d(conv3x3(x, w, b, ...), 2)
-    up_conv3x3:   y = conv3x3(upsample_nearest(x, 2), w, b, ...)
+    up_conv3x3:   y = conv3x3(upsample_nearest(x, 2), w, b, ...)   (computed so)
 
 Gradients: the backward formulas below (``*_backward``) are written with
 differentiable PyTorch ops, so second-order gradients (an R1 penalty) work through
@@ -86,14 +86,17 @@ def epilogue(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Option
 
 
 def epilogue_derivative(p: torch.Tensor, act: str, alpha: float, gain: float, clamp: Optional[float]) -> torch.Tensor:
-    """``d epilogue(p) / dp``. The clamp passes gradient where -clamp <= y <= clamp,
-    as ``torch.clamp`` does."""
+    """``d epilogue(p) / dp``. The clamp passes gradient where -clamp < y < clamp: at
+    exactly ``|y| == clamp`` the gradient is 0, as ``F.hardtanh`` gives it in every
+    PyTorch version and ``torch.clamp`` (scalar bounds) does in PyTorch 2.14, which
+    takes the minimum-norm subgradient there (older releases passed it). Every backend
+    agrees, whatever the installed PyTorch."""
     d = activation_derivative(p, act, alpha)
     if gain != 1:
         d = d * gain
     if clamp is not None:
         y = activate(p, act, alpha) * gain
-        d = d * ((y >= -clamp) & (y <= clamp)).to(d.dtype)
+        d = d * ((y > -clamp) & (y < clamp)).to(d.dtype)
     return d
 
 
@@ -184,7 +187,8 @@ def subpixel_phase_weights(w: torch.Tensor) -> torch.Tensor:
 
 
 def up_conv3x3_preact(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """Pre-activation of :func:`up_conv3x3` by the exact sub-pixel rewrite.
+    """Pre-activation of :func:`up_conv3x3` by the sub-pixel rewrite (exact for finite
+    ``x``; with ±inf in ``x`` it can give ±inf where the definition gives NaN).
 
     Each output phase (a, b) is a 2×2 convolution of the zero-padded low-resolution
     input; phase a reads padded rows starting at i + a (i.e. rows i-1+a, i+a).
@@ -211,8 +215,13 @@ def up_conv3x3(
     gain: float = 1.0,
     clamp: Optional[float] = None,
 ) -> torch.Tensor:
-    """:func:`up_conv3x3_naive`, computed by the sub-pixel rewrite."""
-    return epilogue(up_conv3x3_preact(x, w, b), act, alpha, gain, clamp)
+    """The definition, :func:`up_conv3x3_naive`, computed as written: upsample, then conv.
+
+    Not by the sub-pixel rewrite (:func:`up_conv3x3_preact`): that rewrite pre-sums the
+    taps that read the same input pixel, which is exact for finite x but turns
+    ``w1·inf + w2·inf`` (NaN when the signs differ) into ``(w1 + w2)·inf``. The
+    reference, and so the torch backend, propagates ±inf as stock PyTorch does."""
+    return up_conv3x3_naive(x, w, b, act, alpha, gain, clamp)
 
 
 def max_pool2d(
@@ -256,7 +265,8 @@ def bias_act_backward(
     gb = None
     if b is not None:
         dims = [d for d in range(x.ndim) if d != dim]
-        gb = gp.sum(dims).to(b.dtype)
+        # sum(dims=[]) would sum everything: a 1-D x along dim 0 has nothing to reduce.
+        gb = (gp.sum(dims) if dims else gp).to(b.dtype)
     return gp, gb
 
 
@@ -290,8 +300,9 @@ def _unpool(grad: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> tor
     """Route pooled gradients back to the input positions named by ``indices`` (summed
     where windows overlap), as ``max_pool2d``'s backward does."""
     n, c, h, w = shape
+    pooled = grad.shape[2] * grad.shape[3]  # explicit: reshape(n, c, -1) is ambiguous when n·c == 0
     flat = grad.new_zeros((n, c, h * w))
-    flat = flat.scatter_add(2, indices.reshape(n, c, -1), grad.reshape(n, c, -1))
+    flat = flat.scatter_add(2, indices.reshape(n, c, pooled), grad.reshape(n, c, pooled))
     return flat.view(n, c, h, w)
 
 
@@ -354,7 +365,35 @@ def same_memory_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``t`` is laid out so (and not also plain contiguous)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    """The memory format an op's output takes for input ``t``: channels_last or contiguous.
+
+    A dense tensor is channels_last when it is laid out so and not also plain contiguous
+    (a [N, C, 1, 1] tensor reads as contiguous). A strided view (``x_cl[:, :, ::2]``) has
+    no exact format; it takes the one its strides suggest, as PyTorch's
+    ``suggest_memory_format`` decides and ``F.conv2d``, ``F.max_pool2d`` and
+    ``F.interpolate`` follow.
+    (csrc/ops.cpp's ``format_of`` applies only the dense rule to the extension's own
+    buffers; the registered ops lay every result out by this one.)
+    """
+    if t.dim() != 4 or t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if _strides_like_channels_last(t.shape, t.stride()) else torch.contiguous_format
+
+
+def _strides_like_channels_last(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """ATen's ``is_channels_last_strides_2d``: strides increase in the order C, W, H, N
+    (size-1 dims may take any stride that does not contradict it; ambiguous cases read
+    as NCHW)."""
+    if strides[1] == 0:
+        return False
+    lowest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lowest:
+            return False
+        # [N, 1, 1, 1] with equal strides (or N11W sliced along W): NCHW by default.
+        if d == 0 and lowest == strides[1]:
+            return False
+        lowest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True

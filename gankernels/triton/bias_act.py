@@ -13,8 +13,9 @@ memory order, as a 2-D matrix ``[R, K]`` over its flat storage:
   (NCHW with ``dim=1``: a row is an (n, c) plane).
 
 Loads and stores run along memory (vectorised). A non-dense input (a strided view) is
-copied once to a contiguous tensor first; the output then is contiguous, which is its
-memory format as ``gankernels.ops.reference.memory_format_of`` defines it.
+copied once to a dense tensor in the view's own stride order first (``empty_like``, the
+layout an elementwise op gives it); the output has that layout. A strided bias is
+copied to unit stride.
 
 Backward: ``gx = grad * epilogue'(x + b)``, recomputed from ``x`` and ``b`` (the same
 formulas as ``reference.epilogue_derivative``), and ``gb`` = the sum of ``gx`` over all
@@ -166,8 +167,9 @@ def _bias_act_bwd_kernel(
             d = d * gain
         if HAS_CLAMP:
             y = _activate(p, ACT, alpha) * gain
-            # Multiply by the 0/1 mask (not where) so NaN * 0 stays NaN, as the reference does.
-            d = d * ((y >= -clamp) & (y <= clamp)).to(tl.float32)
+            # Open interval: 0 at |y| == clamp (reference.epilogue_derivative). Multiply by
+            # the 0/1 mask (not where) so NaN * 0 stays NaN, as the reference does.
+            d = d * ((y > -clamp) & (y < clamp)).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gx = g * d
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -207,9 +209,10 @@ def _matrix_view(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, int, int
     dense) seen as the ``[R, K]`` matrix of its storage, see the module docstring."""
     order = _dense_order(x)
     if order is None:
-        # A strided view: one contiguous copy, then the plain row-major case.
-        x = x.contiguous()
-        order = [d for d in range(x.dim()) if x.shape[d] > 1]
+        # A strided view: one dense copy in the view's own stride order (the layout an
+        # elementwise op gives it), then the dense case.
+        x = torch.empty_like(x).copy_(x)
+        order = _dense_order(x)
     c = x.shape[dim]
     if c == 1:  # the bias is one number: one row, bias index row % 1 == 0
         return x, 1, x.numel(), 1, False
@@ -221,6 +224,12 @@ def _matrix_view(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, int, int
     if inner == 1:
         return x, outer, c, c, True
     return x, outer * c, inner, c, False
+
+
+def _dense_bias(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels index the bias as ``b[c]`` at offset ``c``: a strided bias (``b[::2]``)
+    is copied to a unit-stride one (it has one element per channel: a tiny copy)."""
+    return b if b is None or b.stride(0) == 1 else b.contiguous()
 
 
 def _blocks(R: int, K: int) -> tuple[int, int]:
@@ -249,12 +258,13 @@ def bias_act_forward(
     x: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float, gain: float, clamp: Optional[float], dim: int
 ) -> torch.Tensor:
     """``clip(act(x + b) * gain, -clamp, clamp)`` with ``b`` along ``dim``; the result
-    has ``x``'s layout (a contiguous one if ``x`` is a non-dense view)."""
+    has ``x``'s layout (a dense one in the same stride order if ``x`` is a view)."""
     flags = _epilogue_flags(act, gain, clamp)
+    if x.numel() == 0:
+        return _empty(x)
+    b = _dense_bias(b)
     xd, R, K, C, on_cols = _matrix_view(x, dim)
     y = _empty(xd)  # same strides as the dense xd: same [R, K] storage order
-    if y.numel() == 0:
-        return y
     block_r, block_k = _blocks(R, K)
     n_col_blocks = triton.cdiv(K, block_k)
     grid = (triton.cdiv(R, block_r) * n_col_blocks,)
@@ -283,14 +293,15 @@ def bias_act_backward(
     its sum over every dim but ``dim`` (None without a bias). ``y`` is not needed: the
     derivative is recomputed from ``x``."""
     flags = _epilogue_flags(act, gain, clamp)
+    need_gb = b is not None
+    if x.numel() == 0:
+        return _empty(x), (torch.zeros_like(b) if need_gb else None)
+    b = _dense_bias(b)
     xd, R, K, C, on_cols = _matrix_view(x, dim)
     gx = _empty(xd)
     # grad must walk the same storage order as xd.
     if grad.shape != xd.shape or any(grad.stride(d) != xd.stride(d) for d in range(xd.dim()) if xd.shape[d] > 1):
         grad = torch.empty_like(xd).copy_(grad)
-    need_gb = b is not None
-    if gx.numel() == 0:
-        return gx, (torch.zeros_like(b) if need_gb else None)
     block_r, block_k = _blocks(R, K)
     n_col_blocks = triton.cdiv(K, block_k)
     n_row_blocks = triton.cdiv(R, block_r)

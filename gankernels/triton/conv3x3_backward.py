@@ -151,7 +151,7 @@ def _dact_from_p(p, alpha, gain, clamp, ACT: tl.constexpr, HAS_CLAMP: tl.constex
     d = d * gain
     if HAS_CLAMP:
         yu = yu * gain
-        d = tl.where((yu >= -clamp) & (yu <= clamp), d, 0.0)
+        d = tl.where((yu > -clamp) & (yu < clamp), d, 0.0)  # 0 at |y| == clamp, as the reference
     return d
 
 
