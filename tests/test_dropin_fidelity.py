@@ -6,8 +6,8 @@ round trips, ``.half()`` / ``.to(torch.bfloat16)`` / ``.to(memory_format=...)``.
 
 Stock semantics are the specification: where stock accepts something, gankernels must
 accept it and give the same values (to float32 tolerance) and gradients; where stock
-raises, gankernels may raise too. Tests that fail because a custom op saves its output
-(issue 18 item 1) are marked ``xfail(strict=True)``, so they flip when it is fixed.
+raises, gankernels may raise too. In-place use of a module's output (issue 18 item 1)
+works: the eager path saves what stock saves, or recomputes (gankernels.ops.eager).
 """
 
 from __future__ import annotations
@@ -166,13 +166,8 @@ INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# Modules whose registered op saves its output for the backward (issue 18 item 1).
-SAVES_OUTPUT = {"Conv2d", "Conv2d+lrelu", "Conv3x3", "Conv3x3Pool", "UpConv3x3", "BiasAct"}
-_ITEM1 = pytest.mark.xfail(strict=True, reason="issue 18 item 1: the op saves its output (lead fixing in registration)")
-
-
 @pytest.mark.parametrize("op", list(INPLACE))
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_ITEM1) if n in SAVES_OUTPUT else n for n in PAIRS])
+@pytest.mark.parametrize("name", list(PAIRS))
 def test_inplace_op_after_the_module(name, op):
     ours, stock, x = _make(name)
     try:
@@ -334,8 +329,8 @@ class _Block(nn.Module):
 @pytest.mark.parametrize(
     "act",
     [
-        pytest.param(lambda: nn.LeakyReLU(0.2, inplace=True), marks=_ITEM1, id="LeakyReLU(inplace)"),
-        pytest.param(lambda: nn.ReLU(inplace=True), marks=_ITEM1, id="ReLU(inplace)"),
+        pytest.param(lambda: nn.LeakyReLU(0.2, inplace=True), id="LeakyReLU(inplace)"),
+        pytest.param(lambda: nn.ReLU(inplace=True), id="ReLU(inplace)"),
         pytest.param(lambda: nn.LeakyReLU(0.2), id="LeakyReLU"),
     ],
 )

@@ -86,26 +86,11 @@ def test_every_op_keeps_the_layout_stock_gives_a_view(name):
         assert _same_layout(got, want), f"{op}: strides {got.stride()} != stock's {want.stride()}"
 
 
-# An elementwise op keeps a view's stride order (TensorIterator), which is not always
-# the format suggest_memory_format names: registration's _fresh and fake kernel lay
-# bias_act's output out by memory_format_of.
-_ELEMENTWISE_DIFFERS = {"cl[:, :, ::2]", "nchw.transpose(2, 3)", "cl.transpose(2, 3)"}
+# An elementwise op keeps a view's stride order (TensorIterator); bias_act's result is
+# laid out as torch.empty_like(x), which does the same.
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True, reason="issue 18 item 7: bias_act output layout is set by registration's _fresh (lead's rewrite)"
-            ),
-        )
-        if n in _ELEMENTWISE_DIFFERS
-        else n
-        for n in _views()
-    ],
-)
+@pytest.mark.parametrize("name", list(_views()))
 def test_bias_act_keeps_the_layout_an_elementwise_op_gives_a_view(name):
     x = _views()[name]
     got = gankernels.bias_act(x, torch.randn(x.shape[1]), act="lrelu", backend="torch")
@@ -311,7 +296,6 @@ def test_empty_batch_runs_as_stock(op, layout):
         assert g is not None and g.shape == wg.shape and torch.equal(g, wg)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 7: bias_act of an empty x aliases its input (lead fixing in registration)")
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4)])
 def test_bias_act_without_bias_on_an_empty_tensor(shape):
     x = torch.empty(shape, requires_grad=True)

@@ -35,13 +35,20 @@ def _empty_saved(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0,))
 
 
-def _fresh(t: torch.Tensor, like: torch.Tensor, inputs: tuple) -> torch.Tensor:
+def _unaliased(t: torch.Tensor, inputs: tuple) -> torch.Tensor:
     """Custom ops may not return an input (or a view of one): copy in that case."""
-    out = ref.same_memory_format(t, like)
     for i in inputs:
-        if isinstance(i, torch.Tensor) and out.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() and i.numel():
-            return out.clone(memory_format=ref.memory_format_of(like))
-    return out
+        if isinstance(i, torch.Tensor) and (
+            t is i or (i.numel() and t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr())
+        ):
+            return t.clone()
+    return t
+
+
+def _fresh(t: torch.Tensor, like: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    """``t`` in ``like``'s memory format, and not an input (custom ops may not return one)."""
+    out = ref.same_memory_format(t, like)
+    return _unaliased(out, inputs) if out is t else out
 
 
 # ----------------------------------------------------------------------------------
@@ -53,12 +60,15 @@ def bias_act_op(
     x: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float, gain: float, clamp: Optional[float], dim: int, backend: str
 ) -> torch.Tensor:
     y = get_impl("bias_act", backend).forward(x=x, b=b, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
-    return _fresh(y, x, (x, b))
+    # An elementwise result: laid out as torch.empty_like(x) (a view's stride order kept).
+    if y.stride() != (like := torch.empty_like(x)).stride() and y.numel() > 1:
+        y = like.copy_(y)
+    return _unaliased(y, (x, b))
 
 
 @bias_act_op.register_fake
 def _(x, b, act, alpha, gain, clamp, dim, backend):
-    return torch.empty_like(x, memory_format=ref.memory_format_of(x))
+    return torch.empty_like(x)
 
 
 def _bias_act_setup(ctx, inputs, output):
