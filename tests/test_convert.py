@@ -144,7 +144,7 @@ def test_dcgan_report_lists_replaced_and_left() -> None:
     assert isinstance(d.from_rgb[1], nn.Identity) and type(d.from_rgb[2]) is gknn.MaxPool2d
     assert isinstance(d.blocks[1][1], nn.BatchNorm2d) and isinstance(d.blocks[1][2], nn.ReLU)
     text = str(rd)
-    assert text.splitlines()[0] == "gankernels.convert: 4 replaced, 1 left"
+    assert text.splitlines()[0] == "gankernels.convert: 4 replaced, 0 fused in forward code, 1 left"
     assert "blocks.0.net.0: Conv2d → LeakyReLU → MaxPool2d ⇒ gankernels.nn.Conv3x3Pool(4, 8, act='lrelu', alpha=0.2)" in text
     assert "head.0 (Conv2d): Conv2d 4×4" in text
 
@@ -353,11 +353,13 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
             self.conv5 = nn.Conv2d(3, 3, 5, padding=2)
             self.pool = nn.MaxPool2d(2, return_indices=True)
             self.up = nn.Upsample(scale_factor=2)
-            self.act = nn.ReLU()  # outside a Sequential: nothing is fused
+            self.act = nn.ReLU()
             self.more = nn.ModuleList([nn.MaxPool2d(3, 1, 1)])
 
         def forward(self, x):
-            y, idx = self.pool(self.conv5(self.act(self.conv(x))))
+            # No run to fuse: the conv's output is scaled before the activation, the pool
+            # follows a 5×5 conv, the upsamples feed no conv.
+            y, idx = self.pool(self.conv5(self.act(self.conv(x) * 2)))
             return self.more[0](self.up(y)) + self.up(idx.to(y.dtype))
 
     m = Custom().to(F64)
@@ -368,7 +370,8 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
     assert type(m.pool) is gknn.MaxPool2d and m.pool.return_indices
     assert type(m.up) is gknn.Upsample and type(m.more[0]) is gknn.MaxPool2d
     assert type(m.conv5) is nn.Conv2d and type(m.act) is nn.ReLU
-    assert [e.path for e in report.left] == ["conv5"]
+    assert [e.path for e in report.left] == ["conv5"] and report.fused == []
+    assert "forward" not in m.__dict__
     assert_close_rel(m(x), y0, tol=1e-10)
 
 

@@ -1,0 +1,195 @@
+"""Tracing one module's forward with ``torch.fx``, its children left as calls.
+
+Why ``torch.fx``: it records a forward as a graph of the module, function and method
+calls the Python code makes, with the submodules as opaque ``call_module`` nodes. That
+is exactly the level the fusions are stated at (``self.conv`` → ``F.leaky_relu``), the
+graph has explicit users (which is how "an intermediate used twice" is seen), and it
+generates plain Python back from the edited graph, which can become the module's own
+``forward``: the module object, its class, attributes and children stay as they are,
+and ``torch.compile`` sees ordinary code. ``torch.export``/dynamo capture would trace
+through the children and below autograd, losing the module structure the rewritten
+code must keep calling; editing the source (AST) would see no data flow.
+
+What fx cannot see is refused rather than guessed: data-dependent control flow fails
+to trace (the module is left, with the tracer's message); a forward that changes
+module state, creates tensor constants or reads ``self.training`` is left too. Python
+decisions on anything else (a flag attribute, a global) are fixed at conversion, as
+for any traced graph.
+
+Two fx gaps are closed here: ``y += z`` on a proxy would be recorded as ``y = y + z``
+(a new tensor, silently losing the in-place update another reference might see) and
+``y[i] = z`` would not trace at all; the proxies below record both as calls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from gankernels.convert import fused_calls
+
+__all__ = ["Traced", "code_location", "trace_module"]
+
+
+class _Proxy(fx.Proxy):
+    """An fx proxy that records augmented and item assignment as in-place calls."""
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", fused_calls.setitem, (self, index, value), {})
+
+
+def _define_inplace(name: str, fn) -> None:
+    def method(self: _Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+
+    method.__name__ = name
+    setattr(_Proxy, name, method)
+
+
+for _name, _fn in fused_calls.INPLACE_OPERATORS.items():
+    _define_inplace(_name, _fn)
+
+
+class _ChildrenAsCalls(fx.Tracer):
+    """Traces only the root's own forward: every submodule call is one node."""
+
+    proxy_buffer_attributes = True  # buffers as get_attr nodes, not baked constants
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+@dataclass
+class Traced:
+    """The outcome of tracing one module: ``graph`` or, when it could not be traced,
+    ``error`` (why) and ``where`` (``file:line``, when known)."""
+
+    module: nn.Module
+    graph: Optional[fx.Graph] = None
+    error: str = ""
+    where: str = ""
+
+
+def forward_file(module: nn.Module) -> str:
+    code = getattr(type(module).forward, "__code__", None)
+    return code.co_filename if code is not None else ""
+
+
+def _short(filename: str) -> str:
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+    return filename if rel.startswith("..") else rel
+
+
+def code_location(node: fx.Node, module: nn.Module) -> str:
+    """``file:line`` of the call that made ``node``: the line in ``module``'s forward
+    (a call into a helper function is located at the call), else the innermost frame
+    in the forward's file, else the innermost frame outside torch."""
+    frames = [(f, int(n), name) for f, n, name in re.findall(r'File "([^"]+)", line (\d+), in (\S+)', node.stack_trace or "")]
+    code = getattr(type(module).forward, "__code__", None)
+    if code is not None:
+        last = max((ln for _, _, ln in code.co_lines() if ln is not None), default=code.co_firstlineno)
+        for filename, line, name in reversed(frames):
+            if filename == code.co_filename and name == code.co_name and code.co_firstlineno <= line <= last:
+                return f"{_short(filename)}:{line}"
+    for filename, line, _ in reversed(frames):
+        if filename == forward_file(module):
+            return f"{_short(filename)}:{line}"
+    for filename, line, _ in reversed(frames):
+        if f"{os.sep}torch{os.sep}" not in filename:
+            return f"{_short(filename)}:{line}"
+    return ""
+
+
+def _error_location(err: BaseException, module: nn.Module) -> str:
+    frames = traceback.extract_tb(err.__traceback__)
+    ffile = forward_file(module)
+    for frame in reversed(frames):
+        if frame.filename == ffile:
+            return f"{_short(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+def _state(module: nn.Module) -> list[tuple[nn.Module, dict, dict, dict, dict]]:
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+
+
+def _restore(snapshot) -> list[str]:
+    """Put every module's attributes back; return the names that tracing changed."""
+    changed = []
+    for m, attrs, params, buffers, modules in snapshot:
+        for now, before, kind in (
+            (m.__dict__, attrs, ""),
+            (m._parameters, params, "parameter "),
+            (m._buffers, buffers, "buffer "),
+            (m._modules, modules, "submodule "),
+        ):
+            keys = set(now) | set(before)
+            diff = sorted(k for k in keys if now.get(k, _MISSING) is not before.get(k, _MISSING))
+            changed += [f"{kind}{type(m).__name__}.{k}" for k in diff]
+            now.clear()
+            now.update(before)
+    return changed
+
+
+_MISSING = object()
+
+
+def _set_training(module: nn.Module, mode: bool) -> None:
+    for m in module.modules():
+        m.training = mode
+
+
+def trace_module(module: nn.Module, training: Optional[bool] = None) -> Traced:
+    """Trace ``module``'s class ``forward`` with its children as calls.
+
+    ``training``: trace as if in that mode (the flags are put back after). The
+    module's attributes are restored after tracing; a forward that changed any is
+    refused. Tensors baked into the graph as constants are refused too.
+    """
+    snapshot = _state(module)
+    try:
+        if training is not None:
+            _set_training(module, training)
+        try:
+            graph = _ChildrenAsCalls().trace(module)
+        except Exception as e:  # noqa: BLE001 - any failure means: cannot be traced
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return Traced(module, error=f"{type(e).__name__}: {msg}", where=_error_location(e, module))
+    finally:
+        changed = _restore(snapshot)
+    changed = [c for c in changed if not c.endswith(".training")]
+    if changed:
+        return Traced(module, error=f"its forward changes module state while running ({', '.join(changed[:3])})")
+    for node in graph.nodes:
+        if node.op == "get_attr" and not _resolves(module, node.target):
+            return Traced(
+                module,
+                error=f"its forward creates a tensor that tracing would freeze as a constant ({node.target})",
+                where=code_location(node, module),
+            )
+    return Traced(module, graph=graph)
+
+
+def _resolves(module: nn.Module, target: str) -> bool:
+    obj: Any = module
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return isinstance(obj, (torch.Tensor, nn.Module))
