@@ -19,7 +19,6 @@ from gankernels.testing import assert_close_rel, random_input
 F64 = torch.float64
 
 
-
 # ----------------------------------------------------------------------------------
 # A small DCGAN-like generator and discriminator of stock layers, nested in custom
 # modules (the Sequentials are not at the top level).

@@ -124,7 +124,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
         backend,
         report,
         called_from_code=frozenset(code.called_from_code),
-        fused_in_code=frozenset(code.fused_convs - code.unfused_convs - in_sequentials),
+        fused_in_code=frozenset(code.absorbed - code.called_unfused - in_sequentials),
     )
     # Collect first: the walk must not see the modules it creates.
     parents = list(model.named_modules())

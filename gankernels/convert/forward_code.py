@@ -29,7 +29,6 @@ import inspect
 import linecache
 import operator
 import types
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Optional, Union
@@ -132,7 +131,7 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> Op
     if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
         return None
     bound = {k: v for k, v in defaults.items() if k in names}
-    bound.update(zip(names, node.args))
+    bound.update(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return bound if "input" in bound else None
 
@@ -148,13 +147,16 @@ def _constant(v: Any) -> bool:
     return not found
 
 
+_AUGMENTED = {"iadd": "+=", "isub": "-=", "imul": "*=", "itruediv": "/=", "ifloordiv": "//=", "ipow": "**="}
+
+
 def _fn_name(fn: Any) -> str:
     mod = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__name__", repr(fn))
     if fn is fused_calls.setitem:
         return "item assignment"
     if fn in _INPLACE_FUNCTIONS:
-        return f"'{ {'iadd': '+', 'isub': '-', 'imul': '*', 'itruediv': '/'}.get(name, name)}='"
+        return f"'{_AUGMENTED.get(name, name)}'"
     if mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
         return f"F.{name}"
     if mod.startswith("torch") or isinstance(fn, types.BuiltinFunctionType):
@@ -285,8 +287,8 @@ class ForwardCodeConverter:
         self._mutates_cache: dict[int, Optional[str]] = {}
         self._in_progress: set[int] = set()
         self.called_from_code: set[int] = set()
-        self.fused_convs: set[int] = set()
-        self.unfused_convs: set[int] = set()
+        self.absorbed: set[int] = set()  # modules called inside a fused run
+        self.called_unfused: set[int] = set()  # modules with a call outside any fused run
 
     # -- paths and tracing ---------------------------------------------------------
 
@@ -352,10 +354,9 @@ class ForwardCodeConverter:
         for node in graph.nodes:
             if node.op == "call_module":
                 self.called_from_code.add(id(m.get_submodule(node.target)))
-                if isinstance(m.get_submodule(node.target), _CONV_TYPES):
-                    self.unfused_convs.add(id(m.get_submodule(node.target)))
+                self.called_unfused.add(id(m.get_submodule(node.target)))
             elif node.op == "get_attr" and any(u.target in _FUSED_FUNCTION.values() for u in node.users):
-                self.fused_convs.add(id(m.get_submodule(node.target)))
+                self.absorbed.add(id(m.get_submodule(node.target)))
 
     # -- matching ------------------------------------------------------------------
 
@@ -401,9 +402,9 @@ class ForwardCodeConverter:
             and isinstance(bound["input"], fx.Node)
             and all(_constant(v) for k, v in bound.items() if k != "input")
             and bound["size"] is None
-            and bound["mode"] == "nearest"
-            and bound["align_corners"] is None
-            and not bound["antialias"]
+            and bound.get("mode", "nearest") == "nearest"
+            and bound.get("align_corners") is None
+            and not bound.get("antialias", False)
             and _integer_scale(bound["scale_factor"]) == 2
         )
 
@@ -424,7 +425,7 @@ class ForwardCodeConverter:
                 and _pair(bound["padding"]) == (0, 0)
                 and _pair(bound["dilation"]) == (1, 1)
                 and not bound["ceil_mode"]
-                and not bound["return_indices"]
+                and not bound.get("return_indices", False)
             )
         except TypeError:
             return False
@@ -648,9 +649,7 @@ class ForwardCodeConverter:
         if run.up is not None:
             why = self._mutated_after(owner, run.input, run.nodes[-1], set())
             if why:
-                run.notes.append(
-                    (_describe(run.up, owner), f"the upsample's input is modified in place afterwards ({why})")
-                )
+                run.notes.append((_describe(run.up, owner), f"the upsample's input is modified in place afterwards ({why})"))
                 run.up = None
         if run.up is None and run.act is None and run.pool is None:
             self._refuse(run, "; ".join(f"{what}: {why}" for what, why in run.notes))
@@ -672,23 +671,23 @@ class ForwardCodeConverter:
             graph = self.traced[id(owner)].graph
             runs = []
             for node in list(graph.nodes):
-                if node.op != "call_module":
-                    continue
-                sub = self._module(owner, node)
-                if not isinstance(sub, _CONV_TYPES):
-                    continue
-                r = self.plan(owner, node) if _conv_reason(sub) is None else None
-                if r is None:
-                    self.unfused_convs.add(id(sub))
-                else:
-                    runs.append(r)
+                if node.op == "call_module":
+                    sub = self._module(owner, node)
+                    if isinstance(sub, _CONV_TYPES) and _conv_reason(sub) is None:
+                        r = self.plan(owner, node)
+                        if r is not None:
+                            runs.append(r)
+            in_runs = {n for r in runs for n in r.nodes}
+            for node in graph.nodes:
+                if node.op == "call_module" and node not in in_runs:
+                    self.called_unfused.add(id(self._module(owner, node)))
             if runs:
                 plans.append((owner, runs))
         for owner, runs in plans:
             why = self._mode_dependent(owner)
             if why:
                 self.report.left.append(Left(self.path(owner), type(owner).__name__, why))
-                self.unfused_convs.update(id(r.conv) for r in runs)
+                self.called_unfused.update(id(self._module(owner, n)) for r in runs for n in r.nodes if n.op == "call_module")
                 continue
             self._rewrite(owner, runs)
 
@@ -720,7 +719,7 @@ class ForwardCodeConverter:
                 self.report.left.append(
                     Left(self.path(owner), type(owner).__name__, f"{what} not fused into {r.op_text()}: {why}", where)
                 )
-            self.fused_convs.add(id(r.conv))
+            self.absorbed.update(id(self._module(owner, n)) for n in r.nodes if n.op == "call_module")
         graph.lint()
         _install(owner, graph)
 

@@ -14,7 +14,6 @@ from gankernels.convert.report import ConversionReport, Left, Replacement
 from gankernels.nn import _integer_scale  # the rule gknn.Upsample fuses by
 from gankernels.ops.reference import MONOTONE_ACTIVATIONS
 
-
 # ----------------------------------------------------------------------------------
 # Matching single modules. Each ``*_reason`` returns None when the module qualifies,
 # else why it does not.
@@ -189,7 +188,7 @@ class LayerConverter:
 
     ``called_from_code``: ids of modules that some traced forward calls directly (such a
     module is not absorbed into a Sequential run: that forward would see the run's
-    result); ``fused_in_code``: ids of convs whose every known call was fused by the
+    result); ``fused_in_code``: ids of modules whose every known call was fused by the
     forward-code pass (they keep their class).
     """
 
