@@ -545,3 +545,71 @@ def test_channels_last_and_fp32(inplace: bool) -> None:
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_close_rel(y, stock(x), dtype=torch.float32)
     assert ops_run(model, x) == {("conv3x3_pool", "lrelu"): 1}
+
+
+class DecoderBlock(nn.Module):
+    """A U-Net decoder block: an optional skip connection, defaulting to None."""
+
+    def __init__(self, c: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, skip=None):
+        x = F.leaky_relu(self.conv1(F.interpolate(x, scale_factor=2, mode="nearest")), 0.2)
+        if skip is not None:
+            x = x + skip
+        return F.relu(self.conv2(x))
+
+
+def test_optional_argument_runs_the_fused_code_only_when_given() -> None:
+    torch.manual_seed(0)
+    stock = DecoderBlock().to(F64)
+    model = copy.deepcopy(stock)
+    _, report = gankernels.convert(model, backend="torch")
+    assert [f.op for f in report.fused] == [
+        "gankernels.up_conv3x3(act='lrelu', alpha=0.2)",
+        "gankernels.conv3x3(act='relu')",
+    ]
+    x, skip = random_input(2, 3, 3, 3, dtype=F64), random_input(2, 3, 6, 6, dtype=F64)
+    assert_close_rel(model(x, skip), stock(x, skip), tol=1e-10)
+    assert_close_rel(model(x, skip=skip), stock(x, skip=skip), tol=1e-10)
+    assert_close_rel(model(x), stock(x), tol=1e-10)  # traced with a skip: runs the class's forward
+    with torch.no_grad(), CountGankernelsOps() as with_skip:
+        model(x, skip)
+    assert with_skip.calls == {("up_conv3x3", "lrelu"): 1, ("conv3x3", "relu"): 1}
+    assert ops_run(model, x) == {}
+
+
+class NoGradInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        with torch.no_grad():  # fx would drop this context
+            y = F.relu(self.conv(x))
+        return x + y
+
+
+class VarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, *xs):
+        return F.relu(self.conv(xs[0]))
+
+
+def test_forward_with_a_with_block_or_varargs_is_left() -> None:
+    x = random_input(1, 2, 4, 4, dtype=F64)
+    for cls, reason in (
+        (NoGradInside, "its forward has a with-block (line"),
+        (VarArgs, "its forward takes *xs"),
+    ):
+        model = cls().to(F64)
+        stock = copy.deepcopy(model)
+        _, report = gankernels.convert(model, backend="torch")
+        assert report.fused == [] and [e.path for e in report.left] == ["(root)"]
+        assert reason in report.left[0].reason and "cannot be traced by torch.fx" in report.left[0].reason
+        assert_close_rel(model(x), stock(x), tol=1e-10)

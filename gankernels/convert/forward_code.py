@@ -740,8 +740,38 @@ def _install(owner: nn.Module, graph: fx.Graph) -> None:
     namespace = dict(code.globals)
     exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - code fx generated from the traced graph
     forward = namespace["forward"]
+    optional = _none_defaults(cls.forward)
+    if optional:
+        forward = _guarded(forward, cls.forward, optional)
     forward.__qualname__ = f"{cls.__qualname__}.forward"
     forward.__doc__ = f"{cls.__qualname__}.forward with runs fused by gankernels.convert (generated code; see the report)."
     forward._gankernels_stock_forward = cls.forward
     forward._gankernels_graph = graph
     owner.forward = types.MethodType(forward, owner)
+
+
+def _none_defaults(forward) -> list[tuple[Optional[int], str]]:
+    """The forward's parameters that default to None, as (position or None, name).
+
+    Tracing passes a proxy for every parameter, so the graph is the code path taken
+    when such a parameter is given (``if skip is not None`` is true for a proxy)."""
+    params = list(inspect.signature(forward).parameters.values())[1:]  # without self
+    return [
+        (i if p.kind != p.KEYWORD_ONLY else None, p.name)
+        for i, p in enumerate(params)
+        if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY, p.KEYWORD_ONLY)
+    ]
+
+
+def _guarded(fused, stock, optional: list[tuple[Optional[int], str]]):
+    """``fused`` when every parameter of ``optional`` is given (not None), else the
+    class's own ``stock`` forward, the code path tracing did not follow."""
+
+    def forward(self, *args, **kwargs):
+        for i, name in optional:
+            value = kwargs.get(name, args[i] if i is not None and i < len(args) else None)
+            if value is None:
+                return stock(self, *args, **kwargs)
+        return fused(self, *args, **kwargs)
+
+    return forward

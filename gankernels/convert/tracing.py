@@ -23,8 +23,11 @@ Two fx gaps are closed here: ``y += z`` on a proxy would be recorded as ``y = y 
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 import re
+import textwrap
 import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -155,13 +158,37 @@ def _set_training(module: nn.Module, mode: bool) -> None:
         m.training = mode
 
 
+def _untraceable_source(forward) -> str:
+    """Why the forward's source holds something fx would silently drop, or ''."""
+    sig = inspect.signature(forward)
+    varargs = [p.name for p in sig.parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if varargs:
+        return f"its forward takes *{varargs[0]}: the values tracing sees are not the ones passed"
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return ""  # no source (e.g. built at run time): nothing to check
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            return (
+                f"its forward has a with-block (line {forward.__code__.co_firstlineno + node.lineno - 1}, e.g. "
+                "torch.no_grad or autocast) that torch.fx does not record"
+            )
+    return ""
+
+
 def trace_module(module: nn.Module, training: Optional[bool] = None) -> Traced:
     """Trace ``module``'s class ``forward`` with its children as calls.
 
     ``training``: trace as if in that mode (the flags are put back after). The
     module's attributes are restored after tracing; a forward that changed any is
-    refused. Tensors baked into the graph as constants are refused too.
+    refused. Tensors baked into the graph as constants are refused too, as are
+    forwards taking ``*args``/``**kwargs`` or holding a ``with`` block (fx records
+    neither faithfully).
     """
+    why = _untraceable_source(type(module).forward)
+    if why:
+        return Traced(module, error=why)
     snapshot = _state(module)
     try:
         if training is not None:
