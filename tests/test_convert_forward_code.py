@@ -613,3 +613,36 @@ def test_forward_with_a_with_block_or_varargs_is_left() -> None:
         assert report.fused == [] and [e.path for e in report.left] == ["(root)"]
         assert reason in report.left[0].reason and "cannot be traced by torch.fx" in report.left[0].reason
         assert_close_rel(model(x), stock(x), tol=1e-10)
+
+
+def test_modules_with_hooks_are_not_absorbed_and_their_hooks_still_fire() -> None:
+    torch.manual_seed(0)
+    model = DenseBlock().to(F64)
+    fired = []
+    model.conv1.register_forward_hook(lambda m, i, o: fired.append("conv1"))
+    model.lrelu.register_forward_pre_hook(lambda m, i: fired.append("lrelu"))
+    stock = copy.deepcopy(model)
+    _, report = gankernels.convert(model, backend="torch")
+    assert report.fused == []  # conv1 has a hook; every other run ends in the hooked lrelu
+    x = random_input(1, 4, 4, 4, dtype=F64)
+    fired.clear()
+    assert_close_rel(model(x), stock(x), tol=1e-10)
+    assert fired.count("conv1") == 2 and fired.count("lrelu") == 6  # stock model's hooks fired too
+
+
+def test_pickled_model_loads_with_its_class_forward_and_converts_again() -> None:
+    import io
+
+    torch.manual_seed(0)
+    d = dcgan_discriminator(**D_KW).to(F64)
+    gankernels.convert(d, backend="torch")
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    img = random_input(2, 3, 8, 8, dtype=F64)
+    assert_close_rel(loaded(img), d(img), tol=1e-10)
+    assert ops_run(loaded, img) == {}  # the class's own forward: stock calls
+    _, report = gankernels.convert(loaded, backend="torch")
+    assert len(report.fused) == 2 and report.left == []
+    assert ops_run(loaded, img) == {("conv3x3_pool", "lrelu"): 2}

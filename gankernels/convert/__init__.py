@@ -105,8 +105,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
     calls in forward code fall back to the stock calls for it); hooks registered on a
     replaced or absorbed activation/pool/upsample are not carried over (modules with
     hooks are never absorbed, so this only concerns hooks added afterwards); the root
-    module itself is never replaced; a module with a rewritten forward pickles only
-    through its ``state_dict``.
+    module itself is never replaced; a model pickled whole (``torch.save(model)``) is
+    loaded with its classes' own forwards (convert it again after loading).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

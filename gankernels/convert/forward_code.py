@@ -180,6 +180,15 @@ def is_rewritten(m: nn.Module) -> bool:
     return isinstance(fwd, types.MethodType) and hasattr(fwd.__func__, "_gankernels_stock_forward")
 
 
+def _instance_forward(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward of its own on the instance, other than the class's
+    (which a pickled and reloaded converted module has) or one convert wrote."""
+    fwd = m.__dict__.get("forward")
+    if fwd is None or is_rewritten(m):
+        return False
+    return not (isinstance(fwd, types.MethodType) and fwd.__func__ is type(m).forward and fwd.__self__ is m)
+
+
 def _is_custom(m: nn.Module) -> bool:
     """A module whose forward is user code: not a torch.nn or gankernels layer, not a
     stock Sequential (the layer pass handles those), not a container without forward."""
@@ -298,7 +307,7 @@ class ForwardCodeConverter:
     def trace(self, m: nn.Module) -> Traced:
         t = self.traced.get(id(m))
         if t is None:
-            if "forward" in m.__dict__ and not is_rewritten(m):
+            if _instance_forward(m):
                 t = Traced(m, error="its forward is replaced on the instance; only a class's forward is traced")
             elif parametrize.is_parametrized(m):
                 t = Traced(m, error="it has parametrizations (torch.nn.utils.parametrize); tracing would freeze them")
