@@ -646,3 +646,30 @@ def test_pickled_model_loads_with_its_class_forward_and_converts_again() -> None
     _, report = gankernels.convert(loaded, backend="torch")
     assert len(report.fused) == 2 and report.left == []
     assert ops_run(loaded, img) == {("conv3x3_pool", "lrelu"): 2}
+
+
+class ResidualStage(nn.Module):
+    """A residual update after a block: the block returns a new tensor, so the fused
+    result is not touched by the in-place ``+=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        self.block = DenseBlock()
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        h = self.lrelu(self.conv(x))
+        y = self.block(h)
+        y += h
+        # The Sequential's conv is also called on its own: its run must not be fused.
+        return self.seq(y) + self.seq[0](y)
+
+
+def test_residual_update_after_a_block_and_a_sequential_child_called_directly() -> None:
+    x = random_input(2, 4, 4, 4, dtype=F64)
+    model, report = convert_and_compare(ResidualStage, x)
+    assert [(f.module, f.conv) for f in report.fused] == [("(root)", "conv")] + [("block", f"block.conv{i}") for i in (1, 2, 3)]
+    assert [type(m) for m in model.seq] == [gknn.Conv2d, nn.ReLU]
+    assert ops_run(model, x) == {("conv3x3", "lrelu"): 4, ("conv3x3", "linear"): 3}

@@ -294,7 +294,8 @@ class ForwardCodeConverter:
         self.sites: dict[int, list[_Site]] = {}
         self.order: dict[int, dict[fx.Node, int]] = {}
         self._mutates_cache: dict[int, Optional[str]] = {}
-        self._in_progress: set[int] = set()
+        self._fresh_cache: dict[tuple, bool] = {}
+        self._in_progress: set = set()
         self.called_from_code: set[int] = set()
         self.absorbed: set[int] = set()  # modules called inside a fused run
         self.called_unfused: set[int] = set()  # modules with a call outside any fused run
@@ -447,7 +448,30 @@ class ForwardCodeConverter:
             return True
         if _is_stock_sequential(m):
             return any(self._output_fresh(c) for c in m)
+        if _is_custom(m) and not is_rewritten(m):
+            return self._custom_output_fresh(m)
         return isinstance(m, _FRESH_MODULES) and not getattr(m, "inplace", False)
+
+    def _custom_output_fresh(self, m: nn.Module) -> bool:
+        """Whether the traced forward of ``m`` returns nothing that may share memory with
+        its inputs (False when it cannot be traced)."""
+        key = ("fresh", id(m))
+        if key in self._fresh_cache:
+            return self._fresh_cache[key]
+        if key in self._in_progress:
+            return False
+        self._in_progress.add(key)
+        try:
+            t = self.trace(m)
+            fresh = t.graph is not None
+            if fresh:
+                out = next(n for n in reversed(t.graph.nodes) if n.op == "output")
+                returned = set(out.all_input_nodes)
+                fresh = not any(returned & self._alias_class(m, p) for p in t.graph.nodes if p.op == "placeholder")
+        finally:
+            self._in_progress.discard(key)
+        self._fresh_cache[key] = fresh
+        return fresh
 
     def _may_alias_input(self, owner: nn.Module, n: fx.Node) -> bool:
         """Whether ``n``'s result may share memory with one of its inputs."""
