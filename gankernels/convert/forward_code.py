@@ -136,6 +136,25 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> Op
     return bound if "input" in bound else None
 
 
+_SIGNATURES: dict[Any, Optional[inspect.Signature]] = {}
+
+
+def _signature_of(fn: Any) -> Optional[inspect.Signature]:
+    """``inspect.signature(fn)``, cached; None for callables without one (builtins)."""
+    try:
+        return _SIGNATURES[fn]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable
+        return None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    _SIGNATURES[fn] = sig
+    return sig
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -491,9 +510,12 @@ class ForwardCodeConverter:
         if spec is not None:
             names = spec[1]
             return "inplace" in names and len(n.args) > names.index("inplace") and n.args[names.index("inplace")] is True
+        sig = _signature_of(n.target)
+        if sig is None or "inplace" not in sig.parameters:
+            return False
         try:
-            bound = inspect.signature(n.target).bind(*n.args, **n.kwargs)
-        except (TypeError, ValueError):
+            bound = sig.bind(*n.args, **n.kwargs)
+        except TypeError:
             return False
         return bound.arguments.get("inplace") is True
 
