@@ -135,6 +135,10 @@ def test_dense_block_with_concat_and_a_shared_inplace_lrelu() -> None:
     ]
     assert report.fused[0].calls == ("self.conv1 (Conv2d)", "self.lrelu (LeakyReLU)")
     assert report.left == []
+    text = str(report)
+    assert text.splitlines()[0] == "gankernels.convert: 2 replaced, 6 fused in forward code, 0 left"
+    first = _line_of("x1 = self.lrelu(self.conv1(x))")
+    assert f"  rdb1.forward ({first}): self.conv1 (Conv2d) → self.lrelu (LeakyReLU) ⇒ {lrelu}" in text
     # The fused convs keep their class; conv4 (no activation) is swapped one by one.
     for rdb in (model.rdb1, model.rdb2):
         assert [type(rdb.get_submodule(f"conv{i}")) for i in (1, 2, 3, 4)] == [nn.Conv2d] * 3 + [gknn.Conv2d]
@@ -186,7 +190,7 @@ class UpsampleForms(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(6))
 
     def forward(self, x):
-        x = torch.relu(self.convs[0](self.up(x)))  # nn.Upsample
+        x = self.convs[0](self.up(x)).relu_()  # nn.Upsample, in-place method
         x = self.convs[1](F.upsample_nearest(x, scale_factor=2)).tanh()  # F.upsample_nearest, method
         x = F.silu(self.convs[2](F.interpolate(x, scale_factor=(2.0, 2.0))))  # silu
         x = F.avg_pool2d(x, 4)
