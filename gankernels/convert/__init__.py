@@ -33,11 +33,14 @@ modified in place by the code calling the model). A module with fusions gets a n
 ``forward`` on the instance: the code fx generates from the edited graph, calling the
 fused ops with the conv's own Parameters. Its class, attributes, children, hooks and
 ``state_dict`` stay as they are; ``deepcopy`` and ``torch.compile`` work on it. A module
-fx cannot trace (data-dependent control flow, unsupported calls), whose forward reads
-``self.training`` or changes module state, keeps its forward, and the report says
-why. Python decisions in a rewritten forward on anything else (a flag attribute, a
-global) are fixed at conversion, as in any traced graph: convert again after changing
-them.
+fx cannot trace (data-dependent control flow, unsupported calls, a ``with`` block,
+``*args``), whose forward reads ``self.training`` or changes module state, keeps its
+forward, and the report says why; the modules it calls are still converted. A forward
+with parameters defaulting to ``None`` (``forward(self, x, skip=None)``) is traced with
+them given: it runs the fused code when they are, and the class's own forward when one
+is ``None``. Python decisions in a rewritten forward on anything else (a flag
+attribute, a global) are fixed at conversion, as in any traced graph: convert again
+after changing them. Why ``torch.fx``: see :mod:`gankernels.convert.tracing`.
 
 **Layers.** Inside every ``nn.Sequential`` (at any depth, also inside custom modules) these runs
 are replaced, first match wins, scanning left to right:
@@ -68,7 +71,7 @@ Elsewhere (attributes of custom modules, ``ModuleList``/``ModuleDict`` entries,
 children of a Sequential subclass that overrides ``forward``) a 3×3 pad-1 ``Conv2d``,
 a ``MaxPool2d`` or a nearest integer ``Upsample`` is swapped for its
 ``gankernels.nn`` subclass, which has the same attributes and the same results; a
-conv whose every call the forward-code pass fused keeps its class.
+layer every call of which the forward-code pass fused keeps its class.
 
 Modules with hooks (e.g. the old ``spectral_norm``/``weight_norm``), parametrizations,
 or of a subclass of the torch class (unknown ``forward``) are never touched; every
