@@ -192,7 +192,7 @@ class UpsampleForms(nn.Module):
     def forward(self, x):
         x = self.convs[0](self.up(x)).relu_()  # nn.Upsample, in-place method
         x = self.convs[1](F.upsample_nearest(x, scale_factor=2)).tanh()  # F.upsample_nearest, method
-        x = F.silu(self.convs[2](F.interpolate(x, scale_factor=(2.0, 2.0))))  # silu
+        x = F.silu(self.convs[2](F.interpolate(input=x, scale_factor=(2.0, 2.0))))  # silu, keyword input
         x = F.avg_pool2d(x, 4)
         x = torch.sigmoid(self.convs[3](F.interpolate(x, scale_factor=2, mode="bilinear")))  # not nearest
         x = self.convs[4](F.interpolate(x, size=(4, 4)))  # a size, and no activation: nothing to fuse
@@ -677,3 +677,22 @@ def test_residual_update_after_a_block_and_a_sequential_child_called_directly() 
     assert [(f.module, f.conv) for f in report.fused] == [("(root)", "conv")] + [("block", f"block.conv{i}") for i in (1, 2, 3)]
     assert [type(m) for m in model.seq] == [gknn.Conv2d, nn.ReLU]
     assert ops_run(model, x) == {("conv3x3", "lrelu"): 4, ("conv3x3", "linear"): 3}
+
+
+class SharedUpsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        u = F.interpolate(x, scale_factor=2)
+        return F.relu(self.conv(u)) + u  # the upsampled tensor is used twice
+
+
+def test_upsample_used_twice_stays_separate() -> None:
+    x = random_input(2, 2, 3, 3, dtype=F64)
+    model, report = convert_and_compare(SharedUpsample, x)
+    assert [f.op for f in report.fused] == ["gankernels.conv3x3(act='relu')"]
+    assert len(report.left) == 1 and "the upsampled tensor is also used elsewhere" in report.left[0].reason
+    assert report.left[0].where == _line_of("return F.relu(self.conv(u)) + u")
+    assert ops_run(model, x) == {("conv3x3", "relu"): 1}

@@ -263,6 +263,7 @@ class _Run:
     conv_node: fx.Node
     conv: nn.Conv2d
     up: Optional[fx.Node] = None
+    up_input: Optional[fx.Node] = None  # as planned (the rewrite reads it again)
     act: Optional[fx.Node] = None
     pool: Optional[fx.Node] = None
     epilogue: tuple[str, float, float, Optional[float]] = ("linear", 0.2, 1.0, None)
@@ -279,7 +280,7 @@ class _Run:
 
     @property
     def input(self) -> fx.Node:
-        return (self.up if self.up is not None else self.conv_node).args[0]
+        return self.up_input if self.up is not None else self.conv_node.args[0]
 
     @property
     def kind(self) -> str:
@@ -412,21 +413,23 @@ class ForwardCodeConverter:
             return None
         return act, float(slope)
 
-    def _is_upsample2(self, owner: nn.Module, node: fx.Node) -> bool:
-        """Whether ``node`` is a nearest 2× upsample of one input."""
+    def _upsample2_input(self, owner: nn.Module, node: fx.Node) -> Optional[fx.Node]:
+        """The input of ``node`` if it is a nearest 2× upsample, else None."""
         if node.op == "call_module":
             m = self._module(owner, node)
-            return (
+            ok = (
                 isinstance(m, (nn.Upsample, gknn.Upsample))
                 and len(node.args) == 1
                 and not node.kwargs
+                and isinstance(node.args[0], fx.Node)
                 and _upsample_reason(m) is None
                 and _integer_scale(m.scale_factor) == 2
             )
+            return node.args[0] if ok else None
         if node.op != "call_function" or node.target not in _UPSAMPLE_FUNCTIONS:
-            return False
+            return None
         bound = _bind(node, _UPSAMPLE_FUNCTIONS[node.target], _UPSAMPLE_DEFAULTS)
-        return (
+        ok = (
             bound is not None
             and isinstance(bound["input"], fx.Node)
             and all(_constant(v) for k, v in bound.items() if k != "input")
@@ -436,6 +439,7 @@ class ForwardCodeConverter:
             and not bound.get("antialias", False)
             and _integer_scale(bound["scale_factor"]) == 2
         )
+        return bound["input"] if ok else None
 
     def _is_pool2(self, owner: nn.Module, node: fx.Node, x: fx.Node) -> bool:
         """Whether ``node`` is a 2×2 stride-2 max-pool of ``x``."""
@@ -666,9 +670,10 @@ class ForwardCodeConverter:
             return None
         run = _Run(owner, c, conv, epilogue=_conv_epilogue(conv))
         x = c.args[0]
-        if self._is_upsample2(owner, x):
+        up_input = self._upsample2_input(owner, x)
+        if up_input is not None:
             if len(x.users) == 1:
-                run.up = x
+                run.up, run.up_input = x, up_input
             else:
                 run.notes.append((_describe(x, owner), "the upsampled tensor is also used elsewhere"))
         act, alpha, gain, clamp = run.epilogue
@@ -690,6 +695,8 @@ class ForwardCodeConverter:
         elif pools:
             run.notes.append((_describe(pools[0], owner), f"{act} is not monotone: pooling does not commute with it"))
         if run.up is None and run.act is None and run.pool is None:
+            if run.notes:  # a candidate all of whose parts were left
+                self._refuse(run, "; ".join(f"{what}: {why}" for what, why in run.notes))
             return None
         # In-place updates afterwards: the fused op keeps its output (and input).
         if run.pool is not None:
@@ -762,9 +769,11 @@ class ForwardCodeConverter:
             where = code_location(last, owner)
             calls = tuple(_describe(n, owner) for n in r.nodes)
             backend = self.backend if self.backend is not None else getattr(r.conv, "backend", None)
+            # Read the input now: an earlier fusion may have replaced the node it was.
+            x = self._upsample2_input(owner, r.up) if r.up is not None else r.conv_node.args[0]
             with graph.inserting_before(last):
                 conv = graph.get_attr(r.conv_node.target)
-                fused = graph.call_function(_FUSED_FUNCTION[r.kind], (r.input, conv, *r.epilogue, backend))
+                fused = graph.call_function(_FUSED_FUNCTION[r.kind], (x, conv, *r.epilogue, backend))
             fused.meta["stack_trace"] = last.meta.get("stack_trace")
             last.replace_all_uses_with(fused)
             for n in reversed(r.nodes):
