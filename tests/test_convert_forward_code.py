@@ -696,3 +696,24 @@ def test_upsample_used_twice_stays_separate() -> None:
     assert len(report.left) == 1 and "the upsampled tensor is also used elsewhere" in report.left[0].reason
     assert report.left[0].where == _line_of("return F.relu(self.conv(u)) + u")
     assert ops_run(model, x) == {("conv3x3", "relu"): 1}
+
+
+class PoolThenInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.leaky_relu(self.conv(x), 0.2), 2)
+        y.mul_(2.0)  # the pooled result is modified in place: the pool stays separate
+        return y
+
+
+def test_pooled_result_modified_in_place_keeps_the_pool_separate() -> None:
+    x = random_input(2, 2, 6, 6, dtype=F64)
+    model, report = convert_and_compare(PoolThenInPlace, x)
+    assert [f.op for f in report.fused] == ["gankernels.conv3x3(act='lrelu', alpha=0.2)"]
+    assert len(report.left) == 1
+    assert "F.max_pool2d not fused into gankernels.conv3x3(act='lrelu', alpha=0.2)" in report.left[0].reason
+    assert "the in-place .mul_() at " + _line_of("y.mul_(2.0)") in report.left[0].reason
+    assert ops_run(model, x) == {("conv3x3", "lrelu"): 1}
