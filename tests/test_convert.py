@@ -374,9 +374,9 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
     assert_close_rel(m(x), y0, tol=1e-10)
 
 
-def test_sequential_subclass_with_its_own_forward_is_not_fused() -> None:
+def test_sequential_subclass_with_its_own_forward_is_fused_as_forward_code() -> None:
     class Residual(nn.Sequential):
-        def forward(self, x):  # uses the children out of order: runs cannot be fused
+        def forward(self, x):  # uses the children out of order: not a Sequential run
             return self[1](self[0](x)) + self[2](x)
 
     class Chain(nn.Sequential):  # inherits Sequential.forward: fused as usual
@@ -386,9 +386,11 @@ def test_sequential_subclass_with_its_own_forward_is_not_fused() -> None:
     chain = Chain(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()).to(F64)
     x = random_input(1, 2, 4, 4, dtype=F64)
     y0, c0 = res(x), chain(x)
-    gankernels.convert(res)
+    _, report = gankernels.convert(res)
     gankernels.convert(chain)
-    assert [type(m) for m in res] == [gknn.Conv2d, nn.ReLU, gknn.Conv2d]
+    # Its forward is code: self[0] → self[1] is fused there; self[2] is swapped alone.
+    assert [(f.conv, f.op) for f in report.fused] == [("0", "gankernels.conv3x3(act='relu')")]
+    assert [type(m) for m in res] == [nn.Conv2d, nn.ReLU, gknn.Conv2d]
     assert [type(m) for m in chain] == [gknn.Conv3x3, nn.Identity]
     assert_close_rel(res(x), y0, tol=1e-10)
     assert_close_rel(chain(x), c0, tol=1e-10)

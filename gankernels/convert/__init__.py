@@ -84,7 +84,7 @@ from typing import Optional
 
 from torch import nn
 
-from gankernels.convert.forward_code import ForwardCodeConverter
+from gankernels.convert.forward_code import ForwardCodeConverter, _is_stock_sequential
 from gankernels.convert.layers import _CONV_TYPES, _POOL_TYPES, LayerConverter
 from gankernels.convert.report import ConversionReport, Fusion, Left, Replacement
 from gankernels.ops.dispatch import _check_backend_name
@@ -122,7 +122,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
         )
     code = ForwardCodeConverter(model, backend, report)
     code.run()
-    in_sequentials = {id(c) for m in model.modules() if isinstance(m, nn.Sequential) for c in m.children()}
+    # A stock Sequential also runs its children itself: those are swapped as usual.
+    in_sequentials = {id(c) for m in model.modules() if _is_stock_sequential(m) for c in m.children()}
     layers = LayerConverter(
         backend,
         report,
@@ -132,7 +133,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
     # Collect first: the walk must not see the modules it creates.
     parents = list(model.named_modules())
     for prefix, parent in parents:
-        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        if _is_stock_sequential(parent):
             layers.sequential(parent, prefix)
         else:
             for name in list(parent._modules):
