@@ -717,3 +717,18 @@ def test_pooled_result_modified_in_place_keeps_the_pool_separate() -> None:
     assert "F.max_pool2d not fused into gankernels.conv3x3(act='lrelu', alpha=0.2)" in report.left[0].reason
     assert "the in-place .mul_() at " + _line_of("y.mul_(2.0)") in report.left[0].reason
     assert ops_run(model, x) == {("conv3x3", "lrelu"): 1}
+
+
+def test_a_failure_of_the_analysis_leaves_the_forward_as_it_is(monkeypatch) -> None:
+    from gankernels.convert.forward_code import ForwardCodeConverter
+
+    def broken(self, owner, node):
+        raise RuntimeError("simulated gap")
+
+    monkeypatch.setattr(ForwardCodeConverter, "plan", broken)
+    x = random_input(2, 4, 3, 4, dtype=F64)
+    model, report = convert_and_compare(UpsampleTail, x)
+    assert report.fused == [] and "forward" not in model.__dict__
+    assert [(e.path, e.reason) for e in report.left] == [
+        ("(root)", "convert could not analyse its forward (RuntimeError: simulated gap); its forward code is left as it is")
+    ]

@@ -731,18 +731,22 @@ class ForwardCodeConverter:
         plans: list[tuple[nn.Module, list[_Run]]] = []
         for owner in self.collect():
             graph = self.traced[id(owner)].graph
-            runs = []
-            for node in list(graph.nodes):
-                if node.op == "call_module":
+            calls = [n for n in graph.nodes if n.op == "call_module"]
+            runs: list[_Run] = []
+            left_before = len(self.report.left)
+            try:
+                for node in calls:
                     sub = self._module(owner, node)
                     if isinstance(sub, _CONV_TYPES) and _conv_reason(sub) is None:
                         r = self.plan(owner, node)
                         if r is not None:
                             runs.append(r)
+            except Exception as e:  # noqa: BLE001 - a gap in the analysis must not break the model
+                del self.report.left[left_before:]
+                self._leave_unanalysed(owner, e)
+                runs = []
             in_runs = {n for r in runs for n in r.nodes}
-            for node in graph.nodes:
-                if node.op == "call_module" and node not in in_runs:
-                    self.called_unfused.add(id(self._module(owner, node)))
+            self.called_unfused.update(id(self._module(owner, n)) for n in calls if n not in in_runs)
             if runs:
                 plans.append((owner, runs))
         for owner, runs in plans:
@@ -751,7 +755,20 @@ class ForwardCodeConverter:
                 self.report.left.append(Left(self.path(owner), type(owner).__name__, why))
                 self.called_unfused.update(id(self._module(owner, n)) for r in runs for n in r.nodes if n.op == "call_module")
                 continue
-            self._rewrite(owner, runs)
+            try:
+                self._rewrite(owner, runs)
+            except Exception as e:  # noqa: BLE001 - as above: the forward stays the class's
+                self._leave_unanalysed(owner, e)
+                self.called_unfused.update(id(self._module(owner, n)) for r in runs for n in r.nodes if n.op == "call_module")
+
+    def _leave_unanalysed(self, owner: nn.Module, err: Exception) -> None:
+        self.report.left.append(
+            Left(
+                self.path(owner),
+                type(owner).__name__,
+                f"convert could not analyse its forward ({type(err).__name__}: {err}); its forward code is left as it is",
+            )
+        )
 
     def _mode_dependent(self, owner: nn.Module) -> Optional[str]:
         other = trace_module(owner, training=not owner.training)
@@ -763,6 +780,9 @@ class ForwardCodeConverter:
         return None
 
     def _rewrite(self, owner: nn.Module, runs: list[_Run]) -> None:
+        """Edit the owner's graph (planning is over: nothing reads it again), install it as
+        the forward, then report, so that a failure leaves no trace in the report."""
+        fused_entries, left_entries, absorbed = [], [], set()
         graph = self.traced[id(owner)].graph
         for r in runs:
             last = r.nodes[-1]
@@ -778,14 +798,17 @@ class ForwardCodeConverter:
             last.replace_all_uses_with(fused)
             for n in reversed(r.nodes):
                 graph.erase_node(n)
-            self.report.fused.append(Fusion(self.path(owner), where, calls, r.op_text(), self.path(r.conv)))
-            for what, why in r.notes:
-                self.report.left.append(
-                    Left(self.path(owner), type(owner).__name__, f"{what} not fused into {r.op_text()}: {why}", where)
-                )
-            self.absorbed.update(id(self._module(owner, n)) for n in r.nodes if n.op == "call_module")
+            fused_entries.append(Fusion(self.path(owner), where, calls, r.op_text(), self.path(r.conv)))
+            left_entries += [
+                Left(self.path(owner), type(owner).__name__, f"{what} not fused into {r.op_text()}: {why}", where)
+                for what, why in r.notes
+            ]
+            absorbed.update(id(self._module(owner, n)) for n in r.nodes if n.op == "call_module")
         graph.lint()
         _install(owner, graph)
+        self.report.fused += fused_entries
+        self.report.left += left_entries
+        self.absorbed |= absorbed
 
 
 def _signature(graph: fx.Graph) -> list[tuple]:
