@@ -288,13 +288,18 @@ class Gated(nn.Module):
 def test_data_dependent_control_flow_is_left_and_traceable_children_are_converted() -> None:
     x = random_input(2, 4, 5, 5, dtype=F64)
     model, report = convert_and_compare(Gated, x)
-    assert len(report.left) == 1
+    assert [(e.path, e.module) for e in report.left] == [("(root)", "Gated"), ("conv", "Conv2d")]
     left = report.left[0]
-    assert (left.path, left.module, left.where) == ("(root)", "Gated", _line_of("if y.mean() > 0:"))
+    assert left.where == _line_of("if y.mean() > 0:")
     assert left.reason.startswith("forward cannot be traced by torch.fx (TraceError: symbolically traced variables")
-    assert "forward" not in model.__dict__ and type(model.conv) is gknn.Conv2d  # today's lone swap
+    # Its own conv is not even swapped alone: an in-place update of the conv's output in
+    # the untraced forward would break a gankernels conv's backward.
+    assert "forward" not in model.__dict__ and type(model.conv) is nn.Conv2d
+    assert report.left[1].reason.startswith("not swapped: it is called from (root).forward (Gated), which convert cannot")
+    # The traceable child is converted: its runs fused, its lone conv swapped.
     assert [(f.module, f.conv) for f in report.fused] == [("inner", f"inner.conv{i}") for i in (1, 2, 3)]
-    assert ops_run(model, x) == {("conv3x3", "linear"): 2, ("conv3x3", "lrelu"): 3}
+    assert [r.path for r in report.replaced] == ["inner.conv4"]
+    assert ops_run(model, x) == {("conv3x3", "linear"): 1, ("conv3x3", "lrelu"): 3}
 
 
 # ----------------------------------------------------------------------------------
@@ -409,8 +414,8 @@ def test_forward_reading_self_training_or_changing_state_is_left() -> None:
         model = cls().to(F64).eval()
         _, report = gankernels.convert(model, backend="torch")
         assert report.fused == [] and "forward" not in model.__dict__
-        assert [e.path for e in report.left] == ["(root)"] and reason in report.left[0].reason, report.left
-        assert type(model.conv) is gknn.Conv2d
+        assert [e.path for e in report.left] == ["(root)", "conv"] and reason in report.left[0].reason, report.left
+        assert type(model.conv) is nn.Conv2d and report.left[1].reason.startswith("not swapped: it is called from (root)")
     assert model.calls == 0  # tracing did not run the forward's side effects on the module
 
 
@@ -614,8 +619,9 @@ def test_forward_with_a_with_block_or_varargs_is_left() -> None:
         model = cls().to(F64)
         stock = copy.deepcopy(model)
         _, report = gankernels.convert(model, backend="torch")
-        assert report.fused == [] and [e.path for e in report.left] == ["(root)"]
+        assert report.fused == [] and [e.path for e in report.left] == ["(root)", "conv"]
         assert reason in report.left[0].reason and "cannot be traced by torch.fx" in report.left[0].reason
+        assert type(model.conv) is nn.Conv2d
         assert_close_rel(model(x), stock(x), tol=1e-10)
 
 
@@ -729,6 +735,32 @@ def test_a_failure_of_the_analysis_leaves_the_forward_as_it_is(monkeypatch) -> N
     x = random_input(2, 4, 3, 4, dtype=F64)
     model, report = convert_and_compare(UpsampleTail, x)
     assert report.fused == [] and "forward" not in model.__dict__
-    assert [(e.path, e.reason) for e in report.left] == [
-        ("(root)", "convert could not analyse its forward (RuntimeError: simulated gap); its forward code is left as it is")
-    ]
+    assert (report.left[0].path, report.left[0].reason) == (
+        "(root)",
+        "convert could not analyse its forward (RuntimeError: simulated gap); its forward code is left as it is",
+    )
+    # Nor are its convs swapped one by one: the forward is not understood.
+    assert [e.path for e in report.left[1:]] == ["conv_up1", "conv_up2", "conv_hr", "conv_last"]
+    assert all(e.reason.startswith("not swapped: ") for e in report.left[1:])
+
+
+def test_a_conv_whose_output_is_then_modified_in_place_is_not_swapped_alone() -> None:
+    """gankernels' convs keep their output for the backward: a lone swap must not be made
+    where an in-place update follows (here: activations that cannot be absorbed)."""
+
+    def make():
+        hooked = nn.LeakyReLU(0.2, inplace=True)
+        hooked.register_forward_hook(lambda m, i, o: None)  # a hook: never absorbed
+        block = DenseBlock()
+        block.lrelu = hooked
+        return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), hooked, block, nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+
+    x = random_input(2, 4, 4, 4, dtype=F64)
+    model, report = convert_and_compare(make, x)
+    left = {e.path: e.reason for e in report.left}
+    assert set(left) == {"0", "2.conv1", "2.conv2", "2.conv3"}
+    assert left["0"].startswith("not swapped: the next module in Sequential (root) (LeakyReLU) runs in place")
+    assert left["2.conv1"].startswith("not swapped: its result in 2.forward (" + _line_of("x1 = self.lrelu(self.conv1(x))"))
+    assert [type(m) for m in model] == [nn.Conv2d, nn.LeakyReLU, DenseBlock, gknn.Conv3x3, nn.Identity]
+    assert type(model[2].conv4) is gknn.Conv2d
+    assert ops_run(model, x) == {("conv3x3", "linear"): 1, ("conv3x3", "relu"): 1}

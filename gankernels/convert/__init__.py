@@ -129,6 +129,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
         report,
         called_from_code=frozenset(code.called_from_code),
         fused_in_code=frozenset(code.absorbed - code.called_unfused - in_sequentials),
+        seq_result_mutated=code.seq_result_mutated,
+        call_results_mutated=code.call_results_mutated,
     )
     # Collect first: the walk must not see the modules it creates.
     parents = list(model.named_modules())

@@ -308,8 +308,12 @@ class ForwardCodeConverter:
         self.backend = backend
         self.report = report
         self.paths: dict[int, str] = {}
+        self.parents: dict[int, list[nn.Module]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(m), name)
+            if name:
+                self.parents.setdefault(id(m), []).append(model.get_submodule(name.rpartition(".")[0]))
+        self.opaque: dict[int, str] = {}  # custom modules whose forward could not be traced: why
         self.traced: dict[int, Traced] = {}
         self.sites: dict[int, list[_Site]] = {}
         self.order: dict[int, dict[fx.Node, int]] = {}
@@ -358,13 +362,14 @@ class ForwardCodeConverter:
                 continue
             t = self.trace(m)
             if t.graph is None:
+                self.opaque[id(m)] = t.error
                 if _has_conv_candidates(m):
                     self.report.left.append(
                         Left(
                             self.path(m),
                             type(m).__name__,
                             f"forward cannot be traced by torch.fx ({t.error}); its forward code is left as it is "
-                            "(its layers are only swapped one by one)",
+                            "(its layers are at most swapped one by one)",
                             t.where,
                         )
                     )
@@ -381,10 +386,14 @@ class ForwardCodeConverter:
         """Record the calls of a forward rewritten by an earlier convert (its graph is
         kept on the function): the convs it fuses keep their class."""
         graph = m.forward.__func__._gankernels_graph
+        self.traced[id(m)] = Traced(m, graph=graph)
+        self.order[id(m)] = {n: i for i, n in enumerate(graph.nodes)}
         for node in graph.nodes:
             if node.op == "call_module":
-                self.called_from_code.add(id(m.get_submodule(node.target)))
-                self.called_unfused.add(id(m.get_submodule(node.target)))
+                sub = m.get_submodule(node.target)
+                self.sites.setdefault(id(sub), []).append(_GraphSite(m, node))
+                self.called_from_code.add(id(sub))
+                self.called_unfused.add(id(sub))
             elif node.op == "get_attr" and any(u.target in _FUSED_FUNCTION.values() for u in node.users):
                 self.absorbed.add(id(m.get_submodule(node.target)))
 
@@ -625,6 +634,9 @@ class ForwardCodeConverter:
                 why = self._site_mutates(site, None, seen)
                 if why:
                     return why
+            why = self.opaque_caller(owner)
+            if why:
+                return why
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for p in (n for n in placeholders if n in aliases):  # an input of the forward
             if p.target.startswith("*"):
@@ -633,7 +645,62 @@ class ForwardCodeConverter:
                 why = self._site_mutates(site, (placeholders.index(p), p.target), seen)
                 if why:
                     return why
+            why = self.opaque_caller(owner)
+            if why:
+                return why
         return None
+
+    def opaque_caller(self, m: nn.Module) -> Optional[str]:
+        """Why code convert cannot see may call ``m`` (None: only seen code does).
+
+        A forward calls its own children (directly or through a ModuleList/ModuleDict),
+        rarely deeper: an untraceable owner is such a caller; a module no seen code
+        calls may be called by any untraceable ancestor."""
+        owners, stack = [], list(self.parents.get(id(m), []))
+        while stack:  # the nearest ancestors that have a forward
+            a = stack.pop()
+            if isinstance(a, (nn.ModuleList, nn.ModuleDict)):
+                stack.extend(self.parents.get(id(a), []))
+            else:
+                owners.append(a)
+        suspects = owners
+        if not self.sites.get(id(m)):
+            suspects, stack, seen = [], list(owners), set()
+            while stack:
+                a = stack.pop()
+                if id(a) not in seen:
+                    seen.add(id(a))
+                    suspects.append(a)
+                    stack.extend(self.parents.get(id(a), []))
+        for a in suspects:
+            if id(a) in self.opaque:
+                return (
+                    f"it is called from {self.path(a)}.forward ({type(a).__name__}), which convert cannot trace "
+                    f"({self.opaque[id(a)]}), so an in-place update of its result there cannot be ruled out"
+                )
+        return None
+
+    def seq_result_mutated(self, seq: nn.Sequential, index: int) -> Optional[str]:
+        """Why the result of ``seq[index]`` may be modified in place afterwards."""
+        try:
+            return self._site_mutates(_SeqSite(seq, index), None, set())
+        except Exception as e:  # noqa: BLE001 - unknown: assume it may be
+            return f"convert could not analyse its callers ({type(e).__name__}: {e})"
+
+    def call_results_mutated(self, m: nn.Module) -> Optional[str]:
+        """Why a result of calling ``m`` (outside a stock Sequential) may be modified in
+        place afterwards, by the forwards that call it."""
+        try:
+            for site in self.sites.get(id(m), []):
+                if isinstance(site, _GraphSite):
+                    why = self._mutated_after(site.owner, site.node, site.node, set())
+                    if why:
+                        at = code_location(site.node, site.owner)
+                        where = f" ({at})" if at else ""
+                        return f"its result in {self.path(site.owner)}.forward{where} is modified in place: {why}"
+            return self.opaque_caller(m)
+        except Exception as e:  # noqa: BLE001 - unknown: assume it may be
+            return f"convert could not analyse its callers ({type(e).__name__}: {e})"
 
     def _site_mutates(self, site: _Site, arg: Optional[tuple[int, str]], seen: set) -> Optional[str]:
         """Why the caller at ``site`` may modify in place, after the call, the callee's
@@ -655,9 +722,11 @@ class ForwardCodeConverter:
                     return f"the next module in Sequential {self.path(site.seq)} ({type(child).__name__}) {why}"
                 if self._output_fresh(child):
                     return None
-            return next((w for outer in self.sites.get(id(site.seq), []) if (w := self._site_mutates(outer, None, seen))), None)
+            outer = (w for o in self.sites.get(id(site.seq), []) if (w := self._site_mutates(o, None, seen)))
+            return next(outer, None) or self.opaque_caller(site.seq)
         if site.index == 0 and arg[0] == 0:  # the Sequential's own input
-            return next((w for outer in self.sites.get(id(site.seq), []) if (w := self._site_mutates(outer, arg, seen))), None)
+            outer = (w for o in self.sites.get(id(site.seq), []) if (w := self._site_mutates(o, arg, seen)))
+            return next(outer, None) or self.opaque_caller(site.seq)
         return None  # an earlier child's result: only this module and later ones see it
 
     # -- planning ------------------------------------------------------------------
@@ -752,6 +821,7 @@ class ForwardCodeConverter:
         for owner, runs in plans:
             why = self._mode_dependent(owner)
             if why:
+                self.opaque[id(owner)] = "its forward reads self.training"
                 self.report.left.append(Left(self.path(owner), type(owner).__name__, why))
                 self.called_unfused.update(id(self._module(owner, n)) for r in runs for n in r.nodes if n.op == "call_module")
                 continue
@@ -762,6 +832,7 @@ class ForwardCodeConverter:
                 self.called_unfused.update(id(self._module(owner, n)) for r in runs for n in r.nodes if n.op == "call_module")
 
     def _leave_unanalysed(self, owner: nn.Module, err: Exception) -> None:
+        self.opaque[id(owner)] = f"convert could not analyse it: {type(err).__name__}: {err}"
         self.report.left.append(
             Left(
                 self.path(owner),
@@ -806,6 +877,11 @@ class ForwardCodeConverter:
             absorbed.update(id(self._module(owner, n)) for n in r.nodes if n.op == "call_module")
         graph.lint()
         _install(owner, graph)
+        # The later passes analyse the rewritten graph: renumber it, drop the erased calls.
+        self.order[id(owner)] = {n: i for i, n in enumerate(graph.nodes)}
+        erased = {n for r in runs for n in r.nodes}
+        for key, sites in self.sites.items():
+            self.sites[key] = [x for x in sites if not (isinstance(x, _GraphSite) and x.node in erased)]
         self.report.fused += fused_entries
         self.report.left += left_entries
         self.absorbed |= absorbed

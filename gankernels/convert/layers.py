@@ -4,6 +4,7 @@ them, and the pass over ``nn.Sequential`` runs and lone layers (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 from torch import nn
@@ -198,11 +199,18 @@ class LayerConverter:
         report: ConversionReport,
         called_from_code: frozenset[int] = frozenset(),
         fused_in_code: frozenset[int] = frozenset(),
+        seq_result_mutated: Callable[[nn.Sequential, int], Optional[str]] = lambda seq, i: None,
+        call_results_mutated: Callable[[nn.Module], Optional[str]] = lambda m: None,
     ) -> None:
         self.backend = backend
         self.report = report
         self.called_from_code = called_from_code
         self.fused_in_code = fused_in_code
+        # Why a result may be modified in place afterwards (a gankernels conv keeps its
+        # output for the backward, which such an update would break): of ``seq[i]``,
+        # and of a module called from forward code.
+        self.seq_result_mutated = seq_result_mutated
+        self.call_results_mutated = call_results_mutated
 
     def backend_for(self, m: nn.Module) -> Optional[str]:
         # A gankernels module keeps its own backend unless one was asked for.
@@ -220,15 +228,20 @@ class LayerConverter:
     def leave(self, path: str, m: nn.Module, reason: str) -> None:
         self.report.left.append(Left(path, type(m).__name__, reason))
 
-    def lone(self, parent: nn.Module, prefix: str, name: str, fuse_conv: bool) -> None:
+    def lone(self, parent: nn.Module, prefix: str, name: str, fuse_conv: bool, seq_index: Optional[int] = None) -> None:
         """Swap one stock layer for its gankernels twin (or say why not). ``fuse_conv``:
-        a conv becomes Conv3x3 (inside a Sequential) rather than gankernels.nn.Conv2d."""
+        a conv becomes Conv3x3 (inside a Sequential) rather than gankernels.nn.Conv2d;
+        ``seq_index``: its index when ``parent`` is a stock Sequential."""
         m = parent._modules[name]
         path = _join(prefix, name)
         if id(m) in self.fused_in_code:
             return
         if isinstance(m, _CONV_TYPES):
             why = _conv_reason(m)
+            if why is None and type(m) is nn.Conv2d or fuse_conv:
+                mutated = self.seq_result_mutated(parent, seq_index) if seq_index is not None else self.call_results_mutated(m)
+                if mutated:
+                    why = f"not swapped: {mutated}; a gankernels conv keeps its output for the backward"
             if why:
                 self.leave(path, m, why)
             elif fuse_conv:
@@ -271,9 +284,18 @@ class LayerConverter:
                         act, alpha = found
                         end += 1
                 backend = self.backend_for(conv)
+                pool_next = end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0
+                mutated = self.seq_result_mutated(seq, end if pool_next else end - 1)
+                if mutated:
+                    run = " → ".join(type(mods[k]).__name__ for k in range(i, end + pool_next))
+                    self.leave(_join(prefix, names[c]), conv, f"{run} not fused: {mutated}; the fused module keeps its output")
+                    for k in range(i, end):
+                        self.lone(seq, prefix, names[k], fuse_conv=True, seq_index=k)
+                    i = end
+                    continue
                 if up:
                     new = _fused_conv(gknn.UpConv3x3, conv, act, alpha, gain, clamp, backend)
-                elif end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0:
+                elif pool_next:
                     new = _fused_conv(gknn.Conv3x3Pool, conv, act, alpha, gain, clamp, backend)
                     end += 1
                 else:
@@ -281,5 +303,5 @@ class LayerConverter:
                 self.replace(seq, prefix, names[i:end], c - i, new)
                 i = end
                 continue
-            self.lone(seq, prefix, names[i], fuse_conv=id(m) not in self.called_from_code)
+            self.lone(seq, prefix, names[i], fuse_conv=id(m) not in self.called_from_code, seq_index=i)
             i += 1
