@@ -67,6 +67,12 @@ modules hold the very same ``Parameter`` objects, so an optimizer built before t
 conversion trains the converted model. A module of a Sequential that some traced
 forward also calls directly is not absorbed into a run.
 
+Everywhere, a gankernels conv (fused or alone) keeps its output for the backward, so
+none is put where that output is modified in place afterwards — by a later in-place
+module of the Sequential, by the forward that calls it, or possibly by a forward convert
+cannot trace, which is assumed to (only the model's own output is assumed to be left
+alone by the caller).
+
 Elsewhere (attributes of custom modules, ``ModuleList``/``ModuleDict`` entries,
 children of a Sequential subclass that overrides ``forward``) a 3×3 pad-1 ``Conv2d``,
 a ``MaxPool2d`` or a nearest integer ``Upsample`` is swapped for its
