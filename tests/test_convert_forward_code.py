@@ -764,3 +764,25 @@ def test_a_conv_whose_output_is_then_modified_in_place_is_not_swapped_alone() ->
     assert [type(m) for m in model] == [nn.Conv2d, nn.LeakyReLU, DenseBlock, gknn.Conv3x3, nn.Identity]
     assert type(model[2].conv4) is gknn.Conv2d
     assert ops_run(model, x) == {("conv3x3", "linear"): 1, ("conv3x3", "relu"): 1}
+
+
+class CallerUpdatesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x) * 1.0
+        y = self.up(h)
+        h.add_(1.0)  # the Sequential's input, modified after the call: UpConv3x3 keeps it
+        return y + F.interpolate(h, scale_factor=2)
+
+
+def test_sequential_upsample_run_whose_input_the_caller_modifies_is_not_fused() -> None:
+    x = random_input(2, 2, 3, 3, dtype=F64)
+    model, report = convert_and_compare(CallerUpdatesInput, x)
+    assert [type(m) for m in model.up] == [gknn.Upsample, gknn.Conv3x3, nn.Identity]  # Conv3x3 relu, no upsample
+    assert model.up[1].act == "relu"
+    assert [e.path for e in report.left] == ["up.0"]
+    assert "Upsample → Conv2d → ReLU: the upsample is not fused: the in-place .add_() at " in report.left[0].reason

@@ -137,6 +137,7 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Modu
         fused_in_code=frozenset(code.absorbed - code.called_unfused - in_sequentials),
         seq_result_mutated=code.seq_result_mutated,
         call_results_mutated=code.call_results_mutated,
+        seq_input_mutated=code.seq_input_mutated,
     )
     # Collect first: the walk must not see the modules it creates.
     parents = list(model.named_modules())

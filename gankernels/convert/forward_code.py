@@ -687,6 +687,14 @@ class ForwardCodeConverter:
         except Exception as e:  # noqa: BLE001 - unknown: assume it may be
             return f"convert could not analyse its callers ({type(e).__name__}: {e})"
 
+    def seq_input_mutated(self, seq: nn.Sequential) -> Optional[str]:
+        """Why the input of ``seq`` may be modified in place after ``seq`` ran (an
+        ``UpConv3x3`` at its start keeps that input for the backward)."""
+        try:
+            return self._site_mutates(_SeqSite(seq, 0), (0, "input"), set())
+        except Exception as e:  # noqa: BLE001 - unknown: assume it may be
+            return f"convert could not analyse its callers ({type(e).__name__}: {e})"
+
     def call_results_mutated(self, m: nn.Module) -> Optional[str]:
         """Why a result of calling ``m`` (outside a stock Sequential) may be modified in
         place afterwards, by the forwards that call it."""

@@ -201,6 +201,7 @@ class LayerConverter:
         fused_in_code: frozenset[int] = frozenset(),
         seq_result_mutated: Callable[[nn.Sequential, int], Optional[str]] = lambda seq, i: None,
         call_results_mutated: Callable[[nn.Module], Optional[str]] = lambda m: None,
+        seq_input_mutated: Callable[[nn.Sequential], Optional[str]] = lambda seq: None,
     ) -> None:
         self.backend = backend
         self.report = report
@@ -211,6 +212,7 @@ class LayerConverter:
         # and of a module called from forward code.
         self.seq_result_mutated = seq_result_mutated
         self.call_results_mutated = call_results_mutated
+        self.seq_input_mutated = seq_input_mutated  # an UpConv3x3 keeps its input too
 
     def backend_for(self, m: nn.Module) -> Optional[str]:
         # A gankernels module keeps its own backend unless one was asked for.
@@ -286,6 +288,15 @@ class LayerConverter:
                 backend = self.backend_for(conv)
                 pool_next = end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0
                 mutated = self.seq_result_mutated(seq, end if pool_next else end - 1)
+                input_mutated = self.seq_input_mutated(seq) if up and i == 0 and not mutated else None
+                if input_mutated:  # fuse the rest of the run without the upsample
+                    run = " → ".join(type(mods[k]).__name__ for k in range(i, end))
+                    self.leave(
+                        _join(prefix, names[i]), m, f"{run}: the upsample is not fused: {input_mutated}; UpConv3x3 keeps its input"
+                    )
+                    self.lone(seq, prefix, names[i], fuse_conv=True, seq_index=i)
+                    i += 1
+                    continue
                 if mutated:
                     run = " → ".join(type(mods[k]).__name__ for k in range(i, end + pool_next))
                     self.leave(_join(prefix, names[c]), conv, f"{run} not fused: {mutated}; the fused module keeps its output")
