@@ -786,3 +786,27 @@ def test_sequential_upsample_run_whose_input_the_caller_modifies_is_not_fused() 
     assert model.up[1].act == "relu"
     assert [e.path for e in report.left] == ["up.0"]
     assert "Upsample → Conv2d → ReLU: the upsample is not fused: the in-place .add_() at " in report.left[0].reason
+
+
+class PooledThenUpdated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.LeakyReLU(0.2), nn.MaxPool2d(2))
+        self.head = nn.Conv2d(3, 3, 5, padding=2)  # not a candidate: keeps conv5 stock
+
+    def forward(self, x):
+        y = self.block(x)
+        y.mul_(2.0)  # updated by the caller: Conv3x3Pool would keep this result
+        return self.head(y)
+
+
+def test_sequential_pool_whose_result_the_caller_modifies_stays_apart() -> None:
+    x = random_input(2, 2, 6, 6, dtype=F64)
+    model, report = convert_and_compare(PooledThenUpdated, x)
+    assert [type(m) for m in model.block] == [gknn.Conv3x3, nn.Identity, gknn.MaxPool2d]
+    assert model.block[0].act == "lrelu"
+    left = {e.path: e.reason for e in report.left}
+    assert left["block.2"] == "not fused into the conv before it: the in-place .mul_() at {} modifies it afterwards".format(
+        _line_of("y.mul_(2.0)  # updated by the caller")
+    )
+    assert ops_run(model, x) == {("conv3x3", "lrelu"): 1, ("max_pool2d", ""): 1}

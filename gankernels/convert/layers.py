@@ -240,7 +240,7 @@ class LayerConverter:
             return
         if isinstance(m, _CONV_TYPES):
             why = _conv_reason(m)
-            if why is None and type(m) is nn.Conv2d or fuse_conv:
+            if why is None and (fuse_conv or type(m) is nn.Conv2d):
                 mutated = self.seq_result_mutated(parent, seq_index) if seq_index is not None else self.call_results_mutated(m)
                 if mutated:
                     why = f"not swapped: {mutated}; a gankernels conv keeps its output for the backward"
@@ -288,6 +288,9 @@ class LayerConverter:
                 backend = self.backend_for(conv)
                 pool_next = end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0
                 mutated = self.seq_result_mutated(seq, end if pool_next else end - 1)
+                if mutated and pool_next:  # Conv3x3Pool keeps the pooled result: keep the pool apart
+                    self.leave(_join(prefix, names[end]), mods[end], f"not fused into the conv before it: {mutated}")
+                    pool_next, mutated = False, self.seq_result_mutated(seq, end - 1)
                 input_mutated = self.seq_input_mutated(seq) if up and i == 0 and not mutated else None
                 if input_mutated:  # fuse the rest of the run without the upsample
                     run = " → ".join(type(mods[k]).__name__ for k in range(i, end))
@@ -298,7 +301,7 @@ class LayerConverter:
                     i += 1
                     continue
                 if mutated:
-                    run = " → ".join(type(mods[k]).__name__ for k in range(i, end + pool_next))
+                    run = " → ".join(type(mods[k]).__name__ for k in range(i, end))
                     self.leave(_join(prefix, names[c]), conv, f"{run} not fused: {mutated}; the fused module keeps its output")
                     for k in range(i, end):
                         self.lone(seq, prefix, names[k], fuse_conv=True, seq_index=k)
