@@ -850,7 +850,7 @@ class ForwardCodeConverter:
         )
 
     def _mode_dependent(self, owner: nn.Module) -> Optional[str]:
-        other = trace_module(owner, training=not owner.training)
+        other = trace_module(owner, training=not owner.training, stack_traces=False)
         if other.graph is None or _signature(other.graph) != _signature(self.traced[id(owner)].graph):
             return (
                 "its forward reads self.training (the traced code differs between train() and eval()); "

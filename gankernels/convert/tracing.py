@@ -64,9 +64,9 @@ class _ChildrenAsCalls(fx.Tracer):
 
     proxy_buffer_attributes = True  # buffers as get_attr nodes, not baked constants
 
-    def __init__(self) -> None:
+    def __init__(self, stack_traces: bool = True) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = stack_traces  # for the report's file:line
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -158,8 +158,18 @@ def _set_training(module: nn.Module, mode: bool) -> None:
         m.training = mode
 
 
+_SOURCE_CHECKS: dict[Any, str] = {}
+
+
 def _untraceable_source(forward) -> str:
-    """Why the forward's source holds something fx would silently drop, or ''."""
+    """Why the forward's source holds something fx would silently drop, or '' (cached
+    per function: a model has many instances of few classes)."""
+    if forward not in _SOURCE_CHECKS:
+        _SOURCE_CHECKS[forward] = _check_source(forward)
+    return _SOURCE_CHECKS[forward]
+
+
+def _check_source(forward) -> str:
     sig = inspect.signature(forward)
     varargs = [p.name for p in sig.parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if varargs:
@@ -177,10 +187,11 @@ def _untraceable_source(forward) -> str:
     return ""
 
 
-def trace_module(module: nn.Module, training: Optional[bool] = None) -> Traced:
+def trace_module(module: nn.Module, training: Optional[bool] = None, stack_traces: bool = True) -> Traced:
     """Trace ``module``'s class ``forward`` with its children as calls.
 
-    ``training``: trace as if in that mode (the flags are put back after). The
+    ``training``: trace as if in that mode (the flags are put back after);
+    ``stack_traces``: record where each call is (slower). The
     module's attributes are restored after tracing; a forward that changed any is
     refused. Tensors baked into the graph as constants are refused too, as are
     forwards taking ``*args``/``**kwargs`` or holding a ``with`` block (fx records
@@ -194,7 +205,7 @@ def trace_module(module: nn.Module, training: Optional[bool] = None) -> Traced:
         if training is not None:
             _set_training(module, training)
         try:
-            graph = _ChildrenAsCalls().trace(module)
+            graph = _ChildrenAsCalls(stack_traces).trace(module)
         except Exception as e:  # noqa: BLE001 - any failure means: cannot be traced
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return Traced(module, error=f"{type(e).__name__}: {msg}", where=_error_location(e, module))
