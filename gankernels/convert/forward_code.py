@@ -13,12 +13,16 @@ taking that. The run is fused into one call of
   output for the backward, so an in-place update would make the backward fail where
   the stock calls did not. "Afterwards" follows the result through views and
   aliases, into submodules that modify their input, and out through the module's
-  return value to the callers convert can see (traced forwards, stock Sequentials);
+  return value to its callers: traced forwards and stock Sequentials are followed; a
+  forward that cannot be traced may do anything (nothing it receives is fused); the
+  code calling the model is assumed to leave the model's output alone;
 * for an upsample run, the input is not modified in place afterwards either (the fused
   op keeps it instead of the upsampled copy).
 
 A run that breaks a rule loses its pool or upsample, or is not fused at all, and the
-report says why. A module with at least one fusion gets a new ``forward``, the code fx
+report says why. The same analysis tells the layer pass where a gankernels conv may
+replace a stock one at all (:meth:`ForwardCodeConverter.seq_result_mutated`,
+:meth:`ForwardCodeConverter.call_results_mutated`). A module with at least one fusion gets a new ``forward``, the code fx
 generates from the edited graph, set on the instance: its class, attributes, children,
 parameters and hooks stay as they are.
 """
