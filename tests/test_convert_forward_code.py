@@ -610,11 +610,22 @@ class VarArgs(nn.Module):
         return F.relu(self.conv(xs[0]))
 
 
-def test_forward_with_a_with_block_or_varargs_is_left() -> None:
+class Decorated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    @torch.no_grad()  # fx would drop this too
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+def test_forward_with_a_with_block_a_decorator_or_varargs_is_left() -> None:
     x = random_input(1, 2, 4, 4, dtype=F64)
     for cls, reason in (
         (NoGradInside, "its forward has a with-block (line"),
         (VarArgs, "its forward takes *xs"),
+        (Decorated, "its forward is wrapped by a decorator"),
     ):
         model = cls().to(F64)
         stock = copy.deepcopy(model)

@@ -170,6 +170,8 @@ def _untraceable_source(forward) -> str:
 
 
 def _check_source(forward) -> str:
+    if hasattr(forward, "__wrapped__"):
+        return "its forward is wrapped by a decorator, whose effect torch.fx does not record"
     sig = inspect.signature(forward)
     varargs = [p.name for p in sig.parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if varargs:
@@ -178,6 +180,8 @@ def _check_source(forward) -> str:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
         return ""  # no source (e.g. built at run time): nothing to check
+    if tree.body and getattr(tree.body[0], "decorator_list", None):
+        return "its forward has a decorator, whose effect torch.fx does not record"
     for node in ast.walk(tree):
         if isinstance(node, (ast.With, ast.AsyncWith)):
             return (
@@ -194,8 +198,8 @@ def trace_module(module: nn.Module, training: Optional[bool] = None, stack_trace
     ``stack_traces``: record where each call is (slower). The
     module's attributes are restored after tracing; a forward that changed any is
     refused. Tensors baked into the graph as constants are refused too, as are
-    forwards taking ``*args``/``**kwargs`` or holding a ``with`` block (fx records
-    neither faithfully).
+    forwards taking ``*args``/``**kwargs``, decorated or holding a ``with`` block (fx
+    records none of these faithfully).
     """
     why = _untraceable_source(type(module).forward)
     if why:
