@@ -620,12 +620,26 @@ class Decorated(nn.Module):
         return F.relu(self.conv(x))
 
 
+class NoGradInHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def frozen(self, x):
+        with torch.no_grad():  # in a helper: the source check of forward cannot see it
+            return F.relu(self.conv(x))
+
+    def forward(self, x):
+        return x + self.frozen(x)
+
+
 def test_forward_with_a_with_block_a_decorator_or_varargs_is_left() -> None:
     x = random_input(1, 2, 4, 4, dtype=F64)
     for cls, reason in (
         (NoGradInside, "its forward has a with-block (line"),
         (VarArgs, "its forward takes *xs"),
         (Decorated, "its forward is wrapped by a decorator"),
+        (NoGradInHelper, "its forward changes the grad mode or autocast while running"),
     ):
         model = cls().to(F64)
         stock = copy.deepcopy(model)

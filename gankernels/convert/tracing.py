@@ -67,12 +67,27 @@ class _ChildrenAsCalls(fx.Tracer):
     def __init__(self, stack_traces: bool = True) -> None:
         super().__init__()
         self.record_stack_traces = stack_traces  # for the report's file:line
+        self.mode_at_start = _grad_modes()
+        self.mode_changed: Optional[fx.Node] = None  # the first call made in another mode
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self.mode_changed is None and _grad_modes() != self.mode_at_start:
+            self.mode_changed = node
+        return node
+
+
+def _grad_modes() -> tuple:
+    """Grad mode, inference mode and autocast: state fx does not record, so a forward
+    that changes it while running (``torch.no_grad()`` anywhere) cannot be traced."""
+    autocast = tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
 
 
 @dataclass
@@ -208,13 +223,21 @@ def trace_module(module: nn.Module, training: Optional[bool] = None, stack_trace
     try:
         if training is not None:
             _set_training(module, training)
+        tracer = _ChildrenAsCalls(stack_traces)
         try:
-            graph = _ChildrenAsCalls(stack_traces).trace(module)
+            graph = tracer.trace(module)
         except Exception as e:  # noqa: BLE001 - any failure means: cannot be traced
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return Traced(module, error=f"{type(e).__name__}: {msg}", where=_error_location(e, module))
     finally:
         changed = _restore(snapshot)
+    if tracer.mode_changed is not None:
+        return Traced(
+            module,
+            error="its forward changes the grad mode or autocast while running (torch.no_grad, autocast), "
+            "which torch.fx does not record",
+            where=code_location(tracer.mode_changed, module),
+        )
     changed = [c for c in changed if not c.endswith(".training")]
     if changed:
         return Traced(module, error=f"its forward changes module state while running ({', '.join(changed[:3])})")
