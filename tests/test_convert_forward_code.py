@@ -633,6 +633,17 @@ class NoGradInHelper(nn.Module):
         return x + self.frozen(x)
 
 
+class InspectsType(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        if isinstance(x, (tuple, list)):  # traced, x is a proxy: this test would be skipped
+            x = x[0]
+        return F.relu(self.conv(x))
+
+
 def test_forward_with_a_with_block_a_decorator_or_varargs_is_left() -> None:
     x = random_input(1, 2, 4, 4, dtype=F64)
     for cls, reason in (
@@ -640,6 +651,7 @@ def test_forward_with_a_with_block_a_decorator_or_varargs_is_left() -> None:
         (VarArgs, "its forward takes *xs"),
         (Decorated, "its forward is wrapped by a decorator"),
         (NoGradInHelper, "its forward changes the grad mode or autocast while running"),
+        (InspectsType, "its forward inspects the type of its argument 'x'"),
     ):
         model = cls().to(F64)
         stock = copy.deepcopy(model)

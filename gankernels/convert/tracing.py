@@ -11,10 +11,12 @@ through the children and below autograd, losing the module structure the rewritt
 code must keep calling; editing the source (AST) would see no data flow.
 
 What fx cannot see is refused rather than guessed: data-dependent control flow fails
-to trace (the module is left, with the tracer's message); a forward that changes
-module state, creates tensor constants or reads ``self.training`` is left too. Python
-decisions on anything else (a flag attribute, a global) are fixed at conversion, as
-for any traced graph.
+to trace (the module is left, with the tracer's message); so is a forward that changes
+module state, creates tensor constants, takes ``*args``, inspects its arguments' types
+(``isinstance(x, ...)``), is decorated, or changes grad mode or autocast while running
+(``with torch.no_grad()``, also in a helper); :mod:`gankernels.convert.forward_code`
+also leaves a forward that reads ``self.training``. Python decisions on anything else
+(a flag attribute, a global) are fixed at conversion, as for any traced graph.
 
 Two fx gaps are closed here: ``y += z`` on a proxy would be recorded as ``y = y + z``
 (a new tensor, silently losing the in-place update another reference might see) and
@@ -197,12 +199,32 @@ def _check_source(forward) -> str:
         return ""  # no source (e.g. built at run time): nothing to check
     if tree.body and getattr(tree.body[0], "decorator_list", None):
         return "its forward has a decorator, whose effect torch.fx does not record"
+    params = set(list(sig.parameters)[1:])
     for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and _call_name(node.func) in ("isinstance", "type", "torch.is_tensor", "is_tensor")
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in params
+        ):
+            return (
+                f"its forward inspects the type of its argument {node.args[0].id!r} "
+                f"(line {forward.__code__.co_firstlineno + node.lineno - 1}): traced, it is a proxy, not a tensor"
+            )
         if isinstance(node, (ast.With, ast.AsyncWith)):
             return (
                 f"its forward has a with-block (line {forward.__code__.co_firstlineno + node.lineno - 1}, e.g. "
                 "torch.no_grad or autocast) that torch.fx does not record"
             )
+    return ""
+
+
+def _call_name(func: ast.expr) -> str:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        return f"{func.value.id}.{func.attr}"
     return ""
 
 
