@@ -33,8 +33,8 @@ modified in place by the code calling the model). A module with fusions gets a n
 ``forward`` on the instance: the code fx generates from the edited graph, calling the
 fused ops with the conv's own Parameters. Its class, attributes, children, hooks and
 ``state_dict`` stay as they are; ``deepcopy`` and ``torch.compile`` work on it. A module
-fx cannot trace (data-dependent control flow, unsupported calls, a ``with`` block,
-``*args``), whose forward reads ``self.training`` or changes module state, keeps its
+fx cannot trace (data-dependent control flow, unsupported calls, a ``with`` block or
+decorator, ``*args``, a type check of an argument), whose forward reads ``self.training`` or changes module state, keeps its
 forward, and the report says why; the modules it calls are still converted. A forward
 with parameters defaulting to ``None`` (``forward(self, x, skip=None)``) is traced with
 them given: it runs the fused code when they are, and the class's own forward when one
