@@ -72,6 +72,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="fused gankernels layers or the same networks in stock torch layers (default: %(default)s)",
     )
     p.add_argument(
+        "--forward-code",
+        action="store_true",
+        help="the same networks written as forward code (gankernels.models style='forward_code'); "
+        "with --layers gankernels, gankernels.convert fuses their forward",
+    )
+    p.add_argument(
         "--backend",
         default=None,
         choices=("auto", "torch", "triton", "cuda"),
@@ -466,10 +472,11 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(args.seed)
     g_ch, d_ch = channel_plan(args.resolution, args.width)
-    G = dcgan_generator(args.z_dim, g_ch, args.image_channels, layers=args.layers, channels_last=args.channels_last).to(d.device)
-    D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, layers=args.layers, channels_last=args.channels_last).to(
-        d.device
-    )
+    style = dict(layers="stock", style="forward_code") if args.forward_code else dict(layers=args.layers)
+    G = dcgan_generator(args.z_dim, g_ch, args.image_channels, channels_last=args.channels_last, **style).to(d.device)
+    D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, channels_last=args.channels_last, **style).to(d.device)
+    if args.forward_code and args.layers == "gankernels":
+        G, D = gankernels.convert(G)[0], gankernels.convert(D)[0]  # fuses the forward code in place
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     amp_dtype = AMP_DTYPES[args.amp]

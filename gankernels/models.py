@@ -1,6 +1,6 @@
 """DCGAN-style generator and discriminator builders, in stock torch layers or gankernels ones.
 
-Both builders return an ``nn.Sequential``. With ``layers="stock"`` the blocks are plain
+Both builders return an ``nn.Sequential`` by default. With ``layers="stock"`` the blocks are plain
 torch modules (``nn.Upsample``, ``nn.Conv2d``, ``nn.LeakyReLU``, ``nn.MaxPool2d``), so
 :func:`gankernels.convert` finds the runs it fuses. With ``layers="gankernels"`` each run
 is one fused :mod:`gankernels.nn` module placed at the index of the run's ``Conv2d``,
@@ -20,7 +20,15 @@ Layouts (``c = channels``, ``s = 4·2^(len(c)-1)`` the output resolution)::
     discriminator:  per channel count k: Conv2d(c_{k-1}, c_k, 3, pad 1) · LeakyReLU · MaxPool2d(2)
                     then Flatten · Linear(c_last·(resolution/2^len(c))², 1)
 
-Initialisation (the same for both layer kinds, drawn from torch's global RNG in
+``style="forward_code"`` builds the same networks (stock layers, the same parameter
+order and shapes, hence the same weights for one seed) as a custom module whose forward
+is written as code, the way most GAN code is: :class:`ForwardCodeGenerator` calls
+``F.interpolate``, its convs and ``F.leaky_relu`` in a loop; :class:`ForwardCodeDiscriminator`
+``F.max_pool2d(F.leaky_relu(conv(x), alpha), 2)``. :func:`gankernels.convert` fuses those
+calls by rewriting the forward (every block becomes one fused op, as for the
+Sequential); its ``state_dict`` keys are its own (``fc``, ``convs.<i>``, ``to_rgb``).
+
+Initialisation (the same for both layer kinds and styles, drawn from torch's global RNG in
 parameter order, so one seed gives one set of weights): He-normal weights for the
 leaky-ReLU slope (``std = sqrt(2 / (1 + alpha²) / fan_in)``), zero biases. There is no
 normalisation layer, so a variance-preserving init keeps the signal alive through the
@@ -34,14 +42,26 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gankernels.nn as gnn
 
-__all__ = ["LAYERS", "ToImage", "dcgan_discriminator", "dcgan_generator", "set_channels_last"]
+__all__ = [
+    "LAYERS",
+    "STYLES",
+    "ForwardCodeDiscriminator",
+    "ForwardCodeGenerator",
+    "ToImage",
+    "dcgan_discriminator",
+    "dcgan_generator",
+    "set_channels_last",
+]
 
 LAYERS = ("stock", "gankernels")
 Layers = Literal["stock", "gankernels"]
+STYLES = ("sequential", "forward_code")
+Style = Literal["sequential", "forward_code"]
 
 # The activations the builders accept, as (gankernels name, stock module factory).
 _ACTS = {
@@ -86,6 +106,71 @@ def set_channels_last(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def _activate(x: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
+    """The builders' activations as function calls (forward-code style)."""
+    if act == "lrelu":
+        return F.leaky_relu(x, alpha)
+    if act == "relu":
+        return F.relu(x)
+    return F.silu(x)
+
+
+class ForwardCodeGenerator(nn.Module):
+    """:func:`dcgan_generator` written as forward code (``style="forward_code"``).
+
+    ``fc`` projects ``z`` to ``channels[0]×4×4``, ``to_image`` reshapes, then per conv of
+    ``convs``: nearest 2× ``F.interpolate``, the conv, the activation; ``to_rgb`` and
+    ``torch.tanh`` last.
+    """
+
+    def __init__(
+        self, z_dim: int, channels: tuple[int, ...], out_channels: int, act: str, alpha: float, channels_last: bool
+    ) -> None:
+        super().__init__()
+        self.act, self.alpha = act, float(alpha)
+        self.fc = nn.Linear(z_dim, channels[0] * 16)
+        self.to_image = ToImage(channels[0], 4, channels_last)
+        self.convs = nn.ModuleList(nn.Conv2d(ci, co, 3, padding=1) for ci, co in zip(channels[:-1], channels[1:], strict=True))
+        self.to_rgb = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = _activate(self.to_image(self.fc(z)), self.act, self.alpha)
+        for conv in self.convs:
+            x = _activate(conv(F.interpolate(x, scale_factor=2, mode="nearest")), self.act, self.alpha)
+        return torch.tanh(self.to_rgb(x))
+
+
+class ForwardCodeDiscriminator(nn.Module):
+    """:func:`dcgan_discriminator` written as forward code (``style="forward_code"``):
+    per conv of ``convs``, ``F.max_pool2d(act(conv(x)), 2)``; then ``fc`` on the
+    flattened features."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], side: int, act: str, alpha: float) -> None:
+        super().__init__()
+        self.act, self.alpha = act, float(alpha)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(ci, co, 3, padding=1) for ci, co in zip((in_channels,) + channels[:-1], channels, strict=True)
+        )
+        self.fc = nn.Linear(channels[-1] * side * side, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.max_pool2d(_activate(conv(x), self.act, self.alpha), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _check_style(style: str, layers: str) -> bool:
+    """Whether the forward-code style was asked for (it is built of stock layers)."""
+    if style not in STYLES:
+        raise ValueError(f"style: expected one of {STYLES}, got {style!r}")
+    if style == "forward_code" and layers != "stock":
+        raise ValueError(
+            "layers: style='forward_code' is built of stock layers (layers='stock'); "
+            "gankernels.convert(model) then fuses its forward code"
+        )
+    return style == "forward_code"
+
+
 def _check_common(layers: str, act: str, channels: Sequence[int], name: str, minimum: int) -> tuple[int, ...]:
     if layers not in LAYERS:
         raise ValueError(f"layers: expected one of {LAYERS}, got {layers!r}")
@@ -109,6 +194,11 @@ def _init_(model: nn.Module, alpha: float) -> None:
                 p.normal_(0.0, math.sqrt(gain_sq / fan_in))
 
 
+def _finish(model: nn.Module, act: str, alpha: float, channels_last: bool) -> nn.Module:
+    _init_(model, alpha if act == "lrelu" else 0.0)
+    return set_channels_last(model) if channels_last else model
+
+
 def dcgan_generator(
     z_dim: int = 128,
     channels: Sequence[int] = (512, 256, 128, 64, 32),
@@ -118,7 +208,8 @@ def dcgan_generator(
     alpha: float = 0.2,
     *,
     channels_last: bool = False,
-) -> nn.Sequential:
+    style: Style = "sequential",
+) -> nn.Module:
     """A DCGAN-style generator: ``z [N, z_dim] -> image [N, out_channels, R, R]`` in [-1, 1].
 
     ``R = 4·2^(len(channels)-1)``. ``z`` is projected by a linear layer to
@@ -127,10 +218,13 @@ def dcgan_generator(
     ``out_channels`` and ``tanh``. ``layers`` picks stock torch layers or the fused
     gankernels ones (same ``state_dict`` keys, see the module docstring).
     ``channels_last`` sets the memory format of the activations (see :class:`ToImage`).
+    ``style="forward_code"``: the same network as a :class:`ForwardCodeGenerator`.
     """
     chans = _check_common(layers, act, channels, "channels", 1)
     if z_dim < 1 or out_channels < 1:
         raise ValueError(f"z_dim and out_channels: must be >= 1, got z_dim={z_dim}, out_channels={out_channels}")
+    if _check_style(style, layers):
+        return _finish(ForwardCodeGenerator(z_dim, chans, out_channels, act, alpha, channels_last), act, alpha, channels_last)
     fused = layers == "gankernels"
     mods: list[nn.Module] = [nn.Linear(z_dim, chans[0] * 16), ToImage(chans[0], 4, channels_last)]
     mods.append(gnn.BiasAct(None, act, alpha) if fused else _ACTS[act](alpha))
@@ -143,11 +237,7 @@ def dcgan_generator(
         mods += [gnn.Conv3x3(chans[-1], out_channels, act="tanh"), nn.Identity()]
     else:
         mods += [nn.Conv2d(chans[-1], out_channels, 3, padding=1), nn.Tanh()]
-    model = nn.Sequential(*mods)
-    _init_(model, alpha if act == "lrelu" else 0.0)
-    if channels_last:
-        set_channels_last(model)
-    return model
+    return _finish(nn.Sequential(*mods), act, alpha, channels_last)
 
 
 def dcgan_discriminator(
@@ -159,12 +249,14 @@ def dcgan_discriminator(
     alpha: float = 0.2,
     *,
     channels_last: bool = False,
-) -> nn.Sequential:
+    style: Style = "sequential",
+) -> nn.Module:
     """A DCGAN-style discriminator: ``image [N, in_channels, R, R] -> logit [N, 1]``.
 
     Each channel count adds one [conv3x3, activation, 2×2 max-pool] block; then the
     features are flattened into a linear layer with one output. ``resolution`` must be
-    divisible by ``2^len(channels)``. ``layers`` as in :func:`dcgan_generator`.
+    divisible by ``2^len(channels)``. ``layers`` and ``style`` as in :func:`dcgan_generator`
+    (``style="forward_code"``: a :class:`ForwardCodeDiscriminator`).
     """
     chans = _check_common(layers, act, channels, "channels", 1)
     if in_channels < 1:
@@ -175,6 +267,9 @@ def dcgan_discriminator(
             f"resolution: {resolution} must be a multiple of 2^len(channels) = {factor} (each block halves it); "
             f"change resolution or drop a channel count"
         )
+    side = resolution // factor
+    if _check_style(style, layers):
+        return _finish(ForwardCodeDiscriminator(in_channels, chans, side, act, alpha), act, alpha, channels_last)
     fused = layers == "gankernels"
     mods: list[nn.Module] = []
     for ci, co in zip((in_channels,) + chans[:-1], chans, strict=True):
@@ -182,10 +277,5 @@ def dcgan_discriminator(
             mods += [gnn.Conv3x3Pool(ci, co, act=act, alpha=alpha), nn.Identity(), nn.Identity()]
         else:
             mods += [nn.Conv2d(ci, co, 3, padding=1), _ACTS[act](alpha), nn.MaxPool2d(2)]
-    side = resolution // factor
     mods += [nn.Flatten(), nn.Linear(chans[-1] * side * side, 1)]
-    model = nn.Sequential(*mods)
-    _init_(model, alpha if act == "lrelu" else 0.0)
-    if channels_last:
-        set_channels_last(model)
-    return model
+    return _finish(nn.Sequential(*mods), act, alpha, channels_last)

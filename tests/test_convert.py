@@ -19,7 +19,6 @@ from gankernels.testing import assert_close_rel, random_input
 F64 = torch.float64
 
 
-
 # ----------------------------------------------------------------------------------
 # A small DCGAN-like generator and discriminator of stock layers, nested in custom
 # modules (the Sequentials are not at the top level).
@@ -144,7 +143,7 @@ def test_dcgan_report_lists_replaced_and_left() -> None:
     assert isinstance(d.from_rgb[1], nn.Identity) and type(d.from_rgb[2]) is gknn.MaxPool2d
     assert isinstance(d.blocks[1][1], nn.BatchNorm2d) and isinstance(d.blocks[1][2], nn.ReLU)
     text = str(rd)
-    assert text.splitlines()[0] == "gankernels.convert: 4 replaced, 1 left"
+    assert text.splitlines()[0] == "gankernels.convert: 4 replaced, 0 fused in forward code, 1 left"
     assert "blocks.0.net.0: Conv2d → LeakyReLU → MaxPool2d ⇒ gankernels.nn.Conv3x3Pool(4, 8, act='lrelu', alpha=0.2)" in text
     assert "head.0 (Conv2d): Conv2d 4×4" in text
 
@@ -353,11 +352,13 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
             self.conv5 = nn.Conv2d(3, 3, 5, padding=2)
             self.pool = nn.MaxPool2d(2, return_indices=True)
             self.up = nn.Upsample(scale_factor=2)
-            self.act = nn.ReLU()  # outside a Sequential: nothing is fused
+            self.act = nn.ReLU()
             self.more = nn.ModuleList([nn.MaxPool2d(3, 1, 1)])
 
         def forward(self, x):
-            y, idx = self.pool(self.conv5(self.act(self.conv(x))))
+            # No run to fuse: the conv's output is scaled before the activation, the pool
+            # follows a 5×5 conv, the upsamples feed no conv.
+            y, idx = self.pool(self.conv5(self.act(self.conv(x) * 2)))
             return self.more[0](self.up(y)) + self.up(idx.to(y.dtype))
 
     m = Custom().to(F64)
@@ -368,13 +369,14 @@ def test_layers_outside_sequentials_become_their_gankernels_subclasses() -> None
     assert type(m.pool) is gknn.MaxPool2d and m.pool.return_indices
     assert type(m.up) is gknn.Upsample and type(m.more[0]) is gknn.MaxPool2d
     assert type(m.conv5) is nn.Conv2d and type(m.act) is nn.ReLU
-    assert [e.path for e in report.left] == ["conv5"]
+    assert [e.path for e in report.left] == ["conv5"] and report.fused == []
+    assert "forward" not in m.__dict__
     assert_close_rel(m(x), y0, tol=1e-10)
 
 
-def test_sequential_subclass_with_its_own_forward_is_not_fused() -> None:
+def test_sequential_subclass_with_its_own_forward_is_fused_as_forward_code() -> None:
     class Residual(nn.Sequential):
-        def forward(self, x):  # uses the children out of order: runs cannot be fused
+        def forward(self, x):  # uses the children out of order: not a Sequential run
             return self[1](self[0](x)) + self[2](x)
 
     class Chain(nn.Sequential):  # inherits Sequential.forward: fused as usual
@@ -384,9 +386,11 @@ def test_sequential_subclass_with_its_own_forward_is_not_fused() -> None:
     chain = Chain(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()).to(F64)
     x = random_input(1, 2, 4, 4, dtype=F64)
     y0, c0 = res(x), chain(x)
-    gankernels.convert(res)
+    _, report = gankernels.convert(res)
     gankernels.convert(chain)
-    assert [type(m) for m in res] == [gknn.Conv2d, nn.ReLU, gknn.Conv2d]
+    # Its forward is code: self[0] → self[1] is fused there; self[2] is swapped alone.
+    assert [(f.conv, f.op) for f in report.fused] == [("0", "gankernels.conv3x3(act='relu')")]
+    assert [type(m) for m in res] == [nn.Conv2d, nn.ReLU, gknn.Conv2d]
     assert [type(m) for m in chain] == [gknn.Conv3x3, nn.Identity]
     assert_close_rel(res(x), y0, tol=1e-10)
     assert_close_rel(chain(x), c0, tol=1e-10)

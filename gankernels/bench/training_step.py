@@ -5,11 +5,15 @@ Conv3x3→3, Tanh; discriminator four [Conv3x3, LeakyReLU, MaxPool2d] blocks
 3→64→128→256→512, Linear (``gankernels.models``); batch 128, 64×64, Adam, bf16 autocast,
 channels_last, non-saturating loss, one D step and one G step.
 
-Variants: ``stock eager``, ``stock compile`` (``torch.compile`` of G and D), and the
-same models after ``gankernels.convert`` (``gankernels eager``, ``gankernels compile``).
-Each starts from the same weights and sees the same batches; the losses of the first
-steps must agree with ``stock eager``'s (bf16 autocast on CUDA: within 5e-2 relative;
-fp32 on CPU: within 1e-4) before the variant is timed.
+Variants: ``stock eager``, ``stock compile`` (``torch.compile`` of G and D), the same
+models after ``gankernels.convert`` (``gankernels eager``, ``gankernels compile``), and
+the same networks written as forward code (``style="forward_code"`` of
+``gankernels.models``: ``F.interpolate``, conv, ``F.leaky_relu``, ``F.max_pool2d`` calls in
+a loop) after ``gankernels.convert`` fused their forward (``gankernels eager (forward
+code)``, ``gankernels compile (forward code)``). Each starts from the same weights and
+sees the same batches; the losses of the first steps must agree with ``stock eager``'s
+(bf16 autocast on CUDA: within 5e-2 relative; fp32 on CPU: within 1e-4) before the
+variant is timed.
 
 CPU version: batch 4, every channel count divided by 8, fp32 (no autocast: the loss
 check is then tight, and CPU bf16 autocast would time a path nobody trains on).
@@ -75,13 +79,18 @@ class VariantResult:
         return dict(self.__dict__)
 
 
-def build_models(cfg: TrainConfig, seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """The stock generator and discriminator (``gankernels.models``), channels_last."""
+def build_models(cfg: TrainConfig, seed: int = 0, style: str = "sequential") -> tuple[nn.Module, nn.Module]:
+    """The stock generator and discriminator (``gankernels.models``), channels_last.
+
+    ``style``: ``"sequential"`` or ``"forward_code"`` (the same networks, hence the same
+    weights for one seed, written as forward code).
+    """
     from gankernels.models import dcgan_discriminator, dcgan_generator
 
     torch.manual_seed(seed)
-    g = dcgan_generator(z_dim=cfg.z_dim, channels=cfg.g_channels, out_channels=3, layers="stock", channels_last=True)
-    d = dcgan_discriminator(in_channels=3, channels=cfg.d_channels, resolution=cfg.resolution, layers="stock", channels_last=True)
+    common = dict(layers="stock", channels_last=True, style=style)
+    g = dcgan_generator(z_dim=cfg.z_dim, channels=cfg.g_channels, out_channels=3, **common)
+    d = dcgan_discriminator(in_channels=3, channels=cfg.d_channels, resolution=cfg.resolution, **common)
     return g, d
 
 
@@ -132,7 +141,13 @@ def convert_models(g: nn.Module, d: nn.Module) -> tuple[nn.Module, nn.Module, st
 
     g, rg = gankernels.convert(g)
     d, rd = gankernels.convert(d)
-    return g, d, f"G: {len(rg.replaced)} runs fused, D: {len(rd.replaced)} runs fused"
+    return g, d, f"G: {_fused_count(rg)}, D: {_fused_count(rd)}"
+
+
+def _fused_count(report) -> str:
+    if report.fused:
+        return f"{len(report.fused)} runs fused in forward code, {len(report.replaced)} layers replaced"
+    return f"{len(report.replaced)} runs fused"
 
 
 def run_training_step(
@@ -145,20 +160,21 @@ def run_training_step(
     compile_skip: str = "torch.compile not run (--no-compile)",
 ) -> dict:
     """Check and time every variant; returns a JSON-able dict."""
-    g0, d0 = build_models(cfg, seed)
-    g0, d0 = g0.to(device), d0.to(device)
+    models = {style: tuple(m.to(device) for m in build_models(cfg, seed, style)) for style in ("sequential", "forward_code")}
     batches = make_batches(cfg, device, cfg.check_steps, seed + 1)
     timed_batch = batches[0]
 
-    variants: list[tuple[str, bool, bool]] = [
-        ("stock eager", False, False),
-        ("stock compile", False, True),
-        ("gankernels eager", True, False),
-        ("gankernels compile", True, True),
+    variants: list[tuple[str, bool, bool, str]] = [
+        ("stock eager", False, False, "sequential"),
+        ("stock compile", False, True, "sequential"),
+        ("gankernels eager", True, False, "sequential"),
+        ("gankernels compile", True, True, "sequential"),
+        ("gankernels eager (forward code)", True, False, "forward_code"),
+        ("gankernels compile (forward code)", True, True, "forward_code"),
     ]
     results: list[VariantResult] = []
     baseline: Optional[list] = None
-    for name, use_gk, use_compile in variants:
+    for name, use_gk, use_compile, style in variants:
         res = VariantResult(name, "ok")
         results.append(res)
         if use_compile and not compile:
@@ -167,7 +183,7 @@ def run_training_step(
         if use_gk and not gankernels:
             res.status, res.reason = "n/a", "gankernels variants not requested (--backends excludes them)"
             continue
-        g, d = copy.deepcopy(g0), copy.deepcopy(d0)
+        g, d = (copy.deepcopy(m) for m in models[style])
         if use_gk:
             try:
                 g, d, res.converted = convert_models(g, d)

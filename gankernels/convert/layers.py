@@ -1,110 +1,19 @@
-"""Swap the stock layers of an existing model for fused gankernels ones, in place.
-
-::
-
-    model, report = gankernels.convert(model)
-    print(report)
-
-Inside every ``nn.Sequential`` (at any depth, also inside custom modules) these runs
-are replaced, first match wins, scanning left to right:
-
-======================================================  =====================
-stock run                                               fused module
-======================================================  =====================
-``Upsample(nearest, ×2) → Conv2d(3×3, pad 1) [→ act]``  ``UpConv3x3``
-``Conv2d(3×3, pad 1) [→ act] → MaxPool2d(2)``           ``Conv3x3Pool``
-``Conv2d(3×3, pad 1) [→ act]``                          ``Conv3x3``
-lone ``MaxPool2d`` / ``Upsample(nearest, integer)``     ``gankernels.nn`` twin
-======================================================  =====================
-
-``act`` is ``ReLU``, ``LeakyReLU`` (its ``negative_slope`` becomes ``alpha``), ``Tanh``,
-``Sigmoid`` or ``SiLU`` (in place or not), or absent (linear). The pool is fused only
-after a monotone activation (pooling commutes with it; not SiLU, which keeps
-``Conv3x3`` followed by the pool). "Conv2d(3×3, pad 1)" means kernel 3×3, stride 1,
-padding 1 (or ``"same"``), dilation 1, groups 1, zero padding.
-
-The fused module takes the place of the run's ``Conv2d`` and the run's other modules
-become ``nn.Identity()``, so the Sequential keeps its length and indexing and the
-``state_dict`` keeps its keys (a stock checkpoint loads with ``strict=True``). The fused
-modules hold the very same ``Parameter`` objects, so an optimizer built before the
-conversion trains the converted model.
-
-Outside Sequentials (attributes of custom modules, ``ModuleList``/``ModuleDict``
-entries, children of a Sequential subclass that overrides ``forward``) the forward
-code is unknown, so nothing is fused; a 3×3 pad-1 ``Conv2d``,
-a ``MaxPool2d`` or a nearest integer ``Upsample`` is swapped for its
-``gankernels.nn`` subclass, which has the same attributes and the same results.
-
-Modules with hooks (e.g. the old ``spectral_norm``/``weight_norm``), parametrizations,
-or of a subclass of the torch class (unknown ``forward``) are never touched; every
-module that looked like a candidate but was left is in the report, with the reason.
-"""
+"""Stock layers: which ones gankernels can replace, the fused modules that replace
+them, and the pass over ``nn.Sequential`` runs and lone layers (see
+:mod:`gankernels.convert` for the rules)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Optional
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from gankernels import nn as gknn
+from gankernels.convert.report import ConversionReport, Left, Replacement
 from gankernels.nn import _integer_scale  # the rule gknn.Upsample fuses by
-from gankernels.ops.dispatch import _check_backend_name
 from gankernels.ops.reference import MONOTONE_ACTIVATIONS
-
-__all__ = ["ConversionReport", "Left", "Replacement", "convert"]
-
-
-@dataclass(frozen=True)
-class Replacement:
-    """One fused module put into the model.
-
-    ``path``: where the fused module now lives (the position of the run's ``Conv2d``,
-    or of the lone layer); ``stock``: the replaced modules as ``(path, type name)``;
-    ``fused``: ``"gankernels.nn."`` and the ``repr`` of the new module.
-    """
-
-    path: str
-    stock: tuple[tuple[str, str], ...]
-    fused: str
-
-    def __str__(self) -> str:
-        run = " → ".join(name for _, name in self.stock)
-        where = ", ".join(p for p, _ in self.stock)
-        return f"{self.path}: {run} ⇒ {self.fused}  (stock at {where})"
-
-
-@dataclass(frozen=True)
-class Left:
-    """A candidate module that was left as it is: ``path``, its ``module`` type name and
-    ``reason``, why it was not converted."""
-
-    path: str
-    module: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path} ({self.module}): {self.reason}"
-
-
-@dataclass
-class ConversionReport:
-    """What :func:`convert` replaced and what it left, and why."""
-
-    replaced: list[Replacement] = field(default_factory=list)
-    left: list[Left] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"gankernels.convert: {len(self.replaced)} replaced, {len(self.left)} left"]
-        if self.replaced:
-            lines.append("replaced:")
-            lines += [f"  {r}" for r in self.replaced]
-        if self.left:
-            lines.append("left:")
-            lines += [f"  {e}" for e in self.left]
-        return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------------
 # Matching single modules. Each ``*_reason`` returns None when the module qualifies,
@@ -275,10 +184,35 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-class _Converter:
-    def __init__(self, backend: Optional[str]) -> None:
+class LayerConverter:
+    """The pass over Sequential runs and lone layers.
+
+    ``called_from_code``: ids of modules that some traced forward calls directly (such a
+    module is not absorbed into a Sequential run: that forward would see the run's
+    result); ``fused_in_code``: ids of modules whose every known call was fused by the
+    forward-code pass (they keep their class).
+    """
+
+    def __init__(
+        self,
+        backend: Optional[str],
+        report: ConversionReport,
+        called_from_code: frozenset[int] = frozenset(),
+        fused_in_code: frozenset[int] = frozenset(),
+        seq_result_mutated: Callable[[nn.Sequential, int], Optional[str]] = lambda seq, i: None,
+        call_results_mutated: Callable[[nn.Module], Optional[str]] = lambda m: None,
+        seq_input_mutated: Callable[[nn.Sequential], Optional[str]] = lambda seq: None,
+    ) -> None:
         self.backend = backend
-        self.report = ConversionReport()
+        self.report = report
+        self.called_from_code = called_from_code
+        self.fused_in_code = fused_in_code
+        # Why a result may be modified in place afterwards (a gankernels conv keeps its
+        # output for the backward, which such an update would break): of ``seq[i]``,
+        # and of a module called from forward code.
+        self.seq_result_mutated = seq_result_mutated
+        self.call_results_mutated = call_results_mutated
+        self.seq_input_mutated = seq_input_mutated  # an UpConv3x3 keeps its input too
 
     def backend_for(self, m: nn.Module) -> Optional[str]:
         # A gankernels module keeps its own backend unless one was asked for.
@@ -296,13 +230,20 @@ class _Converter:
     def leave(self, path: str, m: nn.Module, reason: str) -> None:
         self.report.left.append(Left(path, type(m).__name__, reason))
 
-    def lone(self, parent: nn.Module, prefix: str, name: str, fuse_conv: bool) -> None:
+    def lone(self, parent: nn.Module, prefix: str, name: str, fuse_conv: bool, seq_index: Optional[int] = None) -> None:
         """Swap one stock layer for its gankernels twin (or say why not). ``fuse_conv``:
-        a conv becomes Conv3x3 (inside a Sequential) rather than gankernels.nn.Conv2d."""
+        a conv becomes Conv3x3 (inside a Sequential) rather than gankernels.nn.Conv2d;
+        ``seq_index``: its index when ``parent`` is a stock Sequential."""
         m = parent._modules[name]
         path = _join(prefix, name)
+        if id(m) in self.fused_in_code:
+            return
         if isinstance(m, _CONV_TYPES):
             why = _conv_reason(m)
+            if why is None and (fuse_conv or type(m) is nn.Conv2d):
+                mutated = self.seq_result_mutated(parent, seq_index) if seq_index is not None else self.call_results_mutated(m)
+                if mutated:
+                    why = f"not swapped: {mutated}; a gankernels conv keeps its output for the backward"
             if why:
                 self.leave(path, m, why)
             elif fuse_conv:
@@ -330,7 +271,12 @@ class _Converter:
             m = mods[i]
             up = isinstance(m, nn.Upsample) and _upsample_reason(m) is None and _integer_scale(m.scale_factor) == 2
             c = i + 1 if up else i
-            if c < len(mods) and isinstance(mods[c], _CONV_TYPES) and _conv_reason(mods[c]) is None:
+            if (
+                c < len(mods)
+                and isinstance(mods[c], _CONV_TYPES)
+                and _conv_reason(mods[c]) is None
+                and not any(id(mods[k]) in self.called_from_code for k in (i, c, c + 1, c + 2) if k < len(mods))
+            ):
                 conv = mods[c]
                 act, alpha, gain, clamp = _conv_epilogue(conv)
                 end = c + 1  # one past the run
@@ -340,9 +286,30 @@ class _Converter:
                         act, alpha = found
                         end += 1
                 backend = self.backend_for(conv)
+                pool_next = end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0
+                mutated = self.seq_result_mutated(seq, end if pool_next else end - 1)
+                if mutated and pool_next:  # Conv3x3Pool keeps the pooled result: keep the pool apart
+                    self.leave(_join(prefix, names[end]), mods[end], f"not fused into the conv before it: {mutated}")
+                    pool_next, mutated = False, self.seq_result_mutated(seq, end - 1)
+                input_mutated = self.seq_input_mutated(seq) if up and i == 0 and not mutated else None
+                if input_mutated:  # fuse the rest of the run without the upsample
+                    run = " → ".join(type(mods[k]).__name__ for k in range(i, end))
+                    self.leave(
+                        _join(prefix, names[i]), m, f"{run}: the upsample is not fused: {input_mutated}; UpConv3x3 keeps its input"
+                    )
+                    self.lone(seq, prefix, names[i], fuse_conv=True, seq_index=i)
+                    i += 1
+                    continue
+                if mutated:
+                    run = " → ".join(type(mods[k]).__name__ for k in range(i, end))
+                    self.leave(_join(prefix, names[c]), conv, f"{run} not fused: {mutated}; the fused module keeps its output")
+                    for k in range(i, end):
+                        self.lone(seq, prefix, names[k], fuse_conv=True, seq_index=k)
+                    i = end
+                    continue
                 if up:
                     new = _fused_conv(gknn.UpConv3x3, conv, act, alpha, gain, clamp, backend)
-                elif end < len(mods) and _is_pool2(mods[end]) and act in MONOTONE_ACTIVATIONS and gain >= 0:
+                elif pool_next:
                     new = _fused_conv(gknn.Conv3x3Pool, conv, act, alpha, gain, clamp, backend)
                     end += 1
                 else:
@@ -350,40 +317,5 @@ class _Converter:
                 self.replace(seq, prefix, names[i:end], c - i, new)
                 i = end
                 continue
-            self.lone(seq, prefix, names[i], fuse_conv=True)
+            self.lone(seq, prefix, names[i], fuse_conv=id(m) not in self.called_from_code, seq_index=i)
             i += 1
-
-
-def convert(model: nn.Module, *, backend: Optional[str] = None) -> tuple[nn.Module, ConversionReport]:
-    """Replace stock layers of ``model`` with fused gankernels modules, in place.
-
-    ``backend``: passed to every new module (``None``: the default dispatch, see
-    ``gankernels.use_backend``). Returns the same ``model`` object and a
-    :class:`ConversionReport` of what was replaced and what was left, and why. The
-    converted model computes the same function (float64: to rounding), has the same
-    ``state_dict`` keys, and shares its Parameter objects with the original. Converting
-    twice is harmless (the second pass finds nothing new).
-
-    Limitations: the fused ``Conv3x3``/``Conv3x3Pool``/``UpConv3x3`` need 4-D
-    ``[N, C, H, W]`` input (stock ``Conv2d`` also takes unbatched 3-D input); hooks
-    registered on a replaced activation/pool/upsample are not carried over (modules
-    with hooks are never absorbed into a run, so this only concerns modules whose hooks
-    were added afterwards); the root module itself is never replaced.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if backend is not None:
-        _check_backend_name(backend, "backend")
-    conv = _Converter(backend)
-    if isinstance(model, (*_CONV_TYPES, *_POOL_TYPES, nn.Upsample)):
-        conv.leave("(root)", model, "the model itself is a single layer; convert cannot replace the object it returns")
-    # Collect first: the walk must not see the modules it creates.
-    parents = [(prefix, m) for prefix, m in model.named_modules()]
-    for prefix, parent in parents:
-        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
-            conv.sequential(parent, prefix)
-        else:
-            for name in list(parent._modules):
-                if parent._modules[name] is not None:
-                    conv.lone(parent, prefix, name, fuse_conv=False)
-    return model, conv.report
