@@ -3,7 +3,8 @@
 # run benchmark selections (python -m gankernels.bench --select NAME), print a summary
 # last. All timing lives in gankernels.bench; this only sequences it under a budget.
 #
-#   bash scripts/gpu_check.sh                      # build tests host targets cuda train, as far as the budget goes
+#   bash scripts/gpu_check.sh                      # build tests targets cuda train, as far as the budget goes
+#   bash scripts/gpu_check.sh build host memops    # a second call: the host cost with CUDA tensors, the memory-bound ops
 #   bash scripts/gpu_check.sh build memops conv-bwd   # a second call for what the first did not fit
 #   bash scripts/gpu_check.sh --dry-run            # print each stage's command and cap, run nothing
 #   OUT=/some/dir bash scripts/gpu_check.sh        # results there (default benchmarks/results/gpu_check-<date>)
@@ -38,7 +39,7 @@ for arg in "$@"; do
     *) STAGES+=("$arg") ;;
   esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests host targets cuda train)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests targets cuda train)
 
 SELECTIONS=" targets conv-fwd conv-bwd memops cuda quick train "
 declare -A CAP=([build]=150 [tests]=180 [host]=45 [targets]=300 [conv-fwd]=200 [conv-bwd]=200 [memops]=120 [cuda]=120

@@ -212,6 +212,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
             _memory.clear()
             _disk.clear()
             _disk_state["loaded"] = False
+            _recorded_table.clear()
             _recorded_state["loaded"] = False
         if disk:
             try:
