@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import hashlib
 import math
@@ -110,6 +111,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="R1 gradient penalty weight on real images (uses double backward); 0 = off (default: %(default)s)",
     )
     p.add_argument(
+        "--ema",
+        type=float,
+        default=0.999,
+        metavar="BETA",
+        help="sample and judge an exponential moving average of the generator's weights, decay BETA per step "
+        "(ramped up over the first steps); 0 = the raw generator (default: %(default)s)",
+    )
+    p.add_argument(
         "--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype; fp16 adds gradient scaling (default: %(default)s)"
     )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for images, weights and activations")
@@ -168,6 +177,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--eval-samples: must be >= 2 (a Fréchet distance needs a covariance), got {args.eval_samples}")
     if args.r1 < 0:
         p.error(f"--r1: must be >= 0, got {args.r1}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema: must be in [0, 1) (0 = off), got {args.ema}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution & (args.resolution - 1)):
         p.error(f"--resolution: must be a power of two >= 8 (4·2^k), got {args.resolution}")
     return args
@@ -478,6 +489,16 @@ def _load_states(path: Path, ckpt: dict[str, Any], pairs: list[tuple[str, Any]])
             raise SystemExit(f"--resume: {path}: entry {key!r} does not fit this run: {e}") from e
 
 
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, beta: float) -> None:
+    """``average ← beta · average + (1 − beta) · model``, parameter by parameter; buffers
+    are copied."""
+    for a, p in zip(average.parameters(), model.parameters(), strict=True):
+        a.lerp_(p.detach(), 1.0 - beta)
+    for a, b in zip(average.buffers(), model.buffers(), strict=True):
+        a.copy_(b)
+
+
 def params_checksum(*models: nn.Module) -> str:
     """SHA-256 over every parameter's bytes (to compare processes bit for bit)."""
     h = hashlib.sha256()
@@ -550,6 +571,10 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     scaler_G = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     scaler_D = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
 
+    # The averaged generator: GAN weights oscillate around a good solution, and their
+    # running mean samples cleaner images than any single iterate (as StyleGAN's G_ema).
+    G_ema = copy.deepcopy(G).requires_grad_(False) if args.ema > 0 else None
+
     start, history = 0, []
     judged: list[tuple[int, DigitMetrics]] = []  # (step, the judge's scores), rank 0 only
     if args.resume is not None:
@@ -560,6 +585,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         )
         start, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
         judged = [_metrics_from_state(entry) for entry in ckpt.get("metrics", [])]
+        if G_ema is not None:
+            # A checkpoint written with --ema 0 has no average yet: start it from G.
+            _load_states(path, {"G_ema": ckpt.get("G_ema") or ckpt["G"]}, [("G_ema", G_ema)])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if d.device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -568,6 +596,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         if start >= args.steps:
             raise SystemExit(f"--resume: {path} is already at step {start} >= --steps {args.steps}; raise --steps to train further")
 
+    G_eval = G_ema if G_ema is not None else G  # what samples and the judge see
     G_net: nn.Module = G
     D_net: nn.Module = D
     if d.enabled:
@@ -590,7 +619,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             f"train_gan: {args.layers} layers, G {g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
             f"{len(data)} images {args.image_channels}×{args.resolution}², batch {args.batch_size}×{d.world}, "
             f"{d.device}, amp {args.amp}{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
-            f"{f', r1 {args.r1}' if args.r1 else ''} -> {run_dir}/",
+            f"{f', r1 {args.r1}' if args.r1 else ''}{f', ema {args.ema}' if args.ema else ''} -> {run_dir}/",
             file=sys.stderr,
         )
     fixed_z = latent(NUM_SAMPLES, args.z_dim, _mix(args.seed, 0xF1ED), d.device)
@@ -623,7 +652,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         nonlocal judge_seconds
         t = time.perf_counter()
         # The same latents at every evaluation, so the curve follows the generator, not the noise.
-        m = judge_generator(_unwrap(G), args.z_dim, args.eval_samples, seed=_mix(args.seed, 0xE7A1), device=d.device, judge=judge)
+        m = judge_generator(G_eval, args.z_dim, args.eval_samples, seed=_mix(args.seed, 0xE7A1), device=d.device, judge=judge)
         judged.append((step, m))
         log(f"step {step}/{args.steps}: {m.line()}")
         warning = collapse_warning(judged)
@@ -632,9 +661,8 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         judge_seconds += time.perf_counter() - t
 
     def sample(step: int) -> None:
-        net = _unwrap(G)
         with torch.no_grad(), autocast:
-            save_grid(net(fixed_z), run_dir / "samples" / f"step_{step:06d}.png")
+            save_grid(G_eval(fixed_z), run_dir / "samples" / f"step_{step:06d}.png")
 
     def flush() -> None:
         if not pending:
@@ -651,6 +679,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if d.device.type == "cuda" else []}
         state = {
             "G": G.state_dict(),
+            "G_ema": G_ema.state_dict() if G_ema is not None else None,
             "D": D.state_dict(),
             "opt_G": opt_G.state_dict(),
             "opt_D": opt_D.state_dict(),
@@ -704,6 +733,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             scaler_G.scale(loss_g).backward()
         scaler_G.step(opt_G)
         scaler_G.update()
+        if G_ema is not None:
+            # Decay ramped up as (1 + s) / (10 + s): the average forgets the random initial weights.
+            ema_update(G_ema, G, min(args.ema, (1 + step) / (10 + step)))
 
         # The logged D loss is the non-saturating part alone (comparable with and without R1).
         pending.append(torch.stack([loss_ns.detach(), loss_g.detach()]))

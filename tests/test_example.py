@@ -74,7 +74,7 @@ def test_resume_reproduces_run(tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
-    for net in ("G", "D"):
+    for net in ("G", "D", "G_ema"):
         for k in a[net]:
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
     assert a["history"] == b["history"]
@@ -104,7 +104,8 @@ def test_resume_errors(tmp_path):
 
 def test_digits_judge_during_training(tmp_path, capsys):
     """Scores at step 0, every --eval-every steps and at the end, logged, written to
-    metrics.csv/.png, summarised; they are the judge's scores of the final generator."""
+    metrics.csv/.png, summarised; they are the judge's scores of the final averaged
+    generator."""
     from digits_judge import judge_generator
 
     s = _run(tmp_path, "judged", "--steps", "5", "--eval-every", "2", "--sample-every", "100")
@@ -119,10 +120,21 @@ def test_digits_judge_during_training(tmp_path, capsys):
 
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     G = dcgan_generator(16, tg.channel_plan(32, 4)[0], 1, layers="gankernels")
-    G.load_state_dict(ckpt["G"])
+    G.load_state_dict(ckpt["G_ema"])  # the judge scores the weights' moving average
     again = judge_generator(G, 16, num_samples=50, seed=tg._mix(0, 0xE7A1))
     assert again == s["metrics"][-1][1]
     assert float(rows[-1][4]) == pytest.approx(again.frechet, abs=1e-4)
+
+
+def test_ema_update():
+    """The averaged generator: beta·average + (1 − beta)·model, against float64."""
+    torch.manual_seed(1)
+    model, average = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    pairs = zip(average.parameters(), model.parameters(), strict=True)
+    expected = [0.9 * a.detach().double() + 0.1 * p.detach().double() for a, p in pairs]
+    tg.ema_update(average, model, 0.9)
+    for a, e in zip(average.parameters(), expected, strict=True):
+        assert_close_rel(a.detach().double(), e, dtype=torch.float32, what="ema (float32 arithmetic)")
 
 
 def test_collapse_warning_during_training(tmp_path, capsys, monkeypatch):
