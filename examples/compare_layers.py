@@ -33,7 +33,7 @@ import gankernels
 # train_gan.py and digits_judge.py sit next to this script (on sys.path when the script runs).
 import train_gan
 
-COLUMNS = ("layers", "images/s", "train s", "recognisable", "coverage", "entropy", "Fréchet", "loss D", "loss G")
+COLUMNS = ("layers", "images/s", "train s", "CPU s", "recognisable", "coverage", "entropy", "Fréchet", "loss D", "loss G")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -48,10 +48,12 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     return own, rest
 
 
-def row(layers: str, summary: dict[str, Any]) -> list[str]:
-    """One table row from :func:`train_gan.train`'s summary."""
+def row(layers: str, summary: dict[str, Any], cpu_seconds: float) -> list[str]:
+    """One table row from :func:`train_gan.train`'s summary and the process CPU time of
+    the whole run (judge included): on a busy machine wall-clock time stretches, CPU time
+    much less."""
     train_s = summary["seconds"] - summary["judge_seconds"]
-    cells = [layers, f"{summary['images_per_s']:.0f}", f"{train_s:.0f}"]
+    cells = [layers, f"{summary['images_per_s']:.0f}", f"{train_s:.0f}", f"{cpu_seconds:.0f}"]
     if summary["metrics"]:
         _, m = summary["metrics"][-1]
         cells += [f"{100 * m.recognisable:.0f}%", f"{m.coverage}/10", f"{m.entropy:.2f}", f"{m.frechet:.2f}"]
@@ -68,17 +70,20 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     own, rest = parse_args(argv)
+    load_before = os.getloadavg()[0]
     rows, settings = [], None
     for layers in ("stock", "gankernels"):
         args = train_gan.parse_args([*rest, "--name", f"{own.name}-{layers}", "--layers", layers])
+        cpu = time.process_time()
         summary = train_gan.train(args)
         settings = args
-        rows.append(row(layers, summary))
+        rows.append(row(layers, summary, time.process_time() - cpu))
     table = markdown_table(rows)
     a = settings
     described = (
         f"{a.steps} steps, batch {a.batch_size}, width {a.width}, {a.resolution}×{a.resolution}, lr {a.lr}, r1 {a.r1}, "
-        f"seed {a.seed}, amp {a.amp}; judged on {a.eval_samples} samples from fixed noise at the last step"
+        f"seed {a.seed}, amp {a.amp}; judged on {a.eval_samples} samples from fixed noise at the last step; "
+        "losses: mean of the last 50 steps"
     )
     print(f"\nstock vs gankernels layers, same seed ({described}):\n{table}")
     if own.out:
@@ -88,7 +93,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             torch.cuda.get_device_name()
             if device.startswith("cuda")
             else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at the end"
+            f"{torch.get_num_threads()} torch threads, 1-minute load average {load_before:.1f} at the start and "
+            f"{os.getloadavg()[0]:.1f} at the end"
         )
         text = (
             f"Recorded {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `{command}`\n"

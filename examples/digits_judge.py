@@ -7,7 +7,7 @@ trained in about a second on scikit-learn's bundled 8×8 digits, the data
 
     from digits_judge import judge_generator
     m = judge_generator(G, z_dim=128)      # any generator of [N, 1 or 3, H, W] images in [-1, 1]
-    print(m.line())                        # recognisable 71% · coverage 10/10 (entropy 0.98) · Fréchet 2.1
+    print(m.line())                        # "recognisable …% · coverage …/10 (entropy …) · Fréchet …"
 
 Every image is averaged down to 8×8 (the classifier's resolution, the digits' native
 one) and scored on:

@@ -168,6 +168,24 @@ def test_judge_skipped_for_image_folders(tmp_path, capsys):
     assert "skipped with --data" in capsys.readouterr().err
 
 
+def test_compare_layers_table(tmp_path, capsys):
+    """compare_layers.py: both layer kinds from one seed, one Markdown table, the same
+    judge scores (3 fp32 steps cannot drift apart)."""
+    spec = importlib.util.spec_from_file_location("compare_layers", SCRIPT.parent / "compare_layers.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    out = tmp_path / "table.md"
+    cmp.main(["--out", str(out), "--name", "cmp", "--runs-dir", str(tmp_path), *TINY, "--steps", "3", "--sample-every", "100"])
+    text = out.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| stock") or line.startswith("| gankernels")]
+    assert [r[0] for r in rows] == ["| stock", "| gankernels"]
+    assert rows[0][4:] == rows[1][4:]  # recognisable, coverage, entropy, Fréchet, losses
+    assert "compare_layers.py --out" in text and "3 steps, batch 8, width 4" in text
+    assert (tmp_path / "cmp-stock" / "metrics.csv").is_file() and (tmp_path / "cmp-gankernels" / "metrics.csv").is_file()
+    with pytest.raises(SystemExit):
+        cmp.parse_args(["--layers", "stock"])
+
+
 def test_image_folder(tmp_path, capsys):
     from PIL import Image
 
