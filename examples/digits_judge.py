@@ -21,7 +21,8 @@ one) and scored on:
   recognised samples' class histogram. A collapsed generator covers few digits.
 * **Fréchet distance** between the Gaussians fitted to the classifier's 64 penultimate
   features of the samples and of the real digits: an FID analogue that takes
-  milliseconds on a CPU. Lower is closer; real digits score near zero.
+  milliseconds on a CPU. Lower is closer: held-out real digits score about 1, noise
+  over 200.
 
 The classifier is trained on a fixed 80 % of the digits (the other 20 % measure it) from
 a fixed seed, without touching torch's global random state; it is built once per
@@ -50,7 +51,12 @@ HELDOUT_FRACTION = 0.2
 # minibatch steps of Adam take about a second on one CPU core.
 TRAIN_STEPS = 400
 BATCH_REAL, BATCH_OUTLIERS = 256, 128
-OUTLIER_WEIGHT = 0.1  # weight of the uniform-target loss on non-digits (outlier exposure)
+# Weight of the uniform-target loss on non-digits (outlier exposure). It sets how strict
+# "recognisable" is; measured (seed 0) on held-out real digits / 50-50 blends of two
+# held-out digits / dark Gaussian noise / smooth blobs:
+#   0.1: 86 / 12 / 0 / 0 %     0.03: 90 / 22 / 0 / 0 %     0.01: 91 / 35 / 0 / 1 %     0 (a plain classifier): 94 / 50 / 34 / 30 %
+# A plain classifier calls a third of the noise digits; 0.1 also rejects most blends.
+OUTLIER_WEIGHT = 0.1
 
 
 def load_digits(resolution: int) -> torch.Tensor:
