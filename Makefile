@@ -34,7 +34,7 @@ bench: setup
 	$(PY) -m gankernels.bench
 
 # The demo's settings, chosen by measurement on a 2-core CPU (see the README): the digits at
-# their native 8×8, where the networks learn fastest per CPU second, in about 2.5 minutes.
+# their native 8×8, where the networks learn fastest per CPU second; about 150 CPU seconds.
 # One OpenMP thread: these tensors are too small to share, and a busy machine stalls two.
 DEMO_ARGS := --resolution 8 --width 64 --lr 5e-4 --r1 1 --steps 2000
 
