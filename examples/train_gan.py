@@ -12,6 +12,11 @@ Outputs go to ``runs/<name>/``: ``samples/step_XXXXXX.png`` (a grid from fixed n
 generator and discriminator ``state_dict``s are the same for ``--layers stock`` and
 ``--layers gankernels``, so a run can switch between them).
 
+On the built-in digits, a digits judge (``digits_judge.py``) scores the generator every
+``--eval-every`` steps: recognisable samples, digits covered, Fréchet distance to the real
+digits. It logs them, writes ``metrics.csv`` and ``metrics.png`` (beside the loss curve),
+and warns when coverage falls (mode collapse).
+
 Every random draw of step ``s`` (the batch of real images, the latent noise) is a pure
 function of ``(--seed, rank, s)``, so a resumed run repeats the uninterrupted one exactly.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import hashlib
 import math
@@ -28,7 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,12 +46,17 @@ from torch import nn
 import gankernels
 from gankernels.models import LAYERS, dcgan_discriminator, dcgan_generator
 
+# isort: split
+# digits_judge.py sits next to this script (on sys.path when the script runs).
+from digits_judge import MIN_SHARE, DigitMetrics, collapse_warning, digits_judge, judge_generator, load_digits
+
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Checkpoint entries that fix the networks' shapes: a checkpoint is only loadable by a
 # run that agrees on all of them (``--layers`` may differ: the state_dicts match).
 ARCH_KEYS = ("z_dim", "width", "resolution", "image_channels")
 CHECKPOINT_KEYS = ("G", "D", "opt_G", "opt_D", "scaler_G", "scaler_D", "step", "rng", "args", "history")
 NUM_SAMPLES = 64
+METRICS_FIELDS = ("step", "recognisable", "coverage", "entropy", "frechet") + tuple(f"count_{d}" for d in range(10))
 
 
 # ----------------------------------------------------------------------------------
@@ -106,6 +117,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="R1 gradient penalty weight on real images (uses double backward); 0 = off (default: %(default)s)",
     )
     p.add_argument(
+        "--ema",
+        type=float,
+        default=0.999,
+        metavar="BETA",
+        help="sample and judge an exponential moving average of the generator's weights, decay BETA per step "
+        "(ramped up over the first steps); 0 = the raw generator (default: %(default)s)",
+    )
+    p.add_argument(
         "--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype; fp16 adds gradient scaling (default: %(default)s)"
     )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for images, weights and activations")
@@ -117,6 +136,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each process takes cuda:LOCAL_RANK)",
     )
     p.add_argument("--sample-every", type=int, default=None, help="save a sample grid every N steps (default: steps/10)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score the generator with the digits judge every N steps and at the start and end; 0 = never "
+        "(default: steps/15; built-in digits only, skipped with --data)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="samples per judge evaluation, from fixed noise (default: %(default)s)",
+    )
     p.add_argument(
         "--ckpt-every",
         type=int,
@@ -143,8 +177,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
+    if args.eval_every is not None and args.eval_every < 0:
+        p.error(f"--eval-every: must be >= 0 (0 = never), got {args.eval_every}")
+    if args.eval_samples < 2:
+        p.error(f"--eval-samples: must be >= 2 (a Fréchet distance needs a covariance), got {args.eval_samples}")
     if args.r1 < 0:
         p.error(f"--r1: must be >= 0, got {args.r1}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema: must be in [0, 1) (0 = off), got {args.ema}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution & (args.resolution - 1)):
         p.error(f"--resolution: must be a power of two >= 8 (4·2^k), got {args.resolution}")
     return args
@@ -166,6 +206,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
         args.sample_every = max(1, args.steps // 10)
     if args.ckpt_every is None:
         args.ckpt_every = max(1, args.steps // 5)
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 15)
     return args
 
 
@@ -218,16 +260,6 @@ def setup_distributed(device_arg: Optional[str]) -> Dist:
 
 # ----------------------------------------------------------------------------------
 # Data.
-
-
-def load_digits(resolution: int) -> torch.Tensor:
-    """scikit-learn's 1797 bundled 8×8 handwritten digits (no download), bilinearly
-    scaled to ``resolution``², one channel, in [-1, 1]."""
-    from sklearn.datasets import load_digits as _load
-
-    x = torch.from_numpy(_load().images).float().div_(16.0).unsqueeze(1)  # [N, 1, 8, 8], 0..1
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return x.mul_(2).sub_(1).clamp_(-1, 1)
 
 
 def load_folder(folder: str, resolution: int, verbose: bool = True) -> torch.Tensor:
@@ -325,19 +357,18 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, pad: int = 2) -> 
     Image.fromarray(arr, mode="L" if c == 1 else "RGB").save(path)
 
 
-def save_losses(history: list[list[float]], folder: Path, title: str) -> None:
-    """``losses.csv`` (step, loss_D, loss_G) and ``losses.png`` (raw and smoothed)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(folder / "losses.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss_D", "loss_G"])
-        w.writerows(history)
+    return plt
+
+
+def _plot_losses(ax, history: list[list[float]]) -> None:
+    """Both losses, raw (faint) and smoothed, on ``ax``."""
     steps = [h[0] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
     # Bias-corrected exponential moving average over about 1/20 of the run (≤ 100 steps).
     beta = 1.0 - 1.0 / max(1, min(100, len(history) // 20))
     for col, label, color in ((1, "discriminator", "tab:blue"), (2, "generator", "tab:orange")):
@@ -350,11 +381,62 @@ def save_losses(history: list[list[float]], folder: Path, title: str) -> None:
         ax.plot(steps, smooth, color=color, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("non-saturating loss")
-    ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
+
+
+def save_losses(history: list[list[float]], folder: Path, title: str) -> None:
+    """``losses.csv`` (step, loss_D, loss_G) and ``losses.png`` (raw and smoothed)."""
+    plt = _pyplot()
+    with open(folder / "losses.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss_D", "loss_G"])
+        w.writerows(history)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    _plot_losses(ax, history)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(folder / "losses.png")
+    plt.close(fig)
+
+
+def metrics_row(step: int, m: DigitMetrics) -> list[float]:
+    """One ``metrics.csv`` row (the columns of :data:`METRICS_FIELDS`)."""
+    return [step, round(m.recognisable, 4), m.coverage, round(m.entropy, 4), round(m.frechet, 4), *m.class_counts]
+
+
+def save_metrics(history: list[list[float]], judged: list[tuple[int, DigitMetrics]], folder: Path, title: str) -> None:
+    """``metrics.csv`` (one row per judge evaluation) and ``metrics.png``: the loss curve
+    beside recognisable % and coverage, and the Fréchet distance."""
+    plt = _pyplot()
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(METRICS_FIELDS)
+        w.writerows(metrics_row(step, m) for step, m in judged)
+    steps = [step for step, _ in judged]
+    fig, (ax_loss, ax_rec, ax_fd) = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    _plot_losses(ax_loss, history)
+    ax_loss.set_title("losses", fontsize=9)
+    ax_rec.plot(steps, [100 * m.recognisable for _, m in judged], "o-", color="tab:green", markersize=3, label="recognisable %")
+    ax_rec.set_ylim(0, 100)
+    ax_rec.set_xlabel("step")
+    ax_rec.set_ylabel("recognisable samples, %", color="tab:green")
+    ax_rec.grid(alpha=0.3)
+    ax_cov = ax_rec.twinx()
+    ax_cov.step(steps, [m.coverage for _, m in judged], where="post", color="tab:purple", label="digits covered")
+    ax_cov.set_ylim(0, 10.5)
+    ax_cov.set_yticks(range(0, 11, 2))
+    ax_cov.set_ylabel("digits covered (of 10)", color="tab:purple")
+    ax_rec.set_title("digits judge: quality and coverage", fontsize=9)
+    ax_fd.plot(steps, [max(m.frechet, 1e-3) for _, m in judged], "o-", color="tab:red", markersize=3)
+    ax_fd.set_yscale("log")
+    ax_fd.set_xlabel("step")
+    ax_fd.set_ylabel("Fréchet distance to real digits")
+    ax_fd.set_title("Fréchet distance (classifier features, lower is better)", fontsize=9)
+    ax_fd.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "metrics.png")
     plt.close(fig)
 
 
@@ -413,6 +495,16 @@ def _load_states(path: Path, ckpt: dict[str, Any], pairs: list[tuple[str, Any]])
             raise SystemExit(f"--resume: {path}: entry {key!r} does not fit this run: {e}") from e
 
 
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, beta: float) -> None:
+    """``average ← beta · average + (1 − beta) · model``, parameter by parameter; buffers
+    are copied."""
+    for a, p in zip(average.parameters(), model.parameters(), strict=True):
+        a.lerp_(p.detach(), 1.0 - beta)
+    for a, b in zip(average.buffers(), model.buffers(), strict=True):
+        a.copy_(b)
+
+
 def params_checksum(*models: nn.Module) -> str:
     """SHA-256 over every parameter's bytes (to compare processes bit for bit)."""
     h = hashlib.sha256()
@@ -458,7 +550,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
+    if args.data is not None and args.eval_every and d.main:
+        print("--eval-every: the digits judge scores only the built-in digits; skipped with --data", file=sys.stderr)
     fill_defaults(args, d.device)
+    judging = args.data is None and args.eval_every > 0
     run_dir = Path(args.runs_dir) / args.name
     ckpt_path = run_dir / "checkpoint.pt"
     data = load_digits(args.resolution) if args.data is None else load_folder(args.data, args.resolution, verbose=d.main)
@@ -483,7 +578,12 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     scaler_G = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     scaler_D = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
 
+    # The averaged generator: GAN weights oscillate around a good solution, and their
+    # running mean samples cleaner images than any single iterate (as StyleGAN's G_ema).
+    G_ema = copy.deepcopy(G).requires_grad_(False) if args.ema > 0 else None
+
     start, history = 0, []
+    judged: list[tuple[int, DigitMetrics]] = []  # (step, the judge's scores), rank 0 only
     if args.resume is not None:
         path = ckpt_path if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(path, args)
@@ -491,6 +591,10 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             path, ckpt, [("G", G), ("D", D), ("opt_G", opt_G), ("opt_D", opt_D), ("scaler_G", scaler_G), ("scaler_D", scaler_D)]
         )
         start, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
+        judged = [_metrics_from_state(entry) for entry in ckpt.get("metrics", [])]
+        if G_ema is not None:
+            # A checkpoint written with --ema 0 has no average yet: start it from G.
+            _load_states(path, {"G_ema": ckpt.get("G_ema") or ckpt["G"]}, [("G_ema", G_ema)])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if d.device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -499,6 +603,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         if start >= args.steps:
             raise SystemExit(f"--resume: {path} is already at step {start} >= --steps {args.steps}; raise --steps to train further")
 
+    G_eval = G_ema if G_ema is not None else G  # what samples and the judge see
     G_net: nn.Module = G
     D_net: nn.Module = D
     if d.enabled:
@@ -521,10 +626,21 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             f"train_gan: {args.layers} layers, G {g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
             f"{len(data)} images {args.image_channels}×{args.resolution}², batch {args.batch_size}×{d.world}, "
             f"{d.device}, amp {args.amp}{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
-            f"{f', r1 {args.r1}' if args.r1 else ''} -> {run_dir}/",
+            f"{f', r1 {args.r1}' if args.r1 else ''}{f', ema {args.ema}' if args.ema else ''} -> {run_dir}/",
             file=sys.stderr,
         )
     fixed_z = latent(NUM_SAMPLES, args.z_dim, _mix(args.seed, 0xF1ED), d.device)
+    judge = None
+    if judging and d.main:
+        t = time.perf_counter()
+        judge = digits_judge()
+        real = judge.score(load_digits(32)[judge.heldout_index])
+        print(
+            f"digits judge: classifier trained in {time.perf_counter() - t:.1f} s, held-out accuracy "
+            f"{100 * judge.heldout_accuracy:.1f}%; held-out real digits score: {real.line()}",
+            file=sys.stderr,
+        )
+    judge_seconds = 0.0  # time spent judging, left out of images/s
     autocast = torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     B = args.batch_size
     log_every = 10
@@ -532,10 +648,28 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     bar = _progress(args.steps, start, d.main and not args.no_progress)
     t0 = time.perf_counter()
 
+    def log(line: str, err: bool = False) -> None:
+        stream = sys.stderr if err else sys.stdout
+        if bar is not None:
+            bar.write(line, file=stream)
+        else:
+            print(line, file=stream, flush=True)
+
+    def evaluate(step: int) -> None:
+        nonlocal judge_seconds
+        t = time.perf_counter()
+        # The same latents at every evaluation, so the curve follows the generator, not the noise.
+        m = judge_generator(G_eval, args.z_dim, args.eval_samples, seed=_mix(args.seed, 0xE7A1), device=d.device, judge=judge)
+        judged.append((step, m))
+        log(f"step {step}/{args.steps}: {m.line()}")
+        warning = collapse_warning(judged)
+        if warning:
+            log(f"WARNING: {warning}", err=True)
+        judge_seconds += time.perf_counter() - t
+
     def sample(step: int) -> None:
-        net = _unwrap(G)
         with torch.no_grad(), autocast:
-            save_grid(net(fixed_z), run_dir / "samples" / f"step_{step:06d}.png")
+            save_grid(G_eval(fixed_z), run_dir / "samples" / f"step_{step:06d}.png")
 
     def flush() -> None:
         if not pending:
@@ -552,6 +686,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if d.device.type == "cuda" else []}
         state = {
             "G": G.state_dict(),
+            "G_ema": G_ema.state_dict() if G_ema is not None else None,
             "D": D.state_dict(),
             "opt_G": opt_G.state_dict(),
             "opt_D": opt_D.state_dict(),
@@ -561,9 +696,12 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             "rng": rng,
             "args": {k: v for k, v in vars(args).items()},
             "history": history,
+            "metrics": [{"step": step, **asdict(m)} for step, m in judged],
         }
         save_checkpoint(ckpt_path, state)
 
+    if judge is not None and start == 0:
+        evaluate(0)  # the untrained generator: where the curves start
     for step in range(start, args.steps):
         real = data[batches.indices(step).to(data.device)].to(d.device, non_blocking=True)
         real = real.contiguous(memory_format=memory_format)
@@ -602,6 +740,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             scaler_G.scale(loss_g).backward()
         scaler_G.step(opt_G)
         scaler_G.update()
+        if G_ema is not None:
+            # Decay ramped up as (1 + s) / (10 + s): the average forgets the random initial weights.
+            ema_update(G_ema, G, min(args.ema, (1 + step) / (10 + step)))
 
         # The logged D loss is the non-saturating part alone (comparable with and without R1).
         pending.append(torch.stack([loss_ns.detach(), loss_g.detach()]))
@@ -609,7 +750,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         if done % log_every == 0 or done == args.steps:
             flush()
             if bar is not None:
-                elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0 - judge_seconds
                 bar.set_postfix(
                     D=f"{history[-1][1]:.3f}", G=f"{history[-1][2]:.3f}", img_s=f"{(done - start) * B * d.world / elapsed:.0f}"
                 )
@@ -617,10 +758,12 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             bar.update(1)
         if done % args.sample_every == 0 or done == args.steps:
             flush()  # collective under DDP: every process, at the same steps
+        if judge is not None and (done % args.eval_every == 0 or done == args.steps):
+            evaluate(done)
         if d.main and (done % args.sample_every == 0 or done == args.steps):
             sample(done)
             if bar is None:  # without a progress bar, a line per sample grid
-                elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0 - judge_seconds
                 print(
                     f"step {done}/{args.steps}: loss D {history[-1][1]:.3f} G {history[-1][2]:.3f}, "
                     f"{(done - start) * B * d.world / elapsed:.0f} images/s",
@@ -639,7 +782,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         bar.close()
     flush()
     steps_run = args.steps - start
-    ips = steps_run * B * d.world / seconds
+    ips = steps_run * B * d.world / (seconds - judge_seconds)
     tail = history[-min(50, len(history)) :]
     loss_d_final = sum(h[1] for h in tail) / len(tail)
     loss_g_final = sum(h[2] for h in tail) / len(tail)
@@ -654,15 +797,47 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             f"train_gan: {steps_run} steps ({start}→{args.steps}) in {seconds:.1f} s, {ips:.0f} images/s, "
             f"final loss D {loss_d_final:.3f} G {loss_g_final:.3f} (mean of last {len(tail)} steps); outputs in {run_dir}/"
         )
+        if judged:
+            save_metrics(history, judged, run_dir, f"{args.name}: {args.layers} layers, batch {B}×{d.world}, {d.device.type}")
+            print(summarise_metrics(judged, judge_seconds))
     return dict(
         steps=steps_run,
         seconds=seconds,
+        judge_seconds=judge_seconds,
+        metrics=judged,
         images_per_s=ips,
         loss_D=loss_d_final,
         loss_G=loss_g_final,
         history=history,
         run_dir=run_dir,
     )
+
+
+def _metrics_from_state(entry: dict[str, Any]) -> tuple[int, DigitMetrics]:
+    fields = {k: v for k, v in entry.items() if k != "step"}
+    fields["class_counts"] = tuple(fields["class_counts"])
+    return int(entry["step"]), DigitMetrics(**fields)
+
+
+def summarise_metrics(judged: list[tuple[int, DigitMetrics]], judge_seconds: float) -> str:
+    """The end-of-run lines about the judge: the last scores, the best ones, and whether
+    digits were lost on the way (coverage below its best)."""
+    step, last = judged[-1]
+    best_rec_step, best_rec = max(judged, key=lambda h: (h[1].recognisable, -h[0]))
+    best_fd_step, best_fd = min(judged, key=lambda h: (h[1].frechet, h[0]))
+    best_cov = max(m.coverage for _, m in judged)
+    lines = [
+        f"digits judge at step {step} ({last.samples} samples): {last.line()}",
+        f"  best: recognisable {100 * best_rec.recognisable:.0f}% at step {best_rec_step}, Fréchet {best_fd.frechet:.2f} at step "
+        f"{best_fd_step}, coverage {best_cov}/10; {len(judged)} evaluations took {judge_seconds:.1f} s (not in images/s)",
+    ]
+    if last.coverage < best_cov:
+        uncovered = ", ".join(str(k) for k, c in enumerate(last.class_counts) if c < math.ceil(MIN_SHARE * last.samples))
+        lines.append(
+            f"  WARNING: the run ends covering {last.coverage}/10 digits (not {uncovered}), below its best of {best_cov}/10: "
+            "the generator dropped digits (mode collapse)"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

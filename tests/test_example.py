@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
 import os
 import subprocess
@@ -17,9 +18,11 @@ from gankernels.testing import assert_close_rel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_gan.py"
+sys.path.insert(0, str(SCRIPT.parent))  # train_gan imports digits_judge from its folder
 
-# Width 4 (G 32→16→8→4 channels, D 4→8→16), batch 8, at the digits' 32×32.
-TINY = ["--width", "4", "--batch-size", "8", "--z-dim", "16", "--no-progress", "--device", "cpu"]
+# Width 4 (G 32→16→8→4 channels, D 4→8→16), batch 8, at the digits' 32×32; the digits
+# judge scores 50 samples.
+TINY = ["--width", "4", "--batch-size", "8", "--z-dim", "16", "--no-progress", "--device", "cpu", "--eval-samples", "50"]
 
 
 def _load_script():
@@ -31,7 +34,6 @@ def _load_script():
 
 
 tg = _load_script()
-
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
@@ -48,6 +50,7 @@ def test_smoke_outputs(tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(h)).all() for h in s["history"])
     out = capsys.readouterr().out
     assert "3 steps" in out and "images/s" in out and "final loss D" in out
+    assert "digits judge at step 3 (50 samples): recognisable" in out
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3 and set(tg.CHECKPOINT_KEYS) <= set(ckpt)
 
@@ -63,17 +66,22 @@ def test_stock_and_gankernels_losses_match(tmp_path):
 
 def test_resume_reproduces_run(tmp_path):
     """4 steps straight == 2 steps, then --resume for 2 more: same parameters, bit for bit."""
-    _run(tmp_path, "straight", "--steps", "4", "--sample-every", "100", "--ckpt-every", "100")
-    _run(tmp_path, "split", "--steps", "2", "--sample-every", "100", "--ckpt-every", "100")
-    split = _run(tmp_path, "split", "--steps", "4", "--sample-every", "100", "--ckpt-every", "100", "--resume")
+    common = ("--sample-every", "100", "--ckpt-every", "100", "--eval-every", "1")
+    _run(tmp_path, "straight", "--steps", "4", *common)
+    _run(tmp_path, "split", "--steps", "2", *common)
+    split = _run(tmp_path, "split", "--steps", "4", *common, "--resume")
     assert split["steps"] == 2
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
-    for net in ("G", "D"):
+    for net in ("G", "D", "G_ema"):
         for k in a[net]:
             assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
     assert a["history"] == b["history"]
+    assert [m["step"] for m in b["metrics"]] == [0, 1, 2, 3, 4]
+    assert a["metrics"] == b["metrics"]  # the judge's scores, carried through the checkpoint
+    rows = list(csv.reader(open(tmp_path / "split" / "metrics.csv")))
+    assert [r[0] for r in rows[1:]] == ["0", "1", "2", "3", "4"]
 
 
 def test_resume_errors(tmp_path):
@@ -92,6 +100,90 @@ def test_resume_errors(tmp_path):
     torch.save({"G": {}}, bad)
     with pytest.raises(SystemExit, match="not a train_gan.py checkpoint"):
         _run(tmp_path, "r", "--steps", "2", "--resume", str(bad))
+
+
+def test_digits_judge_during_training(tmp_path, capsys):
+    """Scores at step 0, every --eval-every steps and at the end, logged, written to
+    metrics.csv/.png, summarised; they are the judge's scores of the final averaged
+    generator."""
+    from digits_judge import judge_generator
+
+    s = _run(tmp_path, "judged", "--steps", "5", "--eval-every", "2", "--sample-every", "100")
+    run = tmp_path / "judged"
+    assert [step for step, _ in s["metrics"]] == [0, 2, 4, 5]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == list(tg.METRICS_FIELDS) and [r[0] for r in rows[1:]] == ["0", "2", "4", "5"]
+    assert (run / "metrics.png").is_file() and (run / "losses.png").is_file()
+    out = capsys.readouterr().out
+    assert "step 2/5: recognisable" in out and "Fréchet" in out and "digits judge at step 5 (50 samples)" in out
+
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    G = dcgan_generator(16, tg.channel_plan(32, 4)[0], 1, layers="gankernels")
+    G.load_state_dict(ckpt["G_ema"])  # the judge scores the weights' moving average
+    again = judge_generator(G, 16, num_samples=50, seed=tg._mix(0, 0xE7A1))
+    assert again == s["metrics"][-1][1]
+    assert float(rows[-1][4]) == pytest.approx(again.frechet, abs=1e-4)
+
+
+def test_ema_update():
+    """The averaged generator: beta·average + (1 − beta)·model, against float64."""
+    torch.manual_seed(1)
+    model, average = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    pairs = zip(average.parameters(), model.parameters(), strict=True)
+    expected = [0.9 * a.detach().double() + 0.1 * p.detach().double() for a, p in pairs]
+    tg.ema_update(average, model, 0.9)
+    for a, e in zip(average.parameters(), expected, strict=True):
+        assert_close_rel(a.detach().double(), e, dtype=torch.float32, what="ema (float32 arithmetic)")
+
+
+def test_collapse_warning_during_training(tmp_path, capsys, monkeypatch):
+    """When the scores show digits lost (coverage 10 -> 3), a warning goes to stderr at
+    that evaluation and into the end summary."""
+    from digits_judge import DigitMetrics
+
+    def metrics(coverage: int) -> DigitMetrics:
+        counts = tuple(50 if d < coverage else 0 for d in range(10))
+        return DigitMetrics(500, sum(counts) / 500, coverage, 0.9, 5.0, counts)
+
+    scripted = iter([metrics(8), metrics(10), metrics(10), metrics(3)])
+    monkeypatch.setattr(tg, "judge_generator", lambda *a, **k: next(scripted))
+    _run(tmp_path, "collapse", "--steps", "3", "--eval-every", "1", "--sample-every", "100")
+    captured = capsys.readouterr()
+    assert "WARNING: mode collapse? coverage fell from 10/10 at step 1 to 3/10 at step 3" in captured.err
+    assert "digits no longer produced: 3, 4, 5, 6, 7, 8, 9" in captured.err
+    assert "WARNING: the run ends covering 3/10 digits" in captured.out
+
+
+def test_judge_skipped_for_image_folders(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(torch.full((8, 8, 3), 40 * i, dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+    extra = ("--resolution", "8", "--batch-size", "2", "--steps", "1", "--eval-every", "3")
+    s = _run(tmp_path, "folder", "--data", str(folder), *extra)
+    assert s["metrics"] == [] and not (tmp_path / "folder" / "metrics.csv").exists()
+    assert "skipped with --data" in capsys.readouterr().err
+
+
+def test_compare_layers_table(tmp_path, capsys):
+    """compare_layers.py: both layer kinds from one seed, one Markdown table, the same
+    judge scores (3 fp32 steps cannot drift apart)."""
+    spec = importlib.util.spec_from_file_location("compare_layers", SCRIPT.parent / "compare_layers.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    out = tmp_path / "table.md"
+    cmp.main(["--out", str(out), "--name", "cmp", "--runs-dir", str(tmp_path), *TINY, "--steps", "3", "--sample-every", "100"])
+    text = out.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| stock") or line.startswith("| gankernels")]
+    assert [r[0] for r in rows] == ["| stock", "| gankernels"]
+    assert rows[0][4:] == rows[1][4:]  # recognisable, coverage, entropy, Fréchet, losses
+    assert "compare_layers.py --out" in text and "3 steps, batch 8, width 4" in text
+    assert (tmp_path / "cmp-stock" / "metrics.csv").is_file() and (tmp_path / "cmp-gankernels" / "metrics.csv").is_file()
+    with pytest.raises(SystemExit):
+        cmp.parse_args(["--layers", "stock"])
 
 
 def test_image_folder(tmp_path, capsys):
