@@ -271,6 +271,9 @@ def _conv3x3_fwd_kernel(
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     if MODE == 1:
+        # Pool the values as they are stored: rounded to the output dtype first, so values
+        # that tie only after rounding pool as F.max_pool2d pools the rounded conv output.
+        y = y.to(out_ptr.dtype.element_ty)
         # Pool in registers: [P·4, N] -> [P, N, dy, dx], split out the 4 window values.
         BLOCK_P: tl.constexpr = BLOCK_M // 4
         y4 = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_P, 4, BLOCK_N)), (0, 2, 1)), (BLOCK_P, BLOCK_N, 2, 2))

@@ -162,6 +162,24 @@ def test_pool_ties_take_first_position():
     assert torch.equal(saved, torch.zeros_like(saved))
 
 
+def test_pool_argmax_is_taken_after_rounding():
+    """Issue 18 item 4: values that differ in fp32 but tie once rounded to the output
+    dtype must pool as F.max_pool2d pools the rounded conv output (first max wins).
+    Here every conv value is 1 (centre tap) plus 2^-13 times the left neighbour: in fp32
+    the right column of each window is larger, in fp16 (ulp 2^-10 at 1) all four tie."""
+    x = torch.ones(1, 1, 2, 4, dtype=torch.float16)
+    wt = torch.zeros(1, 1, 3, 3, dtype=torch.float16)
+    wt[0, 0, 1, 1] = 1.0
+    wt[0, 0, 1, 0] = 2.0**-13
+    out, saved = tconv.conv3x3_pool_forward(x, wt, None, "linear", 0.2, 1.0, None)
+    y = F.conv2d(x.double(), wt.double(), padding=1).half()  # stock: conv output rounded, then pooled
+    assert y[0, 0, 0, 0] == y[0, 0, 0, 1]  # the tie after rounding the test is about
+    expect_pos, _ = _pool_positions(y.double())
+    assert torch.equal(out, F.max_pool2d(y, 2))
+    assert torch.equal(saved.long(), expect_pos)
+    assert torch.equal(saved, torch.zeros_like(saved))
+
+
 def test_nan_propagates_like_pytorch():
     x, wt, b = _make(1, 3, 5, 6, 6, torch.float32, "channels_last", True, 5)
     x[0, 1, 2, 3] = float("nan")
