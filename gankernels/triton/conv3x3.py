@@ -48,7 +48,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import OpImpl, register
-from gankernels.triton.utils import INTERPRET, common_reasons, empty
+from gankernels.triton.utils import INTERPRET, MAX_TILE_ROWS, ROW_INDEX_LIMIT, common_reasons, empty
 
 __all__ = [
     "conv3x3_forward",
@@ -473,8 +473,11 @@ def _shape_reasons(op: str, x: torch.Tensor, w: torch.Tensor) -> list[str]:
     if 16 * ci * co > _INT32_MAX:
         reasons.append(f"w: {co}×{ci} channels are too many for the packed weight's 32-bit indexing")
     rows = n * h * wd  # GEMM rows (pool: 4 per pooled pixel, at most N·H·W)
-    if rows > _INT32_MAX:
-        reasons.append(f"x: N·H·W = {rows} pixels exceeds the kernel's 32-bit pixel index (2^31 − 1); split the batch")
+    if rows > ROW_INDEX_LIMIT:
+        reasons.append(
+            f"x: N·H·W = {rows} pixels exceeds the kernel's 32-bit pixel index (at most 2^31 − 1 − {MAX_TILE_ROWS}, "
+            "so the last tile's rows do not wrap); split the batch"
+        )
     if ci == 0 or co == 0 or n == 0:
         reasons.append("x/w: empty channel or batch dimension; use backend='torch'")
     if x.device.type == "cuda":
