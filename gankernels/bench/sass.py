@@ -162,11 +162,17 @@ def loops(instructions: list[Instruction]) -> list[Loop]:
 
 def main_loop(instructions: list[Instruction]) -> Loop:
     """The loop holding the most tensor-core instructions; among equals the shortest
-    (the innermost of a nest). Raises ValueError when no loop issues tensor-core MMA."""
-    candidates = [lp for lp in loops(instructions) if lp.count("tensor")]
-    if not candidates:
-        raise ValueError("no loop with tensor-core instructions (no MMA main loop in this kernel)")
-    return max(candidates, key=lambda lp: (lp.count("tensor"), -lp.size))
+    (the innermost of a nest). A kernel whose K loop has a single step has no loop once
+    compiled: then the whole function, if it has MMA and no loop at all (``Loop.start``
+    is its first address), as one step. Raises ValueError otherwise."""
+    found = loops(instructions)
+    candidates = [lp for lp in found if lp.count("tensor")]
+    if candidates:
+        return max(candidates, key=lambda lp: (lp.count("tensor"), -lp.size))
+    whole = Loop(instructions[0].address, instructions[-1].address, tuple(instructions))
+    if whole.count("tensor") and not found:
+        return whole
+    raise ValueError("no loop with tensor-core instructions (no MMA main loop in this kernel)")
 
 
 # Dense tensor-core throughput of one H100/H200 SM, in multiply-adds per cycle, by the

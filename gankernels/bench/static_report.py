@@ -77,6 +77,7 @@ class Row:
     tile_macs: int = 0  # product of the BLOCK_* sizes: one step's multiply-adds per CTA
     steps_per_iteration: float = 0.0  # loop iterations hold this many K-steps (1 unless unrolled)
     loop_instructions: int = 0  # per warp, one loop iteration
+    whole_kernel: bool = False  # no K loop (a single step): the whole kernel counted as one step
     inner_branches: bool = False  # the loop body branches: counts are its longest path
     instructions_per_step: float = 0.0  # per warp
     by_class: dict = dataclasses.field(default_factory=dict)  # per warp per step
@@ -129,6 +130,7 @@ def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row
     """Fill ``row``'s loop measures from the SASS ``text`` of ``function``."""
     instructions = sass.parse(text, function)
     loop = sass.main_loop(instructions)
+    row.whole_kernel = loop.start == instructions[0].address and loop.body[-1] is instructions[-1]
     macs, rate, scopes = 0, None, set()
     for ins in loop.body:
         if ins.klass != "tensor":
@@ -273,7 +275,7 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
             lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 11)
             continue
         cls = "·".join(f"{r.by_class[k]:.0f}" for k in sass.CLASSES)
-        branch = " (branches)" if r.inner_branches else ""
+        branch = " (whole kernel)" if r.whole_kernel else " (branches)" if r.inner_branches else ""
         lines.append(
             f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | {r.instructions_per_step:.0f}{branch} | {cls} "
             f"| {r.tensor_cycles_per_step:.0f} | {r.warps_per_scheduler} | {r.issue_load:.2f} | {100 * r.ceiling:.0f} % "

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import OpImpl, register
-from gankernels.triton.utils import INTERPRET, MAX_TILE_ROWS, ROW_INDEX_LIMIT, common_reasons, empty
+from gankernels.triton.utils import INT32_LIMIT, INTERPRET, MAX_TILE_ROWS, ROW_INDEX_LIMIT, common_reasons, empty, span
 
 __all__ = [
     "conv3x3_forward",
@@ -127,21 +127,47 @@ def _pool_step(best, best_q, v, q: tl.constexpr):
 
 
 # N, H, W and the derived sizes change from layer to layer; specialising on them (==1,
-# divisible by 16) would only multiply compilations. Channel counts and strides stay
-# specialised: they decide how wide the loads can be.
+# divisible by 16) would only multiply compilations. The channel counts come twice: as
+# compile-time constants CI, CO (each layer has its own anyway, and they are in the
+# autotune key), so the tap decoding costs no division and the channel and output masks
+# vanish when the tiles divide them; and as the runtime Ci, Co, for the K loop's trip
+# count only: a constant one that small (9–18 steps) makes ptxas unroll the loop fully,
+# a several times larger kernel, no cheaper per step. Strides stay specialised (vector loads).
 @triton.jit(do_not_specialize=["N", "H", "W", "HB", "WB", "M"])
 def _conv3x3_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr,
-    N, H, W, Ci, Co, HB, WB, M,
-    sxn, sxc, sxh, sxw,
-    son, soc, soh, sow,
-    alpha, gain, clamp,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    idx_ptr,
+    N,
+    H,
+    W,
+    Ci,
+    Co,
+    HB,
+    WB,
+    M,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    son,
+    soc,
+    soh,
+    sow,
+    alpha,
+    gain,
+    clamp,
+    CI: tl.constexpr,
+    CO: tl.constexpr,
     MODE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
     FLAT_K: tl.constexpr,
+    X_INT32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,13 +179,15 @@ def _conv3x3_fwd_kernel(
     else:
         KT: tl.constexpr = 3
     T: tl.constexpr = KT * KT
+    KTOT: tl.constexpr = T * CI  # rows of one sub-problem's packed weight matrix
+    EVEN_N: tl.constexpr = CO % BLOCK_N == 0
 
     # Program order: Co tiles fastest, then (up-conv) the 4 output phases, then pixel
     # tiles, so the programs that read one tile of input pixels run together. Phases
     # are separate programs, not a loop: the deep, narrow-M layers (512→256 at 8×8)
     # need the parallelism.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(Co, BLOCK_N)
+    num_n: tl.constexpr = (CO + BLOCK_N - 1) // BLOCK_N
     pid_n = pid % num_n
     rest = pid // num_n
     if MODE == 2:
@@ -169,13 +197,12 @@ def _conv3x3_fwd_kernel(
         q = 0
         pid_m = rest
 
+    # Rows in 32 bits: the host keeps M + BLOCK_M below 2^31 (utils.ROW_INDEX_LIMIT).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-    n_ok = offs_n < Co
+    n_ok = offs_n < CO
     offs_m = tl.where(m_ok, offs_m, 0)
-    # Pixel coordinates in 32 bits (M < 2^31 is checked on the host); memory offsets in
-    # 64 bits, so tensors of more than 2^31 elements address right.
     if MODE == 1:
         # Rows are full-resolution pixels in pooling-window order, m = pooled·4 + dy·2 + dx,
         # so each window's 4 values land in 4 consecutive rows of the one accumulator.
@@ -195,65 +222,88 @@ def _conv3x3_fwd_kernel(
         bn = t // HB
         ch = bh
         cw = bw
-    x_img = x_ptr + bn.to(tl.int64) * sxn  # [BLOCK_M] pointers to each row's image
     ar_k = tl.arange(0, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
 
-    KTOT = T * Ci  # rows of one sub-problem's packed weight matrix
-    if FLAT_K:
-        n_steps = tl.cdiv(KTOT, BLOCK_K)
-    else:
-        k_chunks = tl.cdiv(Ci, BLOCK_K)
-        n_steps = T * k_chunks
-
-    # The input pixel of tap (0, 0) is (oh − 1, ow − 1): the 3×3 conv around (ch, cw),
-    # or phase (a, c) reading low-resolution rows i − 1 + a + tr, columns j − 1 + c + tc.
+    # The input pixel of tap (0, 0) is (ih0, iw0) = (oh − 1, ow − 1): the 3×3 conv around
+    # (ch, cw), or phase (a, c) reading low-resolution rows i − 1 + a + tr, columns j − 1 + c + tc.
     if MODE == 2:
-        oh = ch + q // 2
-        ow = cw + q % 2
-        w_q = w_ptr + q * KTOT * Co  # this phase's packed kernel
+        ih0 = ch + q // 2 - 1
+        iw0 = cw + q % 2 - 1
+        w_q = w_ptr + q * (KTOT * CO)  # this phase's packed kernel
     else:
-        oh = ch
-        ow = cw
+        ih0 = ch - 1
+        iw0 = cw - 1
         w_q = w_ptr
-    # Pointer to pixel (oh − 1, ow − 1) of each row; taps add a scalar (or per-k) offset.
-    pix = x_img + (oh - 1).to(tl.int64) * sxh + (ow - 1).to(tl.int64) * sxw
+    # Each row's offset to its pixel (ih0, iw0): from x_ptr in 32 bits when x spans less
+    # than 2^31 elements, else from the row's own image (64-bit base, 32-bit in-image offset).
+    if X_INT32:
+        a_base = x_ptr
+        row_off = bn * sxn + ih0 * sxh + iw0 * sxw
+    else:
+        a_base = x_ptr + bn.to(tl.int64) * sxn
+        row_off = ih0 * sxh + iw0 * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(n_steps):
-        if FLAT_K:
+    if FLAT_K:
+        # Taps and channels share one K axis (Ci < 16): K index kk = tap·Ci + ci.
+        N_STEPS: tl.constexpr = (KTOT + BLOCK_K - 1) // BLOCK_K
+        for s in range(N_STEPS):
             kk = s * BLOCK_K + ar_k  # [BLOCK_K] rows of the packed weight
             k_ok = kk < KTOT
-            tap = kk // Ci
-            ci = kk - tap * Ci
+            tap = kk // CI
+            ci = kk - tap * CI
             tr = tap // KT
             tc = tap - tr * KT
-            k_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw + ci.to(tl.int64) * sxc
-            ih = oh[:, None] + (tr[None, :] - 1)
-            iw = ow[:, None] + (tc[None, :] - 1)
+            ih = ih0[:, None] + tr[None, :]
+            iw = iw0[:, None] + tc[None, :]
             a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = pix[:, None] + k_off[None, :]
-            w_rows = kk
-        else:
-            tap = s // k_chunks
-            ci0 = (s - tap * k_chunks) * BLOCK_K
+            k_off = tr * sxh + tc * sxw + ci * sxc
+            a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
+            b_ptrs = w_q + kk[:, None] * CO + offs_n[None, :]
+            bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
+    else:
+        # A step is (tap, BLOCK_K input channels): tap = s // K_CHUNKS.
+        K_CHUNKS: tl.constexpr = (CI + BLOCK_K - 1) // BLOCK_K
+        EVEN_K: tl.constexpr = CI % BLOCK_K == 0
+        # Bit tr·KT + tc of a row's mask: tap (tr, tc) reads inside the image (0 for rows
+        # past M). Computed once, so a step tests one bit per row instead of four bounds.
+        tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for dr in tl.static_range(KT):
+            for dc in tl.static_range(KT):
+                inside = m_ok & (ih0 + dr >= 0) & (ih0 + dr < H) & (iw0 + dc >= 0) & (iw0 + dc < W)
+                tap_ok = tap_ok | (inside.to(tl.int32) << (dr * KT + dc))
+        # Loop-invariant offsets of the [BLOCK_M, BLOCK_K] input and [BLOCK_K, BLOCK_N]
+        # weight tiles: a step only adds a scalar to each.
+        a_off = row_off[:, None] + (ar_k * sxc)[None, :]
+        b_off = ar_k[:, None] * CO + offs_n[None, :]
+        for s in range(T * tl.cdiv(Ci, BLOCK_K)):  # = T·K_CHUNKS, from the runtime Ci (see above)
+            tap = s // K_CHUNKS
+            ci0 = (s - tap * K_CHUNKS) * BLOCK_K
             tr = tap // KT
             tc = tap - tr * KT
-            ci = ci0 + ar_k
-            k_ok = ci < Ci
-            ih = oh + (tr - 1)
-            iw = ow + (tc - 1)
-            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ok = pix_ok[:, None] & k_ok[None, :]
-            tap_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw
-            a_ptrs = (pix + tap_off)[:, None] + (ci.to(tl.int64) * sxc)[None, :]
-            w_rows = tap * Ci + ci
-        a = tl.load(a_ptrs, mask=a_ok, other=0.0)
-        b_ptrs = w_q + w_rows[:, None] * Co + offs_n[None, :]
-        bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
+            row_in = (tap_ok & (1 << tap)) != 0
+            if EVEN_K:
+                a_ok = row_in[:, None]
+                w_k_ok = None
+            else:
+                k_ok = ci0 + ar_k < CI
+                a_ok = row_in[:, None] & k_ok[None, :]
+                w_k_ok = k_ok[:, None]
+            a = tl.load(a_base + (tr * sxh + tc * sxw + ci0 * sxc) + a_off, mask=a_ok, other=0.0)
+            b_ptrs = w_q + (tap * CI + ci0) * CO + b_off
+            if EVEN_K and EVEN_N:
+                bmat = tl.load(b_ptrs)
+            elif EVEN_K:
+                bmat = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            elif EVEN_N:
+                bmat = tl.load(b_ptrs, mask=w_k_ok, other=0.0)
+            else:
+                bmat = tl.load(b_ptrs, mask=w_k_ok & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc = acc + bias[None, :]
@@ -355,7 +405,8 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     taps = 4 if kwargs.get("MODE", named_args.get("MODE")) == MODE_UP else 9
     max_k = max(32, triton.next_power_of_2(taps * ci if flat else ci))
     kept = [
-        c for c in configs
+        c
+        for c in configs
         if min_n <= c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k and _smem_bytes(c, elsize) <= smem_limit
     ]
     if not kept:
@@ -397,9 +448,7 @@ def _tuned_kernel(device: torch.device):
         if k is None:
             configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
             prune = functools.partial(_prune_configs, smem_limit=_SMEM_LIMIT[family])
-            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
-                _conv3x3_fwd_kernel
-            )
+            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(_conv3x3_fwd_kernel)
             _tuned[family] = k
     return k
 
@@ -523,8 +572,16 @@ def _empty_out(shape: tuple, like: torch.Tensor, dtype: Optional[torch.dtype] = 
     return empty(POISON_OUTPUTS, shape, dtype=dtype or like.dtype, device=like.device, memory_format=ref.memory_format_of(like))
 
 
-def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float,
-            gain: float, clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(
+    mode: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
     if act not in ACT_CODES:
         raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
     n, ci, h, wd = x.shape
@@ -548,14 +605,36 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
     flat = ci < _FLAT_K_BELOW
     args = (
-        x, wp, bias, out, idx if mode == MODE_POOL else out,
-        n, h, wd, ci, co, hb, wb, m,
-        *x.stride(), *out.stride(),
-        float(alpha), float(gain), float(clamp if clamp is not None else 0.0),
+        x,
+        wp,
+        bias,
+        out,
+        idx if mode == MODE_POOL else out,
+        n,
+        h,
+        wd,
+        ci,
+        co,
+        hb,
+        wb,
+        m,
+        *x.stride(),
+        *out.stride(),
+        float(alpha),
+        float(gain),
+        float(clamp if clamp is not None else 0.0),
     )
     consts = dict(
-        MODE=mode, ACT=ACT_CODES[act], HAS_BIAS=b is not None, HAS_GAIN=float(gain) != 1.0,
-        HAS_CLAMP=clamp is not None, FLAT_K=flat, PRECISION=_precision(x),
+        CI=ci,
+        CO=co,
+        MODE=mode,
+        ACT=ACT_CODES[act],
+        HAS_BIAS=b is not None,
+        HAS_GAIN=float(gain) != 1.0,
+        HAS_CLAMP=clamp is not None,
+        FLAT_K=flat,
+        X_INT32=span(x) <= INT32_LIMIT,
+        PRECISION=_precision(x),
     )
 
     phases = 4 if mode == MODE_UP else 1  # the up-conv's output phases are separate programs
@@ -575,8 +654,15 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     return out, idx
 
 
-def conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                    alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def conv3x3_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``clip(act(conv2d(x, w, padding=1) + b)·gain)`` by the Triton kernel.
 
     Returns ``(out, saved)``: ``out`` [N, Co, H, W] in x's memory format (channels_last
@@ -587,8 +673,15 @@ def conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] 
     return _launch(MODE_CONV, x, w, b, act, alpha, gain, clamp)
 
 
-def conv3x3_pool_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                         alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def conv3x3_pool_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_pool2d(conv3x3(x, w, b, ...), 2)`` by the Triton kernel, pooling in registers.
 
     Returns ``(out, saved)``: ``out`` [N, Co, H//2, W//2] (odd sizes floor) in x's
@@ -599,8 +692,15 @@ def conv3x3_pool_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Ten
     return _launch(MODE_POOL, x, w, b, act, alpha, gain, clamp)
 
 
-def up_conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                       alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def up_conv3x3_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``conv3x3(upsample_nearest(x, 2), w, b, ...)`` by the sub-pixel Triton kernel.
 
     Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
@@ -609,8 +709,15 @@ def up_conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     return _launch(MODE_UP, x, w, b, act, alpha, gain, clamp)
 
 
-def fake_saved_pool(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                    alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> torch.Tensor:
+def fake_saved_pool(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> torch.Tensor:
     """The (empty-valued) ``saved`` of :func:`conv3x3_pool_forward` for fake tensors:
     int8 [N, Co, H//2, W//2] in x's memory format."""
     n, _, h, wd = x.shape
