@@ -359,15 +359,21 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Hopper (sm_90): 228 KB of shared memory per SM, deep pipelines affordable.
+# Hopper (sm_90): 228 KB of shared memory per SM, deep pipelines affordable. Ordered by
+# the static issue load of the ANCHORS rows (`python -m gankernels.bench static
+# --all-configs`): a 64- or 32-wide N tile needs a longer step (BLOCK_K 128, BLOCK_M 256)
+# to keep the per-step cost of the input tile's masked copies below the tensor time.
 _CONFIGS_HOPPER = [
+    _cfg(128, 128, 64, 8, 3),  # 96 KB of pipeline and <= 128 registers: 2 CTAs per SM
+    _cfg(128, 64, 128, 4, 3),  # Co = 64 (up-conv 128→64: load 0.46 where 128×64×64 has 0.58)
     _cfg(128, 128, 64, 8, 4),
     _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),  # load 0.25, but ~220-240 registers and 1 CTA per SM
     _cfg(64, 64, 32, 4, 4),
     _cfg(128, 64, 32, 8, 2),  # narrow inputs (RGB): one 32-deep K step covers 9·Ci
-    _cfg(128, 32, 64, 4, 4),  # narrow outputs (Co <= 32)
+    _cfg(256, 32, 64, 4, 3),  # narrow outputs (Co <= 32: up-conv 64→32 load 0.92 where 128×32×64 has 1.20)
+    _cfg(128, 32, 64, 4, 4),
     _cfg(256, 32, 32, 8, 3),
 ]
 # Ampere (sm_80/86) and anything else: 164 KB (sm_80) or 100 KB (sm_86) of shared memory.
