@@ -137,6 +137,31 @@ def measured() -> dict[str, static_report.Row]:
     return {" ".join(r.key.split(" ")[:4]): r for r in rows if r.preferred}
 
 
+# Forward rows of the recorded report still above issue 14's target of 0.5, and why
+# (benchmarks/NOTES.md): Co = 32 needs the 4-phases-per-CTA up-conv; the 3-channel first
+# layer is a single gathered K-step, not a loop.
+FORWARD_TARGET = 0.5
+FORWARD_ABOVE_TARGET = (
+    "forward up_conv3x3 64->32 @64",
+    "forward conv3x3 3->64 @128",
+    "forward conv3x3_pool 3->64 @128",
+)
+
+
+def test_recorded_forward_rows_meet_the_target():
+    """The recorded report (no compile here): every forward row at issue load <= 0.5
+    without spills, except the listed ones; a listed row that meets it must leave the list."""
+    path = static_report.default_out_dir() / "static.json"
+    if not path.exists():
+        pytest.skip(f"no static report recorded for triton {static_report.triton_version()} ({path})")
+    rows = {" ".join(k.split(" ")[:4]): r for k, r in static_report.load(path).items() if r["preferred"]}
+    forward = {k: r for k, r in rows.items() if r["kernel"] == "forward"}
+    assert len(forward) == 12, sorted(forward)
+    assert all(r["spill_bytes"] == 0 and not r["error"] for r in forward.values())
+    above = sorted(k for k, r in forward.items() if r["issue_load"] > FORWARD_TARGET)
+    assert above == sorted(FORWARD_ABOVE_TARGET)
+
+
 @pytest.mark.parametrize("what", HEADLINE)
 def test_headline_issue_load_not_regressed(what, recorded, measured):
     assert what in recorded, f"{what}: not in the recorded report; rerun `python -m gankernels.bench static`"
