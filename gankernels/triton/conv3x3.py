@@ -467,8 +467,70 @@ _pack_cache: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]] = OrderedDict(
 _pack_lock = threading.Lock()
 
 
+@triton.jit
+def _phase_tap(
+    w_ptr, base, swh, sww, mask, A: tl.constexpr, TR: tl.constexpr, C: tl.constexpr, TC: tl.constexpr, ACC: tl.constexpr
+):
+    """Phase (A, C)'s tap (TR, TC): the sum of the 3×3 taps it covers (DESIGN.md §4: along
+    an axis phase 0 uses (w0, w1+w2), phase 1 (w0+w1, w2)), summed in ACC."""
+    # Rows [K_LO, K_HI] of the 3×3 kernel: phase 0 tap 0 -> [0, 0], tap 1 -> [1, 2];
+    # phase 1 tap 0 -> [0, 1], tap 1 -> [2, 2]. Columns likewise.
+    K_LO: tl.constexpr = (1 + A) * TR
+    K_HI: tl.constexpr = A + (2 - A) * TR
+    L_LO: tl.constexpr = (1 + C) * TC
+    L_HI: tl.constexpr = C + (2 - C) * TC
+    # Rows summed first, then columns: the reference's order, so both give the same bits.
+    total = tl.zeros(base.shape, ACC)
+    for l in tl.static_range(L_LO, L_HI + 1):
+        col = tl.zeros(base.shape, ACC)
+        for k in tl.static_range(K_LO, K_HI + 1):
+            col += tl.load(w_ptr + base + k * swh + l * sww, mask=mask, other=0.0).to(ACC)
+        total += col
+    return total
+
+
+@triton.jit
+def _repack_phases_kernel(
+    w_ptr,
+    out_ptr,
+    Ci,
+    Co,
+    swo,
+    swi,
+    swh,
+    sww,
+    ACC: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    """out[a, c, tr, tc, ci, co] (contiguous ``[16·Ci, Co]``) = phase (a, c)'s tap (tr, tc)
+    of ``w[co, ci, 3, 3]``, summed in ACC (fp32, fp64 for fp64 weights) and rounded once
+    to out's dtype. One program per (Ci, Co) tile reads its 9 taps and writes all 16."""
+    offs_ci = tl.program_id(0) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    mask = (offs_ci < Ci)[:, None] & (offs_co < Co)[None, :]
+    base = offs_ci[:, None] * swi + offs_co[None, :] * swo  # [ci, co]: out's row order
+    o_tile = offs_ci[:, None] * Co + offs_co[None, :]
+    for a in tl.static_range(2):
+        for c in tl.static_range(2):
+            for tr in tl.static_range(2):
+                for tc in tl.static_range(2):
+                    v = _phase_tap(w_ptr, base, swh, sww, mask, a, tr, c, tc, ACC)
+                    row0 = ((a * 2 + c) * 2 + tr) * 2 + tc
+                    tl.store(out_ptr + row0 * Ci * Co + o_tile, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
     w = w.detach()
+    co, ci = w.shape[0], w.shape[1]
+    if phases and (w.device.type != "cpu" or INTERPRET):
+        # One kernel (not the ~20 small ops of the reference formula): this repack runs
+        # after every optimizer step, and on every call under autocast (a new weight copy).
+        out = torch.empty((16 * ci, co), dtype=dtype, device=w.device)
+        acc = tl.float64 if w.dtype == torch.float64 else tl.float32
+        grid = (triton.cdiv(ci, 32), triton.cdiv(co, 32))
+        _repack_phases_kernel[grid](w, out, ci, co, *w.stride(), ACC=acc, BLOCK_CI=32, BLOCK_CO=32)
+        return out
     if phases:
         # Phase kernels summed in fp32 (fp64 if w is fp64), then cast once.
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -476,7 +538,6 @@ def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
         packed = pw.permute(0, 1, 4, 5, 3, 2)  # [a, c, tr, tc, Ci, Co]
     else:
         packed = w.permute(2, 3, 1, 0)  # [kh, kw, Ci, Co]
-    co = w.shape[0]
     return packed.to(dtype).contiguous().reshape(-1, co)
 
 

@@ -73,9 +73,24 @@ def _cases():
                 gain = 1.7 if k % 3 == 1 else 1.0
                 clamp = 0.6 if k % 5 == 2 else None
                 # fp16 cases stay small in Ci·Co: the interpreter is slowest there.
-                out.append(pytest.param(op, dtype, n, ci, co, h, w, act, bias, gain, clamp, layout,
-                                        id=f"{op}-{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
-                                           f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}"))
+                out.append(
+                    pytest.param(
+                        op,
+                        dtype,
+                        n,
+                        ci,
+                        co,
+                        h,
+                        w,
+                        act,
+                        bias,
+                        gain,
+                        clamp,
+                        layout,
+                        id=f"{op}-{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
+                        f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}",
+                    )
+                )
     return out
 
 
@@ -221,6 +236,22 @@ def test_packed_phase_weights_are_the_reference_ones():
     packed = tconv.packed_weight(w, torch.float64, phases=True).reshape(2, 2, 2, 2, 4, 5)
     pw = ref.subpixel_phase_weights(w)  # [a, c, Co, Ci, tr, tc]
     assert torch.equal(packed, pw.permute(0, 1, 4, 5, 3, 2))
+
+
+@pytest.mark.parametrize(
+    "src,dst,layout", [(torch.float32, torch.float16, "channels_last"), (torch.float16, torch.float32, "nchw")]
+)
+def test_phase_repack_kernel_matches_the_formula(src, dst, layout):
+    """The one-kernel phase repack gives the reference formula's bits (summed in fp32,
+    rounded once), for tiles that do not divide the channels and any weight layout."""
+    w = torch.randn(37, 33, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(19)).to(src)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    got = tconv._pack(w, dst, phases=True)
+    pw = ref.subpixel_phase_weights(w.float())  # [a, c, Co, Ci, tr, tc]
+    expect = pw.permute(0, 1, 4, 5, 3, 2).to(dst).contiguous().reshape(-1, 37)
+    assert got.shape == (16 * 33, 37) and got.dtype == dst
+    assert torch.equal(got, expect)
 
 
 def test_supports_reasons():
