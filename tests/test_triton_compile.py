@@ -134,10 +134,10 @@ KNOWN_ISSUES: tuple[Known, ...] = (
     Known(
         r"^sm90-(conv3x3_fwd|dgrad|wgrad)_kernel-bf16-nchw-",
         "spill",
-        "NCHW input (channel stride != 1; likely cause: 64-bit per-element pointers, no vector loads along K): the "
-        "conv-family kernels run at 255 registers and spill. triton 3.8: forward 128x128x64 w8 944 B (conv), 112 B "
-        "(pool), 872 B (up-conv), dgrad pool 128 B, wgrad pool 32 B; triton 3.6: wgrad pool 8 B. channels_last, "
-        "the layout the kernels are built for, does not spill there",
+        "NCHW input (channel stride != 1: no vector loads along K, per-element offsets): the conv-family kernels "
+        "run at 255 registers and spill. triton 3.8: forward 128x128x64 w8 s3 104 B (conv), 40 B (pool), 48 B "
+        "(up-conv), dgrad pool 128 B, wgrad pool 32 B; triton 3.6: wgrad pool 8 B. channels_last, the layout the "
+        "kernels are built for, does not spill there",
         seen=("3.6", "3.8"),
     ),
     Known(
