@@ -78,6 +78,8 @@ class Row:
     steps_per_iteration: float = 0.0  # loop iterations hold this many K-steps (1 unless unrolled)
     loop_instructions: int = 0  # per warp, one loop iteration
     whole_kernel: bool = False  # no K loop (a single step): the whole kernel counted as one step
+    outside_loop_instructions: int = 0  # per warp: prologue and epilogue (each issued once per CTA)
+    cta_issue_load: float = 0.0  # (outside + k_steps · per step) · warps/scheduler ÷ (k_steps · tensor cycles); 0: unknown
     inner_branches: bool = False  # the loop body branches: counts are its longest path
     instructions_per_step: float = 0.0  # per warp
     by_class: dict = dataclasses.field(default_factory=dict)  # per warp per step
@@ -143,6 +145,7 @@ def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row
     row.tile_macs = math.prod(v for k, v in config_blocks.items() if k.startswith("BLOCK_"))
     row.steps_per_iteration = macs / row.tile_macs
     row.loop_instructions = loop.size
+    row.outside_loop_instructions = 0 if row.whole_kernel else len(instructions) - loop.size
     row.inner_branches = loop.has_inner_branches()
     steps = row.steps_per_iteration
     row.instructions_per_step = loop.size / steps
@@ -154,6 +157,9 @@ def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row
     bytes_per_warp = sum(sass.global_bytes_per_warp(i) for i in loop.body)
     row.global_bytes_per_step = bytes_per_warp * row.num_warps / steps
     row.top_opcodes = dict(loop.opcodes().most_common(12))
+    if row.k_steps and not row.whole_kernel:
+        issue = row.outside_loop_instructions + row.k_steps * row.instructions_per_step
+        row.cta_issue_load = issue * row.warps_per_scheduler / (row.k_steps * row.tensor_cycles_per_step)
     return row
 
 
@@ -263,16 +269,20 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "the prologue and epilogue, not the loop, decide its time. Class counts: tensor-core MMA · loads and stores "
         "(incl. cp.async, shared and constant memory) · integer and address arithmetic · everything else (moves, "
         "barriers, conversions, branches). The backward rows are the blocks' training path (dgrad and wgrad of "
-        "conv3x3_pool and up_conv3x3; the first discriminator layer has no dgrad: its input is the image).",
+        "conv3x3_pool and up_conv3x3; the first discriminator layer has no dgrad: its input is the image). "
+        "'outside loop': instructions per warp before and after the main loop (prologue, epilogue; issued once "
+        "per CTA, every branch counted). 'CTA load': the same ratio over a whole CTA, prologue and epilogue "
+        "included (K-steps × the step's instructions + those outside the loop, over K-steps × tensor cycles): "
+        "the tighter bound where a CTA runs few K-steps.",
         "",
         "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "
-        "| issue load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| issue load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA | outside loop | CTA load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         cfg = r.config + (" ★" if all_configs and r.preferred else "")
         if r.error:
-            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 11)
+            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 13)
             continue
         cls = "·".join(f"{r.by_class[k]:.0f}" for k in sass.CLASSES)
         branch = " (whole kernel)" if r.whole_kernel else " (branches)" if r.inner_branches else ""
@@ -280,7 +290,8 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
             f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | {r.instructions_per_step:.0f}{branch} | {cls} "
             f"| {r.tensor_cycles_per_step:.0f} | {r.warps_per_scheduler} | {r.issue_load:.2f} | {100 * r.ceiling:.0f} % "
             f"| {r.registers} | {r.spill_bytes} | {r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} ({r.cta_limit}) "
-            f"| {r.global_bytes_per_step / 1024:.0f} K | {r.k_steps or 'split-K'} |"
+            f"| {r.global_bytes_per_step / 1024:.0f} K | {r.k_steps or 'split-K'} | {r.outside_loop_instructions or '—'} "
+            f"| {f'{r.cta_issue_load:.2f}' if r.cta_issue_load else '—'} |"
         )
     return "\n".join(lines) + "\n"
 

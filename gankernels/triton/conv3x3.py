@@ -119,6 +119,17 @@ def _epilogue(p, alpha, gain, clamp, ACT: tl.constexpr, HAS_GAIN: tl.constexpr, 
 
 
 @triton.jit
+def _decode_rows(m, HB, WB):
+    """(image, row, column) of flat pixel indices ``m`` (>= 0) on an N×HB×WB grid, with
+    unsigned division (cheaper than signed: the indices are never negative)."""
+    um = m.to(tl.uint32)
+    hb = HB.to(tl.uint32)
+    wb = WB.to(tl.uint32)
+    t = um // wb
+    return (t // hb).to(tl.int32), (t % hb).to(tl.int32), (um % wb).to(tl.int32)
+
+
+@triton.jit
 def _pool_step(best, best_q, v, q: tl.constexpr):
     # PyTorch's max-pool rule, in scan order: take v if v > best or v is NaN. Starting
     # from the first value, this makes the first max win and the last NaN win.
@@ -168,6 +179,7 @@ def _conv3x3_fwd_kernel(
     HAS_CLAMP: tl.constexpr,
     FLAT_K: tl.constexpr,
     X_INT32: tl.constexpr,
+    OUT_INT32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -207,19 +219,12 @@ def _conv3x3_fwd_kernel(
         # Rows are full-resolution pixels in pooling-window order, m = pooled·4 + dy·2 + dx,
         # so each window's 4 values land in 4 consecutive rows of the one accumulator.
         wq = offs_m % 4
-        pm = offs_m // 4
-        bw = pm % WB
-        t = pm // WB
-        bh = t % HB
-        bn = t // HB
+        bn, bh, bw = _decode_rows(offs_m // 4, HB, WB)
         ch = bh * 2 + wq // 2  # the conv output pixel of this row
         cw = bw * 2 + wq % 2
     else:
         # Rows are output pixels (conv) or low-resolution pixels (up-conv).
-        bw = offs_m % WB
-        t = offs_m // WB
-        bh = t % HB
-        bn = t // HB
+        bn, bh, bw = _decode_rows(offs_m, HB, WB)
         ch = bh
         cw = bw
     ar_k = tl.arange(0, BLOCK_K)
@@ -316,8 +321,11 @@ def _conv3x3_fwd_kernel(
         else:
             yh = ch * 2 + q // 2
             yw = cw * 2 + q % 2
-        o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
-        o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        if OUT_INT32:  # the output spans < 2^31 elements: 32-bit offsets
+            o_ptrs = out_ptr + (bn * son + yh * soh + yw * sow)[:, None] + (offs_n * soc)[None, :]
+        else:
+            o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
+            o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     if MODE == 1:
@@ -337,12 +345,12 @@ def _conv3x3_fwd_kernel(
         offs_p = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < M // 4
         offs_p = tl.where(p_ok, offs_p, 0)
-        pw = offs_p % WB
-        t2 = offs_p // WB
-        ph = t2 % HB
-        pn = t2 // HB
-        o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
-        o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        pn, ph, pw = _decode_rows(offs_p, HB, WB)
+        if OUT_INT32:
+            o_off = (pn * son + ph * soh + pw * sow)[:, None] + (offs_n * soc)[None, :]
+        else:
+            o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
+            o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         o_mask = p_ok[:, None] & n_ok[None, :]
         tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
         tl.store(idx_ptr + o_off, best_q.to(tl.int8), mask=o_mask)
@@ -701,6 +709,7 @@ def _launch(
         HAS_CLAMP=clamp is not None,
         FLAT_K=flat,
         X_INT32=span(x) <= INT32_LIMIT,
+        OUT_INT32=span(out) <= INT32_LIMIT,
         PRECISION=_precision(x),
     )
 
