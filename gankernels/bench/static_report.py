@@ -133,15 +133,14 @@ def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row
     instructions = sass.parse(text, function)
     loop = sass.main_loop(instructions)
     row.whole_kernel = loop.start == instructions[0].address and loop.body[-1] is instructions[-1]
-    macs, rate, scopes = 0, None, set()
+    macs, rate = 0, 0
     for ins in loop.body:
         if ins.klass != "tensor":
             continue
         m, dtype, scope = sass.mma_macs(ins)
-        per_cta = m * (row.num_warps // 4 if scope == "warpgroup" else row.num_warps)
-        macs += per_cta
+        # A warpgroup's 4 warps each issue an HGMMA and compute its product once together.
+        macs += m * (row.num_warps // 4 if scope == "warpgroup" else row.num_warps)
         rate = sass.SM90_MACS_PER_CYCLE[dtype]
-        scopes.add(scope)
     row.tile_macs = math.prod(v for k, v in config_blocks.items() if k.startswith("BLOCK_"))
     row.steps_per_iteration = macs / row.tile_macs
     row.loop_instructions = loop.size
