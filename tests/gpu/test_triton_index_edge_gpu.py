@@ -2,7 +2,8 @@
 
 The last slice's end ``m_start + M_PER_SPLIT`` can pass 2^31 − 1 when the slices do
 not divide the pixel count evenly; computed in int32 it wrapped negative and the slice
-was silently skipped. ~16 GB of GPU memory (three bf16 tensors of 2^31 elements).
+was silently skipped. ~16 GB of GPU memory (three bf16 tensors of 2^31 elements), and
+slow (a 36-program grid walks 2^31 pixels, once per autotune configuration).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gankernels.triton.utils import ROW_INDEX_LIMIT
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.slow
 def test_wgrad_last_split_near_int32_limit():
     m = ROW_INDEX_LIMIT - 1  # split=4: 4 slices of 2^29 pixels; the last one ends at 2^31
     free, _ = torch.cuda.mem_get_info()
