@@ -97,6 +97,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         from gankernels.bench import host_cost
 
         return host_cost.main(argv[1:])
+    if argv[:1] == ["static"]:
+        # `python -m gankernels.bench static [--help]`: the static bound from sm_90 SASS, no GPU.
+        from gankernels.bench import static_report
+
+        return static_report.main(argv[1:])
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import OpImpl, register
-from gankernels.triton.utils import INTERPRET, common_reasons, empty
+from gankernels.triton.utils import INT32_LIMIT, INTERPRET, MAX_TILE_ROWS, ROW_INDEX_LIMIT, common_reasons, empty, span
 
 __all__ = [
     "conv3x3_forward",
@@ -119,6 +119,17 @@ def _epilogue(p, alpha, gain, clamp, ACT: tl.constexpr, HAS_GAIN: tl.constexpr, 
 
 
 @triton.jit
+def _decode_rows(m, HB, WB):
+    """(image, row, column) of flat pixel indices ``m`` (>= 0) on an N×HB×WB grid, with
+    unsigned division (cheaper than signed: the indices are never negative)."""
+    um = m.to(tl.uint32)
+    hb = HB.to(tl.uint32)
+    wb = WB.to(tl.uint32)
+    t = um // wb
+    return (t // hb).to(tl.int32), (t % hb).to(tl.int32), (um % wb).to(tl.int32)
+
+
+@triton.jit
 def _pool_step(best, best_q, v, q: tl.constexpr):
     # PyTorch's max-pool rule, in scan order: take v if v > best or v is NaN. Starting
     # from the first value, this makes the first max win and the last NaN win.
@@ -127,21 +138,48 @@ def _pool_step(best, best_q, v, q: tl.constexpr):
 
 
 # N, H, W and the derived sizes change from layer to layer; specialising on them (==1,
-# divisible by 16) would only multiply compilations. Channel counts and strides stay
-# specialised: they decide how wide the loads can be.
+# divisible by 16) would only multiply compilations. The channel counts come twice: as
+# compile-time constants CI, CO (each layer has its own anyway, and they are in the
+# autotune key), so the tap decoding costs no division and the channel and output masks
+# vanish when the tiles divide them; and as the runtime Ci, Co, for the K loop's trip
+# count only: a constant one that small (9–18 steps) makes ptxas unroll the loop fully,
+# a several times larger kernel, no cheaper per step. Strides stay specialised (vector loads).
 @triton.jit(do_not_specialize=["N", "H", "W", "HB", "WB", "M"])
 def _conv3x3_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, idx_ptr,
-    N, H, W, Ci, Co, HB, WB, M,
-    sxn, sxc, sxh, sxw,
-    son, soc, soh, sow,
-    alpha, gain, clamp,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    idx_ptr,
+    N,
+    H,
+    W,
+    Ci,
+    Co,
+    HB,
+    WB,
+    M,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    son,
+    soc,
+    soh,
+    sow,
+    alpha,
+    gain,
+    clamp,
+    CI: tl.constexpr,
+    CO: tl.constexpr,
     MODE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
     FLAT_K: tl.constexpr,
+    X_INT32: tl.constexpr,
+    OUT_INT32: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -153,13 +191,15 @@ def _conv3x3_fwd_kernel(
     else:
         KT: tl.constexpr = 3
     T: tl.constexpr = KT * KT
+    KTOT: tl.constexpr = T * CI  # rows of one sub-problem's packed weight matrix
+    EVEN_N: tl.constexpr = CO % BLOCK_N == 0
 
     # Program order: Co tiles fastest, then (up-conv) the 4 output phases, then pixel
     # tiles, so the programs that read one tile of input pixels run together. Phases
     # are separate programs, not a loop: the deep, narrow-M layers (512→256 at 8×8)
     # need the parallelism.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(Co, BLOCK_N)
+    num_n: tl.constexpr = (CO + BLOCK_N - 1) // BLOCK_N
     pid_n = pid % num_n
     rest = pid // num_n
     if MODE == 2:
@@ -169,91 +209,106 @@ def _conv3x3_fwd_kernel(
         q = 0
         pid_m = rest
 
+    # Rows in 32 bits: the host keeps M + BLOCK_M below 2^31 (utils.ROW_INDEX_LIMIT).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-    n_ok = offs_n < Co
+    n_ok = offs_n < CO
     offs_m = tl.where(m_ok, offs_m, 0)
-    # Pixel coordinates in 32 bits (M < 2^31 is checked on the host); memory offsets in
-    # 64 bits, so tensors of more than 2^31 elements address right.
     if MODE == 1:
         # Rows are full-resolution pixels in pooling-window order, m = pooled·4 + dy·2 + dx,
         # so each window's 4 values land in 4 consecutive rows of the one accumulator.
         wq = offs_m % 4
-        pm = offs_m // 4
-        bw = pm % WB
-        t = pm // WB
-        bh = t % HB
-        bn = t // HB
+        bn, bh, bw = _decode_rows(offs_m // 4, HB, WB)
         ch = bh * 2 + wq // 2  # the conv output pixel of this row
         cw = bw * 2 + wq % 2
     else:
         # Rows are output pixels (conv) or low-resolution pixels (up-conv).
-        bw = offs_m % WB
-        t = offs_m // WB
-        bh = t % HB
-        bn = t // HB
+        bn, bh, bw = _decode_rows(offs_m, HB, WB)
         ch = bh
         cw = bw
-    x_img = x_ptr + bn.to(tl.int64) * sxn  # [BLOCK_M] pointers to each row's image
     ar_k = tl.arange(0, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
 
-    KTOT = T * Ci  # rows of one sub-problem's packed weight matrix
-    if FLAT_K:
-        n_steps = tl.cdiv(KTOT, BLOCK_K)
-    else:
-        k_chunks = tl.cdiv(Ci, BLOCK_K)
-        n_steps = T * k_chunks
-
-    # The input pixel of tap (0, 0) is (oh − 1, ow − 1): the 3×3 conv around (ch, cw),
-    # or phase (a, c) reading low-resolution rows i − 1 + a + tr, columns j − 1 + c + tc.
+    # The input pixel of tap (0, 0) is (ih0, iw0) = (oh − 1, ow − 1): the 3×3 conv around
+    # (ch, cw), or phase (a, c) reading low-resolution rows i − 1 + a + tr, columns j − 1 + c + tc.
     if MODE == 2:
-        oh = ch + q // 2
-        ow = cw + q % 2
-        w_q = w_ptr + q * KTOT * Co  # this phase's packed kernel
+        ih0 = ch + q // 2 - 1
+        iw0 = cw + q % 2 - 1
+        w_q = w_ptr + q * (KTOT * CO)  # this phase's packed kernel
     else:
-        oh = ch
-        ow = cw
+        ih0 = ch - 1
+        iw0 = cw - 1
         w_q = w_ptr
-    # Pointer to pixel (oh − 1, ow − 1) of each row; taps add a scalar (or per-k) offset.
-    pix = x_img + (oh - 1).to(tl.int64) * sxh + (ow - 1).to(tl.int64) * sxw
+    # Each row's offset to its pixel (ih0, iw0): from x_ptr in 32 bits when x spans less
+    # than 2^31 elements, else from the row's own image (64-bit base, 32-bit in-image offset).
+    if X_INT32:
+        a_base = x_ptr
+        row_off = bn * sxn + ih0 * sxh + iw0 * sxw
+    else:
+        a_base = x_ptr + bn.to(tl.int64) * sxn
+        row_off = ih0 * sxh + iw0 * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(n_steps):
-        if FLAT_K:
+    if FLAT_K:
+        # Taps and channels share one K axis (Ci < 16): K index kk = tap·Ci + ci.
+        N_STEPS: tl.constexpr = (KTOT + BLOCK_K - 1) // BLOCK_K
+        for s in range(N_STEPS):
             kk = s * BLOCK_K + ar_k  # [BLOCK_K] rows of the packed weight
             k_ok = kk < KTOT
-            tap = kk // Ci
-            ci = kk - tap * Ci
+            tap = kk // CI
+            ci = kk - tap * CI
             tr = tap // KT
             tc = tap - tr * KT
-            k_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw + ci.to(tl.int64) * sxc
-            ih = oh[:, None] + (tr[None, :] - 1)
-            iw = ow[:, None] + (tc[None, :] - 1)
+            ih = ih0[:, None] + tr[None, :]
+            iw = iw0[:, None] + tc[None, :]
             a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = pix[:, None] + k_off[None, :]
-            w_rows = kk
-        else:
-            tap = s // k_chunks
-            ci0 = (s - tap * k_chunks) * BLOCK_K
+            k_off = tr * sxh + tc * sxw + ci * sxc
+            a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
+            b_ptrs = w_q + kk[:, None] * CO + offs_n[None, :]
+            bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
+    else:
+        # A step is (tap, BLOCK_K input channels): tap = s // K_CHUNKS.
+        K_CHUNKS: tl.constexpr = (CI + BLOCK_K - 1) // BLOCK_K
+        EVEN_K: tl.constexpr = CI % BLOCK_K == 0
+        # Bit tr·KT + tc of a row's mask: tap (tr, tc) reads inside the image (0 for rows
+        # past M). Computed once, so a step tests one bit per row instead of four bounds.
+        tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for dr in tl.static_range(KT):
+            for dc in tl.static_range(KT):
+                inside = m_ok & (ih0 + dr >= 0) & (ih0 + dr < H) & (iw0 + dc >= 0) & (iw0 + dc < W)
+                tap_ok = tap_ok | (inside.to(tl.int32) << (dr * KT + dc))
+        # Loop-invariant offsets of the [BLOCK_M, BLOCK_K] input and [BLOCK_K, BLOCK_N]
+        # weight tiles: a step only adds a scalar to each.
+        a_off = row_off[:, None] + (ar_k * sxc)[None, :]
+        b_off = ar_k[:, None] * CO + offs_n[None, :]
+        for s in range(T * tl.cdiv(Ci, BLOCK_K)):  # = T·K_CHUNKS, from the runtime Ci (see above)
+            tap = s // K_CHUNKS
+            ci0 = (s - tap * K_CHUNKS) * BLOCK_K
             tr = tap // KT
             tc = tap - tr * KT
-            ci = ci0 + ar_k
-            k_ok = ci < Ci
-            ih = oh + (tr - 1)
-            iw = ow + (tc - 1)
-            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ok = pix_ok[:, None] & k_ok[None, :]
-            tap_off = tr.to(tl.int64) * sxh + tc.to(tl.int64) * sxw
-            a_ptrs = (pix + tap_off)[:, None] + (ci.to(tl.int64) * sxc)[None, :]
-            w_rows = tap * Ci + ci
-        a = tl.load(a_ptrs, mask=a_ok, other=0.0)
-        b_ptrs = w_q + w_rows[:, None] * Co + offs_n[None, :]
-        bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
+            row_in = (tap_ok & (1 << tap)) != 0
+            if EVEN_K:
+                a_ok = row_in[:, None]
+                w_k_ok = None
+            else:
+                k_ok = ci0 + ar_k < CI
+                a_ok = row_in[:, None] & k_ok[None, :]
+                w_k_ok = k_ok[:, None]
+            a = tl.load(a_base + (tr * sxh + tc * sxw + ci0 * sxc) + a_off, mask=a_ok, other=0.0)
+            b_ptrs = w_q + (tap * CI + ci0) * CO + b_off
+            if EVEN_K and EVEN_N:
+                bmat = tl.load(b_ptrs)
+            elif EVEN_K:
+                bmat = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            elif EVEN_N:
+                bmat = tl.load(b_ptrs, mask=w_k_ok, other=0.0)
+            else:
+                bmat = tl.load(b_ptrs, mask=w_k_ok & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         acc = acc + bias[None, :]
@@ -266,11 +321,17 @@ def _conv3x3_fwd_kernel(
         else:
             yh = ch * 2 + q // 2
             yw = cw * 2 + q % 2
-        o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
-        o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        if OUT_INT32:  # the output spans < 2^31 elements: 32-bit offsets
+            o_ptrs = out_ptr + (bn * son + yh * soh + yw * sow)[:, None] + (offs_n * soc)[None, :]
+        else:
+            o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
+            o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     if MODE == 1:
+        # Pool the values as they are stored: rounded to the output dtype first, so values
+        # that tie only after rounding pool as F.max_pool2d pools the rounded conv output.
+        y = y.to(out_ptr.dtype.element_ty)
         # Pool in registers: [P·4, N] -> [P, N, dy, dx], split out the 4 window values.
         BLOCK_P: tl.constexpr = BLOCK_M // 4
         y4 = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_P, 4, BLOCK_N)), (0, 2, 1)), (BLOCK_P, BLOCK_N, 2, 2))
@@ -284,12 +345,12 @@ def _conv3x3_fwd_kernel(
         offs_p = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < M // 4
         offs_p = tl.where(p_ok, offs_p, 0)
-        pw = offs_p % WB
-        t2 = offs_p // WB
-        ph = t2 % HB
-        pn = t2 // HB
-        o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
-        o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        pn, ph, pw = _decode_rows(offs_p, HB, WB)
+        if OUT_INT32:
+            o_off = (pn * son + ph * soh + pw * sow)[:, None] + (offs_n * soc)[None, :]
+        else:
+            o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
+            o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         o_mask = p_ok[:, None] & n_ok[None, :]
         tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
         tl.store(idx_ptr + o_off, best_q.to(tl.int8), mask=o_mask)
@@ -306,15 +367,21 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Hopper (sm_90): 228 KB of shared memory per SM, deep pipelines affordable.
+# Hopper (sm_90): 228 KB of shared memory per SM, deep pipelines affordable. Ordered by
+# the static issue load of the ANCHORS rows (`python -m gankernels.bench static
+# --all-configs`): a 64- or 32-wide N tile needs a longer step (BLOCK_K 128, BLOCK_M 256)
+# to keep the per-step cost of the input tile's masked copies below the tensor time.
 _CONFIGS_HOPPER = [
+    _cfg(128, 128, 64, 8, 3),  # 96 KB of pipeline and <= 128 registers: 2 CTAs per SM
+    _cfg(128, 64, 128, 4, 3),  # Co = 64 (up-conv 128→64: load 0.46 where 128×64×64 has 0.58)
     _cfg(128, 128, 64, 8, 4),
     _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 256, 64, 8, 3),  # load 0.25, but ~220-240 registers and 1 CTA per SM
     _cfg(64, 64, 32, 4, 4),
     _cfg(128, 64, 32, 8, 2),  # narrow inputs (RGB): one 32-deep K step covers 9·Ci
-    _cfg(128, 32, 64, 4, 4),  # narrow outputs (Co <= 32)
+    _cfg(256, 32, 64, 4, 3),  # narrow outputs (Co <= 32: up-conv 64→32 load 0.92 where 128×32×64 has 1.20)
+    _cfg(128, 32, 64, 4, 4),
     _cfg(256, 32, 32, 8, 3),
 ]
 # Ampere (sm_80/86) and anything else: 164 KB (sm_80) or 100 KB (sm_86) of shared memory.
@@ -352,7 +419,8 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     taps = 4 if kwargs.get("MODE", named_args.get("MODE")) == MODE_UP else 9
     max_k = max(32, triton.next_power_of_2(taps * ci if flat else ci))
     kept = [
-        c for c in configs
+        c
+        for c in configs
         if min_n <= c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k and _smem_bytes(c, elsize) <= smem_limit
     ]
     if not kept:
@@ -394,9 +462,7 @@ def _tuned_kernel(device: torch.device):
         if k is None:
             configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
             prune = functools.partial(_prune_configs, smem_limit=_SMEM_LIMIT[family])
-            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
-                _conv3x3_fwd_kernel
-            )
+            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(_conv3x3_fwd_kernel)
             _tuned[family] = k
     return k
 
@@ -409,8 +475,70 @@ _pack_cache: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]] = OrderedDict(
 _pack_lock = threading.Lock()
 
 
+@triton.jit
+def _phase_tap(
+    w_ptr, base, swh, sww, mask, A: tl.constexpr, TR: tl.constexpr, C: tl.constexpr, TC: tl.constexpr, ACC: tl.constexpr
+):
+    """Phase (A, C)'s tap (TR, TC): the sum of the 3×3 taps it covers (DESIGN.md §4: along
+    an axis phase 0 uses (w0, w1+w2), phase 1 (w0+w1, w2)), summed in ACC."""
+    # Rows [K_LO, K_HI] of the 3×3 kernel: phase 0 tap 0 -> [0, 0], tap 1 -> [1, 2];
+    # phase 1 tap 0 -> [0, 1], tap 1 -> [2, 2]. Columns likewise.
+    K_LO: tl.constexpr = (1 + A) * TR
+    K_HI: tl.constexpr = A + (2 - A) * TR
+    L_LO: tl.constexpr = (1 + C) * TC
+    L_HI: tl.constexpr = C + (2 - C) * TC
+    # Rows summed first, then columns: the reference's order, so both give the same bits.
+    total = tl.zeros(base.shape, ACC)
+    for l in tl.static_range(L_LO, L_HI + 1):
+        col = tl.zeros(base.shape, ACC)
+        for k in tl.static_range(K_LO, K_HI + 1):
+            col += tl.load(w_ptr + base + k * swh + l * sww, mask=mask, other=0.0).to(ACC)
+        total += col
+    return total
+
+
+@triton.jit
+def _repack_phases_kernel(
+    w_ptr,
+    out_ptr,
+    Ci,
+    Co,
+    swo,
+    swi,
+    swh,
+    sww,
+    ACC: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    """out[a, c, tr, tc, ci, co] (contiguous ``[16·Ci, Co]``) = phase (a, c)'s tap (tr, tc)
+    of ``w[co, ci, 3, 3]``, summed in ACC (fp32, fp64 for fp64 weights) and rounded once
+    to out's dtype. One program per (Ci, Co) tile reads its 9 taps and writes all 16."""
+    offs_ci = tl.program_id(0) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    mask = (offs_ci < Ci)[:, None] & (offs_co < Co)[None, :]
+    base = offs_ci[:, None] * swi + offs_co[None, :] * swo  # [ci, co]: out's row order
+    o_tile = offs_ci[:, None] * Co + offs_co[None, :]
+    for a in tl.static_range(2):
+        for c in tl.static_range(2):
+            for tr in tl.static_range(2):
+                for tc in tl.static_range(2):
+                    v = _phase_tap(w_ptr, base, swh, sww, mask, a, tr, c, tc, ACC)
+                    row0 = ((a * 2 + c) * 2 + tr) * 2 + tc
+                    tl.store(out_ptr + row0 * Ci * Co + o_tile, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
     w = w.detach()
+    co, ci = w.shape[0], w.shape[1]
+    if phases and (w.device.type != "cpu" or INTERPRET):
+        # One kernel (not the ~20 small ops of the reference formula): this repack runs
+        # after every optimizer step, and on every call under autocast (a new weight copy).
+        out = torch.empty((16 * ci, co), dtype=dtype, device=w.device)
+        acc = tl.float64 if w.dtype == torch.float64 else tl.float32
+        grid = (triton.cdiv(ci, 32), triton.cdiv(co, 32))
+        _repack_phases_kernel[grid](w, out, ci, co, *w.stride(), ACC=acc, BLOCK_CI=32, BLOCK_CO=32)
+        return out
     if phases:
         # Phase kernels summed in fp32 (fp64 if w is fp64), then cast once.
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -418,7 +546,6 @@ def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
         packed = pw.permute(0, 1, 4, 5, 3, 2)  # [a, c, tr, tc, Ci, Co]
     else:
         packed = w.permute(2, 3, 1, 0)  # [kh, kw, Ci, Co]
-    co = w.shape[0]
     return packed.to(dtype).contiguous().reshape(-1, co)
 
 
@@ -470,8 +597,11 @@ def _shape_reasons(op: str, x: torch.Tensor, w: torch.Tensor) -> list[str]:
     if 16 * ci * co > _INT32_MAX:
         reasons.append(f"w: {co}×{ci} channels are too many for the packed weight's 32-bit indexing")
     rows = n * h * wd  # GEMM rows (pool: 4 per pooled pixel, at most N·H·W)
-    if rows > _INT32_MAX:
-        reasons.append(f"x: N·H·W = {rows} pixels exceeds the kernel's 32-bit pixel index (2^31 − 1); split the batch")
+    if rows > ROW_INDEX_LIMIT:
+        reasons.append(
+            f"x: N·H·W = {rows} pixels exceeds the kernel's 32-bit pixel index (at most 2^31 − 1 − {MAX_TILE_ROWS}, "
+            "so the last tile's rows do not wrap); split the batch"
+        )
     if ci == 0 or co == 0 or n == 0:
         reasons.append("x/w: empty channel or batch dimension; use backend='torch'")
     if x.device.type == "cuda":
@@ -517,8 +647,16 @@ def _empty_out(shape: tuple, like: torch.Tensor, dtype: Optional[torch.dtype] = 
     return empty(POISON_OUTPUTS, shape, dtype=dtype or like.dtype, device=like.device, memory_format=ref.memory_format_of(like))
 
 
-def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: str, alpha: float,
-            gain: float, clamp: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(
+    mode: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
     if act not in ACT_CODES:
         raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
     n, ci, h, wd = x.shape
@@ -542,14 +680,37 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
     flat = ci < _FLAT_K_BELOW
     args = (
-        x, wp, bias, out, idx if mode == MODE_POOL else out,
-        n, h, wd, ci, co, hb, wb, m,
-        *x.stride(), *out.stride(),
-        float(alpha), float(gain), float(clamp if clamp is not None else 0.0),
+        x,
+        wp,
+        bias,
+        out,
+        idx if mode == MODE_POOL else out,
+        n,
+        h,
+        wd,
+        ci,
+        co,
+        hb,
+        wb,
+        m,
+        *x.stride(),
+        *out.stride(),
+        float(alpha),
+        float(gain),
+        float(clamp if clamp is not None else 0.0),
     )
     consts = dict(
-        MODE=mode, ACT=ACT_CODES[act], HAS_BIAS=b is not None, HAS_GAIN=float(gain) != 1.0,
-        HAS_CLAMP=clamp is not None, FLAT_K=flat, PRECISION=_precision(x),
+        CI=ci,
+        CO=co,
+        MODE=mode,
+        ACT=ACT_CODES[act],
+        HAS_BIAS=b is not None,
+        HAS_GAIN=float(gain) != 1.0,
+        HAS_CLAMP=clamp is not None,
+        FLAT_K=flat,
+        X_INT32=span(x) <= INT32_LIMIT,
+        OUT_INT32=span(out) <= INT32_LIMIT,
+        PRECISION=_precision(x),
     )
 
     phases = 4 if mode == MODE_UP else 1  # the up-conv's output phases are separate programs
@@ -569,8 +730,15 @@ def _launch(mode: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     return out, idx
 
 
-def conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                    alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def conv3x3_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``clip(act(conv2d(x, w, padding=1) + b)·gain)`` by the Triton kernel.
 
     Returns ``(out, saved)``: ``out`` [N, Co, H, W] in x's memory format (channels_last
@@ -581,8 +749,15 @@ def conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] 
     return _launch(MODE_CONV, x, w, b, act, alpha, gain, clamp)
 
 
-def conv3x3_pool_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                         alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def conv3x3_pool_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_pool2d(conv3x3(x, w, b, ...), 2)`` by the Triton kernel, pooling in registers.
 
     Returns ``(out, saved)``: ``out`` [N, Co, H//2, W//2] (odd sizes floor) in x's
@@ -593,8 +768,15 @@ def conv3x3_pool_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Ten
     return _launch(MODE_POOL, x, w, b, act, alpha, gain, clamp)
 
 
-def up_conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                       alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def up_conv3x3_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``conv3x3(upsample_nearest(x, 2), w, b, ...)`` by the sub-pixel Triton kernel.
 
     Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
@@ -603,8 +785,15 @@ def up_conv3x3_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     return _launch(MODE_UP, x, w, b, act, alpha, gain, clamp)
 
 
-def fake_saved_pool(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, act: str = "linear",
-                    alpha: float = 0.2, gain: float = 1.0, clamp: Optional[float] = None) -> torch.Tensor:
+def fake_saved_pool(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> torch.Tensor:
     """The (empty-valued) ``saved`` of :func:`conv3x3_pool_forward` for fake tensors:
     int8 [N, Co, H//2, W//2] in x's memory format."""
     n, _, h, wd = x.shape

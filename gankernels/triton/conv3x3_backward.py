@@ -65,7 +65,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import get_impl, register, registered_backends
-from gankernels.triton.utils import INTERPRET, empty
+from gankernels.triton.utils import INTERPRET, ROW_INDEX_LIMIT, empty
 
 try:  # The forward family (issue 4); its forward kernels recompute pre-activations.
     from gankernels.triton import conv3x3 as _fwd
@@ -381,8 +381,9 @@ def _wgrad_kernel(
         dh = q // 3 - 1
         dw = q % 3 - 1
     M = N * H * W
-    m_start = pid_s * M_PER_SPLIT
-    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    m_start = pid_s * M_PER_SPLIT  # < M: the host launches cdiv(M, M_PER_SPLIT) slices
+    # Not min(m_start + M_PER_SPLIT, M): the last slice's end can pass 2^31 and wrap.
+    m_end = m_start + tl.minimum(M_PER_SPLIT, M - m_start)
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -504,9 +505,11 @@ def _check_int32(name: str, t: torch.Tensor) -> None:
     if t.numel() and t[0].numel() >= 2**31:
         raise ValueError(f"{name}: one image has {t[0].numel()} elements; the triton backward needs < 2**31 (use backend='torch')")
     n, _, h, w = t.shape
-    if n * h * w >= 2**31:
+    if n * h * w > ROW_INDEX_LIMIT:
         raise ValueError(
-            f"{name}: N·H·W = {n * h * w} pixels; the triton backward needs < 2**31 (use backend='torch' or split the batch)"
+            f"{name}: N·H·W = {n * h * w} pixels; the triton backward indexes pixels in int32 and needs at most "
+            f"{ROW_INDEX_LIMIT} (2^31 − 1 less a tile, so the last tile's rows do not wrap; use backend='torch' "
+            "or split the batch)"
         )
 
 

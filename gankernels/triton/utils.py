@@ -47,6 +47,14 @@ def common_reasons(x: torch.Tensor, **others: torch.Tensor | None) -> list[str]:
 
 INT32_LIMIT = 2**31 - 1
 
+MAX_TILE_ROWS = 256
+"""No conv kernel tile has more GEMM rows (BLOCK_M) than this."""
+
+ROW_INDEX_LIMIT = INT32_LIMIT - MAX_TILE_ROWS
+"""The most GEMM rows (pixels) a conv kernel indexes in int32. A tile's rows are
+``pid * BLOCK_M + arange(BLOCK_M)``: the last tile reaches up to BLOCK_M − 1 past the
+last row, which must not wrap to a negative index (it would pass the ``< M`` mask)."""
+
 
 def empty(poison: bool, *args, **kwargs) -> torch.Tensor:
     """``torch.empty`` (or ``torch.empty_like`` when given a tensor); filled with NaN

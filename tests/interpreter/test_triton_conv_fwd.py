@@ -70,9 +70,24 @@ def _cases():
                 gain = 1.7 if k % 3 == 1 else 1.0
                 clamp = 0.6 if k % 5 == 2 else None
                 # fp16 cases stay small in Ci·Co: the interpreter is slowest there.
-                out.append(pytest.param(op, dtype, n, ci, co, h, w, act, bias, gain, clamp, layout,
-                                        id=f"{op}-{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
-                                           f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}"))
+                out.append(
+                    pytest.param(
+                        op,
+                        dtype,
+                        n,
+                        ci,
+                        co,
+                        h,
+                        w,
+                        act,
+                        bias,
+                        gain,
+                        clamp,
+                        layout,
+                        id=f"{op}-{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
+                        f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}",
+                    )
+                )
     return out
 
 
@@ -159,6 +174,24 @@ def test_pool_ties_take_first_position():
     assert torch.equal(saved, torch.zeros_like(saved))
 
 
+def test_pool_argmax_is_taken_after_rounding():
+    """Issue 18 item 4: values that differ in fp32 but tie once rounded to the output
+    dtype must pool as F.max_pool2d pools the rounded conv output (first max wins).
+    Here every conv value is 1 (centre tap) plus 2^-13 times the left neighbour: in fp32
+    the right column of each window is larger, in fp16 (ulp 2^-10 at 1) all four tie."""
+    x = torch.ones(1, 1, 2, 4, dtype=torch.float16)
+    wt = torch.zeros(1, 1, 3, 3, dtype=torch.float16)
+    wt[0, 0, 1, 1] = 1.0
+    wt[0, 0, 1, 0] = 2.0**-13
+    out, saved = tconv.conv3x3_pool_forward(x, wt, None, "linear", 0.2, 1.0, None)
+    y = F.conv2d(x.double(), wt.double(), padding=1).half()  # stock: conv output rounded, then pooled
+    assert y[0, 0, 0, 0] == y[0, 0, 0, 1]  # the tie after rounding the test is about
+    expect_pos, _ = _pool_positions(y.double())
+    assert torch.equal(out, F.max_pool2d(y, 2))
+    assert torch.equal(saved.long(), expect_pos)
+    assert torch.equal(saved, torch.zeros_like(saved))
+
+
 def test_nan_propagates_like_pytorch():
     x, wt, b = _make(1, 3, 5, 6, 6, torch.float32, "channels_last", True, 5)
     x[0, 1, 2, 3] = float("nan")
@@ -200,6 +233,22 @@ def test_packed_phase_weights_are_the_reference_ones():
     packed = tconv.packed_weight(w, torch.float64, phases=True).reshape(2, 2, 2, 2, 4, 5)
     pw = ref.subpixel_phase_weights(w)  # [a, c, Co, Ci, tr, tc]
     assert torch.equal(packed, pw.permute(0, 1, 4, 5, 3, 2))
+
+
+@pytest.mark.parametrize(
+    "src,dst,layout", [(torch.float32, torch.float16, "channels_last"), (torch.float16, torch.float32, "nchw")]
+)
+def test_phase_repack_kernel_matches_the_formula(src, dst, layout):
+    """The one-kernel phase repack gives the reference formula's bits (summed in fp32,
+    rounded once), for tiles that do not divide the channels and any weight layout."""
+    w = torch.randn(37, 33, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(19)).to(src)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    got = tconv._pack(w, dst, phases=True)
+    pw = ref.subpixel_phase_weights(w.float())  # [a, c, Co, Ci, tr, tc]
+    expect = pw.permute(0, 1, 4, 5, 3, 2).to(dst).contiguous().reshape(-1, 37)
+    assert got.shape == (16 * 33, 37) and got.dtype == dst
+    assert torch.equal(got, expect)
 
 
 def test_supports_reasons():

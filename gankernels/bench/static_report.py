@@ -1,0 +1,344 @@
+"""The static performance bound of the Triton conv kernels, read from their sm_90 machine code.
+
+Runs without a GPU: ``python -m gankernels.bench static`` (or ``python -m
+gankernels.bench.static_report``). For each Triton conv kernel (forward ``conv3x3``,
+``conv3x3_pool``, ``up_conv3x3``; the backward's dgrad and wgrad of the two blocks) on
+each ANCHORS.md row (batch 64, bf16, channels_last, leaky ReLU with bias), it compiles
+the kernel for sm_90 with Triton's bundled ptxas (:mod:`gankernels.bench.aot`), finds
+the main K loop in the SASS (:mod:`gankernels.bench.sass`) and reports:
+
+* instructions per K-step per warp, by class (tensor-core, memory, integer, other);
+* tensor-core cycles per step: the step's multiply-adds (read off the MMA instructions)
+  ÷ 2048 (an H100/H200 SM's dense bf16 rate per cycle);
+* the *issue load*: a scheduler's cycles to issue its warps' share of one step
+  (instructions per warp × warps per scheduler; an SM has 4 schedulers issuing one
+  instruction per cycle each) ÷ the tensor-core cycles of that step. Above 1 the tensor
+  cores cannot be kept busy whatever the memory system does; the *ceiling* is
+  min(1, 1/load) of the tensor-core peak. It is an upper bound, not a time: it ignores
+  every stall (memory latency, barriers, dependencies) and the prologue/epilogue;
+* registers, spilled bytes, shared memory, CTAs per SM (registers, shared memory,
+  threads), and the global-memory bytes one step's loads move (every thread counted).
+
+Which configuration: the autotuned kernels have no GPU to tune on here, so each kernel
+is compiled with the *first configuration of its list that survives the kernel's own
+pruning* for the shape — what ``GANKERNELS_TRITON_AUTOTUNE=0`` launches for the
+forward, and the lists are ordered most-generally-good first. ``--all-configs`` adds
+every surviving configuration (what the autotuner would time).
+
+Results go to ``benchmarks/results/static-<triton version>/`` as ``static.json`` and
+``static.md`` (``all-configs.*`` with ``--all-configs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import sys
+from pathlib import Path
+from typing import Optional
+
+from gankernels.bench import sass
+
+TARGET_ARCH = 90
+SCHEDULERS_PER_SM = 4
+# sm_90 per-SM limits (CUDA occupancy calculator values for compute capability 9.0).
+SM90_REGISTERS = 65536
+SM90_REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+SM90_SMEM_BYTES = 228 * 1024
+SM90_SMEM_RESERVED_PER_CTA = 1024
+SM90_MAX_THREADS = 2048
+SM90_MAX_CTAS = 32
+
+BOUND_NOTE = (
+    "An upper bound from the sm_90 machine code, not a time: it counts the instructions one main-loop step issues "
+    "and ignores every stall (memory latency, barriers, dependencies) and the prologue and epilogue."
+)
+
+DIRECTIONS = {"_conv3x3_fwd_kernel": "forward", "_dgrad_kernel": "dgrad", "_wgrad_kernel": "wgrad"}
+OPS = {"conv": "conv3x3", "pool": "conv3x3_pool", "up": "up_conv3x3"}
+
+
+@dataclasses.dataclass
+class Row:
+    """One kernel, shape and configuration, measured statically."""
+
+    kernel: str  # "forward", "dgrad" or "wgrad"
+    op: str  # conv3x3, conv3x3_pool, up_conv3x3
+    shape: str  # "Ci->Co @H" (H: the input's height)
+    config: str  # e.g. 128x128x64w8s4 (block sizes in the kernel's order, warps, stages)
+    preferred: bool  # the first surviving configuration (what is reported by default)
+    case_id: str
+    blocks: dict  # the configuration's BLOCK_* sizes
+    num_warps: int = 0
+    tile_macs: int = 0  # product of the BLOCK_* sizes: one step's multiply-adds per CTA
+    steps_per_iteration: float = 0.0  # loop iterations hold this many K-steps (1 unless unrolled)
+    loop_instructions: int = 0  # per warp, one loop iteration
+    whole_kernel: bool = False  # no K loop (a single step): the whole kernel counted as one step
+    outside_loop_instructions: int = 0  # per warp: prologue and epilogue (each issued once per CTA)
+    cta_issue_load: float = 0.0  # (outside + k_steps · per step) · warps/scheduler ÷ (k_steps · tensor cycles); 0: unknown
+    inner_branches: bool = False  # the loop body branches: counts are its longest path
+    instructions_per_step: float = 0.0  # per warp
+    by_class: dict = dataclasses.field(default_factory=dict)  # per warp per step
+    tensor_cycles_per_step: float = 0.0
+    warps_per_scheduler: int = 0
+    issue_load: float = 0.0
+    ceiling: float = 0.0  # min(1, 1/issue_load): fraction of tensor-core peak at best
+    registers: int = -1
+    spill_bytes: int = -1
+    smem_bytes: int = 0
+    ctas_per_sm: int = 0
+    cta_limit: str = ""  # what limits CTAs per SM
+    global_bytes_per_step: float = 0.0  # per CTA, every thread of every load counted
+    k_steps: int = 0  # K-steps one CTA runs (forward, dgrad); 0: depends on the GPU (wgrad's split)
+    top_opcodes: dict = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.kernel} {self.op} {self.shape} {self.config}"
+
+
+def ctas_per_sm(num_warps: int, registers: int, smem: int) -> tuple[int, str]:
+    """CTAs of this kernel that fit one sm_90 SM, and the resource that limits them."""
+    per_warp_regs = math.ceil(registers * 32 / SM90_REG_ALLOC_UNIT) * SM90_REG_ALLOC_UNIT
+    limits = {
+        "registers": (SM90_REGISTERS // per_warp_regs) // num_warps if per_warp_regs else SM90_MAX_CTAS,
+        "shared memory": SM90_SMEM_BYTES // (smem + SM90_SMEM_RESERVED_PER_CTA),
+        "threads": SM90_MAX_THREADS // (32 * num_warps),
+        "CTA slots": SM90_MAX_CTAS,
+    }
+    what = min(limits, key=limits.get)
+    return limits[what], what
+
+
+def k_steps(kernel: str, op: str, ci: int, co: int, blocks: dict) -> int:
+    """K-steps (main-loop iterations) of one CTA: taps × channel chunks (the forward
+    merges taps and channels into one K axis below 16 input channels). 0 for wgrad,
+    whose steps per CTA depend on the GPU's SM count (its split-K)."""
+    taps = 4 if op == "up" and kernel == "forward" else 16 if op == "up" else 9
+    if kernel == "forward":
+        bk = blocks["BLOCK_K"]
+        return math.ceil(taps * ci / bk) if ci < 16 else taps * math.ceil(ci / bk)
+    if kernel == "dgrad":
+        return taps * math.ceil(co / blocks["BLOCK_K"])
+    return 0
+
+
+def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row:
+    """Fill ``row``'s loop measures from the SASS ``text`` of ``function``."""
+    instructions = sass.parse(text, function)
+    loop = sass.main_loop(instructions)
+    row.whole_kernel = loop.start == instructions[0].address and loop.body[-1] is instructions[-1]
+    macs, rate = 0, 0
+    for ins in loop.body:
+        if ins.klass != "tensor":
+            continue
+        m, dtype, scope = sass.mma_macs(ins)
+        # A warpgroup's 4 warps each issue an HGMMA and compute its product once together.
+        macs += m * (row.num_warps // 4 if scope == "warpgroup" else row.num_warps)
+        rate = sass.SM90_MACS_PER_CYCLE[dtype]
+    row.tile_macs = math.prod(v for k, v in config_blocks.items() if k.startswith("BLOCK_"))
+    row.steps_per_iteration = macs / row.tile_macs
+    row.loop_instructions = loop.size
+    row.outside_loop_instructions = 0 if row.whole_kernel else len(instructions) - loop.size
+    row.inner_branches = loop.has_inner_branches()
+    steps = row.steps_per_iteration
+    row.instructions_per_step = loop.size / steps
+    row.by_class = {k: v / steps for k, v in loop.by_class().items()}
+    row.tensor_cycles_per_step = row.tile_macs / rate
+    row.warps_per_scheduler = math.ceil(row.num_warps / SCHEDULERS_PER_SM)
+    row.issue_load = row.instructions_per_step * row.warps_per_scheduler / row.tensor_cycles_per_step
+    row.ceiling = min(1.0, 1.0 / row.issue_load)
+    bytes_per_warp = sum(sass.global_bytes_per_warp(i) for i in loop.body)
+    row.global_bytes_per_step = bytes_per_warp * row.num_warps / steps
+    row.top_opcodes = dict(loop.opcodes().most_common(12))
+    if row.k_steps and not row.whole_kernel:
+        issue = row.outside_loop_instructions + row.k_steps * row.instructions_per_step
+        row.cta_issue_load = issue * row.warps_per_scheduler / (row.k_steps * row.tensor_cycles_per_step)
+    return row
+
+
+def analyse_case(case, row: Row) -> Row:
+    """Compile ``case`` (an :class:`gankernels.bench.aot.Case`) and measure it into ``row``."""
+    from gankernels.bench import aot
+
+    try:
+        k = aot.compile_case(case)
+        row.num_warps = k.metadata.num_warps
+        row.smem_bytes = k.metadata.shared
+        cubin = k.asm["cubin"]
+        row.registers, row.spill_bytes = aot.resource_usage(cubin, k.metadata.name)
+        row.ctas_per_sm, row.cta_limit = ctas_per_sm(row.num_warps, row.registers, row.smem_bytes)
+        analyse_sass(row, aot.cuobjdump(cubin, "-sass"), k.metadata.name, row.blocks)
+    except Exception as e:  # noqa: BLE001 - the report shows the failure in its row
+        row.error = f"{type(e).__name__}: {e}"[:2000]
+    return row
+
+
+def rows_to_measure(all_configs: bool) -> list[tuple[object, Row]]:
+    """(case, empty row) for every kernel × ANCHORS row × configuration to measure."""
+    from gankernels.bench import aot
+
+    todo = []
+
+    def add(launches, op: str, ci: int, co: int, h: int) -> None:
+        for la in launches:
+            kernel = DIRECTIONS.get(la.name)
+            if kernel is None:
+                continue
+            configs = aot.autotune_configs(la, TARGET_ARCH)
+            for rank, cfg in enumerate(configs if all_configs else configs[:1]):
+                label = aot.cfg_label(cfg)
+                case = aot.bind(la, TARGET_ARCH, cfg, f"{aot.shape_label(op, ci, co, h)}-{label}")
+                row = Row(kernel, OPS[op], shape_of(ci, co, h), label, rank == 0, case.id, dict(cfg.kwargs))
+                row.k_steps = k_steps(kernel, op, ci, co, cfg.kwargs)
+                todo.append((case, row))
+
+    def shape_of(ci: int, co: int, h: int) -> str:
+        return f"{ci}->{co} @{h}"
+
+    for op, rows in (("conv", aot.DISC), ("pool", aot.DISC), ("up", aot.GEN)):
+        for ci, co, h in rows:
+            add(aot.conv_fwd_launches(op, ci, co, h, "bf16", True), op, ci, co, h)
+    for op, rows in (("pool", aot.DISC), ("up", aot.GEN)):
+        for ci, co, h in rows:
+            # The first discriminator layer reads the image: its input needs no gradient.
+            needs = (False, True, True) if (op, ci) == ("pool", 3) else (True, True, True)
+            add(aot.conv_bwd_launches(op, ci, co, h, "bf16", True, needs=needs), op, ci, co, h)
+    return todo
+
+
+def measure(all_configs: bool = False, jobs: int = 1, only: Optional[list[str]] = None) -> list[Row]:
+    """Compile and measure every row (``only``: keep rows whose key contains one of
+    these substrings). Compiles go through Triton's on-disk cache."""
+    todo = rows_to_measure(all_configs)
+    if only:
+        todo = [(c, r) for c, r in todo if any(s in r.key for s in only)]
+    if jobs <= 1:
+        return [analyse_case(c, r) for c, r in todo]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        return list(pool.map(analyse_case, [c for c, _ in todo], [r for _, r in todo]))
+
+
+# ----------------------------------------------------------------------------------
+# Output.
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def default_out_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"static-{triton_version()}"
+
+
+def to_json(rows: list[Row], all_configs: bool) -> dict:
+    return {
+        "what": "static issue-load bound of the Triton conv kernels on sm_90 (H100/H200)",
+        "note": BOUND_NOTE,
+        "triton": triton_version(),
+        "target": f"sm_{TARGET_ARCH}",
+        "shapes": "ANCHORS.md rows: batch 64, bf16, channels_last, leaky ReLU 0.2 with bias",
+        "configs": "every surviving autotune configuration" if all_configs else "first surviving configuration",
+        "tensor_macs_per_cycle_per_sm": sass.SM90_MACS_PER_CYCLE["BF16"],
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+
+
+def markdown(rows: list[Row], all_configs: bool) -> str:
+    lines = [
+        f"# Static issue-load bound, sm_90, triton {triton_version()}",
+        "",
+        f"**{BOUND_NOTE}**",
+        "",
+        "Issue load = (instructions per K-step per warp × warps per scheduler) ÷ tensor-core cycles per step "
+        "(BM·BN·BK / 2048 for bf16). Ceiling = min(1, 1/load) of the tensor-core peak. "
+        "Batch 64, bf16, channels_last, leaky ReLU with bias; "
+        + ("every surviving autotune configuration (★ the first)." if all_configs else "the first surviving configuration.")
+        + " Produced by `python -m gankernels.bench static` (method: `benchmarks/NOTES.md`).",
+        "",
+        "The bound covers the main loop only: where a CTA runs few K-steps (the 3-channel first layer runs one) "
+        "the prologue and epilogue, not the loop, decide its time. Class counts: tensor-core MMA · loads and stores "
+        "(incl. cp.async, shared and constant memory) · integer and address arithmetic · everything else (moves, "
+        "barriers, conversions, branches). The backward rows are the blocks' training path (dgrad and wgrad of "
+        "conv3x3_pool and up_conv3x3; the first discriminator layer has no dgrad: its input is the image). "
+        "'outside loop': instructions per warp before and after the main loop (prologue, epilogue; issued once "
+        "per CTA, every branch counted). 'CTA load': the same ratio over a whole CTA, prologue and epilogue "
+        "included (K-steps × the step's instructions + those outside the loop, over K-steps × tensor cycles): "
+        "the tighter bound where a CTA runs few K-steps.",
+        "",
+        "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "
+        "| issue load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA | outside loop | CTA load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cfg = r.config + (" ★" if all_configs and r.preferred else "")
+        if r.error:
+            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 13)
+            continue
+        cls = "·".join(f"{r.by_class[k]:.0f}" for k in sass.CLASSES)
+        branch = " (whole kernel)" if r.whole_kernel else " (branches)" if r.inner_branches else ""
+        lines.append(
+            f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | {r.instructions_per_step:.0f}{branch} | {cls} "
+            f"| {r.tensor_cycles_per_step:.0f} | {r.warps_per_scheduler} | {r.issue_load:.2f} | {100 * r.ceiling:.0f} % "
+            f"| {r.registers} | {r.spill_bytes} | {r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} ({r.cta_limit}) "
+            f"| {r.global_bytes_per_step / 1024:.0f} K | {r.k_steps or 'split-K'} | {r.outside_loop_instructions or '—'} "
+            f"| {f'{r.cta_issue_load:.2f}' if r.cta_issue_load else '—'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[Row], out_dir: Path, all_configs: bool) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "all-configs" if all_configs else "static"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(to_json(rows, all_configs), indent=1) + "\n")
+    paths["md"].write_text(markdown(rows, all_configs))
+    return paths
+
+
+def load(path: Optional[Path] = None) -> dict[str, dict]:
+    """The recorded rows of ``path`` (default: this triton's ``static.json``) by key."""
+    path = path or default_out_dir() / "static.json"
+    data = json.loads(path.read_text())
+    return {f"{r['kernel']} {r['op']} {r['shape']} {r['config']}": r for r in data["rows"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gankernels.bench static",
+        description="Static issue-load bound of the Triton conv kernels from their sm_90 SASS (no GPU needed). " + BOUND_NOTE,
+    )
+    p.add_argument("--all-configs", action="store_true", help="every surviving autotune configuration, not only the first")
+    p.add_argument("--only", nargs="+", metavar="TEXT", help="rows whose 'kernel op shape config' contains one of these")
+    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/static-<triton version>/)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--jobs", type=int, default=1, help="compile processes (default 1)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from triton import knobs
+
+        knobs.nvidia.ptxas.path  # noqa: B018 - raises when Triton has no ptxas
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(f"this Triton cannot compile for sm_90 here ({type(e).__name__}: {e})") from None
+    rows = measure(args.all_configs, args.jobs, args.only)
+    print(markdown(rows, args.all_configs))
+    if not args.no_write:
+        paths = write(rows, args.out or default_out_dir(), args.all_configs)
+        print(f"results: {paths['md']}, {paths['json']}")
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The static issue-load report (``python -m gankernels.bench static``): its SASS reading,
+its arithmetic, and a regression guard on the headline kernels.
+
+The guard compiles a few conv kernels for sm_90 (Triton's bundled ptxas, no GPU; cached
+on disk after the first run) and fails when one's issue load rises above the value
+recorded in ``benchmarks/results/static-<triton version>/static.json`` by more than
+:data:`MARGIN`, or when it starts to spill. After an intended change, rerun
+``python -m gankernels.bench static`` to record the new values.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from gankernels.bench import sass, static_report
+
+MARGIN = 0.03  # relative; instruction counts are deterministic for one triton release
+
+# A made-up function in `cuobjdump -sass` form: an outer loop (0x0040..0x00c0) around an
+# inner one (0x0060..0x00a0) that holds the MMA, a forward branch inside the outer loop,
+# and the `BRA self` trap after EXIT that is not a loop.
+_SASS = textwrap.dedent(
+    """
+    \tcode for sm_90a
+    \t\tFunction : toy_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;       /* 0x00000a00ff017b82 */
+                                                                /* 0x000e700000000800 */
+        /*0010*/                   S2R R0, SR_TID.X ;           /* 0x0 */
+        /*0020*/                   IMAD R2, R0, 0x4, RZ ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0040*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0050*/               @P0 BRA 0x90 ;
+        /*0060*/                   LDGSTS.E.BYPASS.128 [R4], desc[UR4][R6.64], P1 ;
+        /*0070*/                   UIADD3 UR4, UR4, 0x1, URZ ;
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24 ;
+        /*0090*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*00a0*/              @!P2 BRA 0x60 ;
+        /*00b0*/                   FADD R5, R5, R6 ;
+        /*00c0*/               @P3 BRA 0x40 ;
+        /*00d0*/                   STG.E.U16 desc[UR4][R8.64], R5 ;
+        /*00e0*/                   EXIT ;
+        /*00f0*/                   BRA 0xf0;
+    """
+)
+
+
+def test_parse_and_loops():
+    ins = sass.parse(_SASS)
+    assert len(ins) == 16
+    assert ins[5].guard == "@P0" and ins[5].op == "BRA" and ins[5].branch_target() == 0x90
+    found = sass.loops(ins)
+    assert [(lp.start, lp.end, lp.size) for lp in found] == [(0x60, 0xA0, 5), (0x40, 0xC0, 9)]
+    main = sass.main_loop(ins)
+    assert (main.start, main.end) == (0x60, 0xA0)  # innermost of the two that hold 2 MMAs
+    assert main.by_class() == {"tensor": 2, "memory": 1, "integer": 1, "other": 1}
+    assert not main.has_inner_branches()
+    assert found[1].has_inner_branches()
+    with pytest.raises(ValueError, match="not in the SASS"):
+        sass.parse(_SASS, "other_kernel")
+
+
+def test_classes_and_widths():
+    ins = {i.op: i for i in sass.parse(_SASS)}
+    assert sass.mma_macs(ins["HGMMA"]) == (64 * 128 * 16, "BF16", "warpgroup")
+    assert sass.global_bytes_per_warp(ins["LDGSTS"]) == 32 * 16
+    assert sass.global_bytes_per_warp(ins["STG"]) == 32 * 2
+    assert sass.global_bytes_per_warp(ins["FADD"]) == 0
+    assert [sass.classify(op) for op in ("UIADD3", "VIADD", "UMOV", "LDS", "HMMA", "BAR")] == [
+        "integer", "integer", "other", "memory", "tensor", "other",
+    ]  # fmt: skip
+
+
+def test_issue_load_arithmetic():
+    # 8 warps (2 warpgroups) run the toy loop: each warpgroup's 2
+    # HGMMAs are 2·64·128·16 multiply-adds, so the CTA does 4·64·128·16 per iteration,
+    # which is 2 steps of a 128×128×16 tile (1 step = 128·128·16/2048 = 128 cycles).
+    row = static_report.Row("forward", "conv3x3", "t", "c", True, "id", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16})
+    row.num_warps = 8
+    static_report.analyse_sass(row, _SASS, "toy_kernel", row.blocks)
+    assert row.steps_per_iteration == 2
+    assert row.instructions_per_step == 2.5  # 5 instructions per iteration
+    assert row.tensor_cycles_per_step == 128
+    assert row.warps_per_scheduler == 2
+    assert row.issue_load == pytest.approx(2.5 * 2 / 128)
+    assert row.ceiling == 1.0
+    assert row.global_bytes_per_step == 32 * 16 * 8 / 2
+
+
+def test_ctas_per_sm():
+    # 170 registers × 256 threads: 5632 registers per warp (allocation unit 256), 11 warps fit.
+    assert static_report.ctas_per_sm(8, 170, 128 * 1024) == (1, "registers")
+    # 64 registers, 4 warps: registers allow 8, threads 16, 48 KB of shared memory 4.
+    assert static_report.ctas_per_sm(4, 64, 48 * 1024) == (4, "shared memory")
+
+
+# ----------------------------------------------------------------------------------
+# Regression guard on the headline kernels (compiles; skipped where it cannot).
+
+HEADLINE = (
+    "forward conv3x3 128->256 @32",
+    "forward conv3x3_pool 128->256 @32",
+    "forward up_conv3x3 128->64 @32",
+    "dgrad conv3x3_pool 128->256 @32",
+    "wgrad up_conv3x3 128->64 @32",
+)
+
+
+def _cannot_compile() -> str:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1 turns kernels into Python functions"
+    try:
+        from triton import knobs
+
+        knobs.nvidia.ptxas.path  # noqa: B018 - raises when Triton has no ptxas
+    except Exception as e:  # noqa: BLE001
+        return f"this Triton cannot compile for sm_90 here: {type(e).__name__}: {e}"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict[str, dict]:
+    why = _cannot_compile()
+    if why:
+        pytest.skip(why)
+    path = static_report.default_out_dir() / "static.json"
+    if not path.exists():
+        pytest.skip(f"no static report recorded for triton {static_report.triton_version()} ({path})")
+    return {" ".join(k.split(" ")[:4]): r for k, r in static_report.load(path).items() if r["preferred"]}
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, static_report.Row]:
+    rows = static_report.measure(only=list(HEADLINE))
+    return {" ".join(r.key.split(" ")[:4]): r for r in rows if r.preferred}
+
+
+# Forward rows of the recorded report still above issue 14's target of 0.5, and why
+# (benchmarks/NOTES.md): Co = 32 needs the 4-phases-per-CTA up-conv; the 3-channel first
+# layer is a single gathered K-step, not a loop.
+FORWARD_TARGET = 0.5
+FORWARD_ABOVE_TARGET = (
+    "forward up_conv3x3 64->32 @64",
+    "forward conv3x3 3->64 @128",
+    "forward conv3x3_pool 3->64 @128",
+)
+
+
+def test_recorded_forward_rows_meet_the_target():
+    """The recorded report (no compile here): every forward row at issue load <= 0.5
+    without spills, except the listed ones; a listed row that meets it must leave the list."""
+    path = static_report.default_out_dir() / "static.json"
+    if not path.exists():
+        pytest.skip(f"no static report recorded for triton {static_report.triton_version()} ({path})")
+    rows = {" ".join(k.split(" ")[:4]): r for k, r in static_report.load(path).items() if r["preferred"]}
+    forward = {k: r for k, r in rows.items() if r["kernel"] == "forward"}
+    assert len(forward) == 12, sorted(forward)
+    assert all(r["spill_bytes"] == 0 and not r["error"] for r in forward.values())
+    above = sorted(k for k, r in forward.items() if r["issue_load"] > FORWARD_TARGET)
+    assert above == sorted(FORWARD_ABOVE_TARGET)
+
+
+@pytest.mark.parametrize("what", HEADLINE)
+def test_headline_issue_load_not_regressed(what, recorded, measured):
+    assert what in recorded, f"{what}: not in the recorded report; rerun `python -m gankernels.bench static`"
+    row, old = measured[what], recorded[what]
+    assert not row.error, row.error
+    assert row.spill_bytes <= max(0, old["spill_bytes"]), f"{what}: spills {row.spill_bytes} B (recorded {old['spill_bytes']} B)"
+    limit = old["issue_load"] * (1 + MARGIN)
+    assert row.issue_load <= limit, (
+        f"{what} ({row.config}): issue load {row.issue_load:.3f} > recorded {old['issue_load']:.3f} (+{MARGIN:.0%}); "
+        f"{row.instructions_per_step:.0f} instructions per step per warp, by class {row.by_class}. "
+        "If intended, rerun `python -m gankernels.bench static` to record it."
+    )
