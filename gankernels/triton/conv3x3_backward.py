@@ -263,18 +263,18 @@ def _gp_kernel(
 @triton.jit
 def _pad_kernel(
     x_ptr, x_s0, x_s1, x_s2, x_s3, xp_ptr,
-    N, H, W, C, ROWS, FRONT,
+    N, H, W, C, CP, ROWS, FRONT,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """X[row, c] = x at the row's pixel, 0 off the images: x's zero-bordered NHWC copy."""
+    """X[row, c] = x at the row's pixel, 0 off the images and for channels c >= C: x's
+    zero-bordered NHWC copy, CP >= C values per row."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     r_ok = offs_r < ROWS
-    c_ok = offs_c < C
     nn, h, w, interior = _grid_pixel(offs_r, FRONT, N, H, W)
     src = nn.to(tl.int64)[:, None] * x_s0 + offs_c[None, :] * x_s1 + h[:, None] * x_s2 + w[:, None] * x_s3
-    v = tl.load(x_ptr + src, mask=(interior & r_ok)[:, None] & c_ok[None, :], other=0.0)
-    tl.store(xp_ptr + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :], v, mask=r_ok[:, None] & c_ok[None, :])
+    v = tl.load(x_ptr + src, mask=(interior & r_ok)[:, None] & (offs_c < C)[None, :], other=0.0)
+    tl.store(xp_ptr + offs_r.to(tl.int64)[:, None] * CP + offs_c[None, :], v, mask=r_ok[:, None] & (offs_c < CP)[None, :])
 
 
 @triton.jit
@@ -312,20 +312,52 @@ def _dgrad_configs() -> list:
         _cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
         _cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
         _cfg({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, 4, 4),
+        _cfg({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 4),
         _cfg({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 4),
     ]
 
 
+# Below this many input channels wgrad puts all of a plane's taps on the tile's N side
+# (TAPS_IN_N): column n of the tile is (tap n // 16, channel n % 16) of X, whose rows
+# are padded to 16 channels. One program then reads each gp tile once for every tap.
+_TAPS_IN_N_BELOW = 16
+_TAPS_IN_N_CHANNELS = 16
+
+
+def _taps_in_n_configs() -> list:
+    """TAPS_IN_N tiles: BLOCK_CI = 16 taps × 16 channels (3×3, 9 used) or 4 × 16 (a phase
+    plane of the up-conv)."""
+    m, stages = (32, 1) if INTERPRET else (64, 3)
+    cos = (16,) if INTERPRET else (64, 32, 16)
+    # 8 warps for the 64×256 tile: its fp32 accumulator alone is 128 registers a thread at 4.
+    return [
+        _cfg({"BLOCK_CO": co, "BLOCK_CI": ci, "BLOCK_M": m}, 8 if co * ci >= 64 * 256 else 4, stages)
+        for ci in (256, 64)
+        for co in cos
+    ]
+
+
 def _wgrad_configs() -> list:
-    if INTERPRET:
-        return [_cfg({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_M": 32}, 4, 1)]
+    """Every wgrad configuration (the autotuner's list; the host picks one per shape)."""
+    return _plain_wgrad_configs() + _taps_in_n_configs()
+
+
+def _plain_wgrad_configs() -> list:
+    """Tiles [BLOCK_CO, BLOCK_CI] reduced over BLOCK_M rows per step. A Co block below 64
+    is swapped onto the MMA's N side (wgmma's M is 64 per warpgroup)."""
+    if INTERPRET:  # a wide Co tile too, so the tests reach the unswapped orientation
+        return [_cfg({"BLOCK_CO": co, "BLOCK_CI": 16, "BLOCK_M": 32}, 4, 1) for co in (64, 16)]
     return [
         _cfg({"BLOCK_CO": 128, "BLOCK_CI": 128, "BLOCK_M": 64}, 4, 4),
         _cfg({"BLOCK_CO": 128, "BLOCK_CI": 64, "BLOCK_M": 64}, 4, 4),
-        _cfg({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_M": 64}, 4, 4),
-        _cfg({"BLOCK_CO": 64, "BLOCK_CI": 32, "BLOCK_M": 64}, 4, 4),
-        _cfg({"BLOCK_CO": 32, "BLOCK_CI": 32, "BLOCK_M": 64}, 4, 4),
+        _cfg({"BLOCK_CO": 64, "BLOCK_CI": 128, "BLOCK_M": 64}, 4, 4),
+        _cfg({"BLOCK_CO": 64, "BLOCK_CI": 64, "BLOCK_M": 128}, 4, 3),
+        _cfg({"BLOCK_CO": 32, "BLOCK_CI": 128, "BLOCK_M": 128}, 4, 3),
+        _cfg({"BLOCK_CO": 32, "BLOCK_CI": 64, "BLOCK_M": 256}, 4, 2),
+        _cfg({"BLOCK_CO": 16, "BLOCK_CI": 64, "BLOCK_M": 128}, 4, 3),
     ]
+
+
 
 
 # Operand tiles (stages × both tiles) must leave room in shared memory (227 KB per block
@@ -345,23 +377,47 @@ def _fits(c: triton.Config, dims: dict, elsize: int) -> bool:
 
 def _choose(configs: list, dims: dict, elsize: int) -> triton.Config:
     kept = [c for c in configs if _fits(c, dims, elsize)]
-    return kept[0] if kept else configs[-1]
+    if kept:
+        return kept[0]
+    last = configs[-1]  # the smallest tile, in a shallower pipeline
+    return _cfg(dict(last.kwargs), last.num_warps, min(2, last.num_stages))
 
 
-def _dgrad_config(ci: int, co: int, elsize: int) -> triton.Config:
-    return _choose(_dgrad_configs(), {"BLOCK_N": ci, "BLOCK_K": co}, elsize)
+def _dgrad_pairs_taps(mode: int, co: int, block_k: int) -> bool:
+    """Whether dgrad's K-steps take the up-conv's taps in pairs: (a, c, t, u=1) and
+    (a, c, t, u=0) read adjacent grid rows, so for BLOCK_K = 2·Co one contiguous
+    [BLOCK_M, 2·Co] slice of G feeds both (narrow Co: a 32-deep step is too short)."""
+    return mode == MODE_UP and block_k == 2 * co
 
 
-def _wgrad_config(ci: int, co: int, elsize: int) -> triton.Config:
-    return _choose(_wgrad_configs(), {"BLOCK_CO": co, "BLOCK_CI": ci}, elsize)
+def _dgrad_config(ci: int, co: int, elsize: int, mode: int) -> triton.Config:
+    configs = _dgrad_configs()
+    if mode == MODE_UP and co <= 32:
+        pairs = [c for c in configs if _dgrad_pairs_taps(mode, co, c.kwargs["BLOCK_K"])]
+        if pairs:
+            return _choose(pairs, {"BLOCK_N": ci}, elsize)
+    return _choose(configs, {"BLOCK_N": ci, "BLOCK_K": co}, elsize)
 
 
-def _only_chosen(choose, dims: tuple[str, str]):
+def _taps_per_plane(mode: int) -> int:
+    return 4 if mode == MODE_UP else 9
+
+
+def _wgrad_config(ci: int, co: int, elsize: int, mode: int) -> triton.Config:
+    taps_in_n = _taps_in_n_configs()
+    if ci < _TAPS_IN_N_BELOW:
+        block_ci = triton.next_power_of_2(_taps_per_plane(mode)) * _TAPS_IN_N_CHANNELS
+        return _choose([c for c in taps_in_n if c.kwargs["BLOCK_CI"] == block_ci], {"BLOCK_CO": co}, elsize)
+    return _choose(_plain_wgrad_configs(), {"BLOCK_CO": co, "BLOCK_CI": ci}, elsize)
+
+
+def _only_chosen(choose, dims: tuple[str, str], with_mode: bool = False):
     """Autotune pruning that keeps exactly the configuration the host chose."""
 
     def prune(configs, named_args, **kwargs):
         elsize = named_args["gp_ptr"].element_size()
-        return [choose(int(named_args[dims[0]]), int(named_args[dims[1]]), elsize)]
+        extra = (kwargs.get("MODE", named_args.get("MODE")),) if with_mode else ()
+        return [choose(int(named_args[dims[0]]), int(named_args[dims[1]]), elsize, *extra)]
 
     return prune
 
@@ -374,18 +430,20 @@ _M_GRANULE = max(c.kwargs["BLOCK_M"] for c in _wgrad_configs())
 @triton.autotune(
     configs=_dgrad_configs(),
     key=["N", "H", "W", "Ci", "Co", "MODE"],
-    prune_configs_by={"early_config_prune": _only_chosen(_dgrad_config, ("Ci", "Co"))},
+    prune_configs_by={"early_config_prune": _only_chosen(_dgrad_config, ("Ci", "Co"), with_mode=True)},
 )
 @triton.jit
 def _dgrad_kernel(
     gp_ptr, wt_ptr, gx_ptr, gx_s0, gx_s1, gx_s2, gx_s3,
     N, H, W, Ci, Co, ROWS, FRONT, N_STEPS,
     MODE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, K_CHUNKS: tl.constexpr,
-    IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gx[n, ci, h, w] = Σ_taps Σ_co G[plane(tap), pixel + shift(tap), co] · wt[tap, ci, co]
-    (``wt`` the forward's packed ``[taps·Ci, Co]`` weight, read transposed)."""
+    (``wt`` the forward's packed ``[taps·Ci, Co]`` weight, read transposed). With PAIRS
+    (up-conv, BLOCK_K = 2·Co) a step is the tap pair (2s + 1, 2s): see
+    :func:`_dgrad_pairs_taps`."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(Ci, BLOCK_N)
     pid_n = pid % num_n
@@ -406,16 +464,28 @@ def _dgrad_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Ci
     a_offs = row[:, None] * Co + offs_k[None, :]
-    b_offs = offs_n[None, :] * Co + offs_k[:, None]
+    if PAIRS:
+        # Column k < Co: tap 2s + 1 (u = 1), channel k; k >= Co: tap 2s, channel k − Co.
+        b_offs = ((1 - offs_k // Co)[:, None] * Ci + offs_n[None, :]) * Co + (offs_k % Co)[:, None]
+    else:
+        b_offs = offs_n[None, :] * Co + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # N_STEPS = taps · K_CHUNKS, passed at run time so the loop stays a loop (a constant
-    # trip count gets unrolled whole); the tap is a division by a constant.
+    # N_STEPS = taps · K_CHUNKS (taps / 2 with PAIRS), passed at run time so the loop
+    # stays a loop (a constant trip count gets unrolled whole); the tap is a division by
+    # a constant.
     for s in range(N_STEPS):
-        tap = s // K_CHUNKS
-        c0 = (s - tap * K_CHUNKS) * BLOCK_K
+        if PAIRS:
+            tap = 2 * s + 1
+            c0 = 0
+        else:
+            tap = s // K_CHUNKS
+            c0 = (s - tap * K_CHUNKS) * BLOCK_K
         plane, shift = _tap_shift(tap, WP2, MODE)
         a_base = gp_ptr + ((plane * ROWS + shift).to(tl.int64) * Co + c0)
-        b_base = wt_ptr + (tap * Ci * Co + c0)
+        if PAIRS:
+            b_base = wt_ptr + (tap - 1) * Ci * Co
+        else:
+            b_base = wt_ptr + (tap * Ci * Co + c0)
         if EVEN_K:
             a = tl.load(a_base + a_offs)
             if EVEN_N:
@@ -434,13 +504,14 @@ def _dgrad_kernel(
 @triton.autotune(
     configs=_wgrad_configs(),
     key=["N", "H", "W", "Ci", "Co", "MODE"],
-    prune_configs_by={"early_config_prune": _only_chosen(_wgrad_config, ("Ci", "Co"))},
+    prune_configs_by={"early_config_prune": _only_chosen(_wgrad_config, ("Ci", "Co"), with_mode=True)},
 )
 @triton.jit
 def _wgrad_kernel(
     gp_ptr, x_ptr, part_ptr,
-    N, H, W, Ci, Co, ROWS, FRONT, M_PAD, M_PER_SPLIT,
-    MODE: tl.constexpr, EVEN_CO: tl.constexpr, EVEN_CI: tl.constexpr, PRECISION: tl.constexpr,
+    N, H, W, Ci, Co, CIP, ROWS, FRONT, M_PAD, M_PER_SPLIT,
+    MODE: tl.constexpr, EVEN_CO: tl.constexpr, EVEN_CI: tl.constexpr, TAPS_IN_N: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """part[s, tap, co, ci] = Σ_{rows m of slice s} G[plane(tap), m, co] · X[m + shift(tap), ci].
@@ -448,33 +519,53 @@ def _wgrad_kernel(
     The sum runs over the zero-bordered grid: border rows of G are zero, so they add
     nothing, and X's border is the padding. 3×3 tap (kh, kw) pairs gp at (h, w) with x
     at (h + kh − 1, w + kw − 1); the up-conv's (a, c, t, u) pairs G[a, c] at (i, j) with
-    x at (i + a + t − 1, j + c + u − 1)."""
+    x at (i + a + t − 1, j + c + u − 1). X has CIP values per row.
+
+    A program owns one tap and a [BLOCK_CO, BLOCK_CI] tile; with TAPS_IN_N it owns a
+    plane and its tile's columns are (tap, channel) pairs, 16 channels per tap."""
     NTAP: tl.constexpr = 16 if MODE == 2 else 9
+    TPP: tl.constexpr = 4 if MODE == 2 else 9  # taps per plane
+    PLANE_TAP0: tl.constexpr = 4 if MODE == 2 else 0  # a plane's first tap, per plane
+    SWAP: tl.constexpr = BLOCK_CO < 64  # put Co on the MMA's N side
     pid_co = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
-    tap = pid_q % NTAP
-    ci_blk = pid_q // NTAP
     WP2 = W + 2
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    cols = tl.arange(0, BLOCK_CI)
+    if TAPS_IN_N:
+        plane = pid_q
+        j = cols // 16
+        tap = tl.where(j < TPP, plane * PLANE_TAP0 + j, 0)
+        offs_ci = cols % 16
+    else:
+        tap = pid_q % NTAP
+        offs_ci = (pid_q // NTAP) * BLOCK_CI + cols
+        if MODE == 2:
+            plane = tap // 4
+        else:
+            plane = tap * 0
     if MODE == 2:
-        plane = tap // 4
         shift = (tap // 8 + (tap // 2) % 2 - 1) * WP2 + (tap // 4) % 2 + tap % 2 - 1
     else:
-        plane = tap * 0
         shift = (tap // 3 - 1) * WP2 + tap % 3 - 1
-    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_ci = ci_blk * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_m = tl.arange(0, BLOCK_M)
     m_start = pid_s * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M_PAD)
     # Scalar 64-bit bases advance by one tile per step; the in-tile offsets stay fixed.
     g_base = gp_ptr + (plane.to(tl.int64) * ROWS + FRONT + m_start) * Co
-    x_base = x_ptr + (FRONT + m_start + shift).to(tl.int64) * Ci
+    x_base = x_ptr + (FRONT + m_start).to(tl.int64) * CIP
     g_offs = offs_m[:, None] * Co + offs_co[None, :]
-    x_offs = offs_m[:, None] * Ci + offs_ci[None, :]
+    if TAPS_IN_N:
+        x_offs = (offs_m[:, None] + shift[None, :]) * CIP + offs_ci[None, :]
+    else:
+        x_offs = (offs_m[:, None] + shift) * CIP + offs_ci[None, :]
     co_ok = offs_co < Co
     ci_ok = offs_ci < Ci
-    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     for _ in range(m_start, m_end, BLOCK_M):
         if EVEN_CO:
             g = tl.load(g_base + g_offs)
@@ -484,11 +575,24 @@ def _wgrad_kernel(
             xt = tl.load(x_base + x_offs)
         else:
             xt = tl.load(x_base + x_offs, mask=ci_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
+        if SWAP:
+            acc = tl.dot(tl.trans(xt), g, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
         g_base += BLOCK_M * Co
-        x_base += BLOCK_M * Ci
-    p_off = ((pid_s * NTAP + tap) * Co + offs_co[:, None]).to(tl.int64) * Ci + offs_ci[None, :]
-    tl.store(part_ptr + p_off, acc, mask=co_ok[:, None] & ci_ok[None, :])
+        x_base += BLOCK_M * CIP
+    if TAPS_IN_N:
+        ok_cols = (j < TPP) & ci_ok
+    else:
+        ok_cols = ci_ok
+    col_off = tap.to(tl.int64) * Co * Ci + offs_ci
+    if SWAP:
+        p_off = col_off[:, None] + offs_co[None, :].to(tl.int64) * Ci
+        p_mask = ok_cols[:, None] & co_ok[None, :]
+    else:
+        p_off = col_off[None, :] + offs_co[:, None].to(tl.int64) * Ci
+        p_mask = co_ok[:, None] & ok_cols[None, :]
+    tl.store(part_ptr + pid_s.to(tl.int64) * NTAP * Co * Ci + p_off, acc, mask=p_mask)
 
 
 @triton.jit
@@ -722,10 +826,11 @@ def _launch_gp(mode: int, tensors, geom, scalars, flags, x: torch.Tensor, co: in
 
 def _launch_pad(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     ci = x.shape[1]
-    xp = _alloc((grid.rows, ci), x.dtype, x.device)
-    block_r, block_c = _mem_tile(ci)
-    _pad_kernel[(triton.cdiv(grid.rows, block_r), triton.cdiv(ci, block_c))](
-        x, *x.stride(), xp, grid.n, grid.h, grid.w, ci, grid.rows, grid.front, BLOCK_R=block_r, BLOCK_C=block_c,
+    cp = _TAPS_IN_N_CHANNELS if ci < _TAPS_IN_N_BELOW else ci
+    xp = _alloc((grid.rows, cp), x.dtype, x.device)
+    block_r, block_c = _mem_tile(cp)
+    _pad_kernel[(triton.cdiv(grid.rows, block_r), triton.cdiv(cp, block_c))](
+        x, *x.stride(), xp, grid.n, grid.h, grid.w, ci, cp, grid.rows, grid.front, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return xp
 
@@ -758,11 +863,13 @@ def pre_activation_grad(
 def _launch_dgrad(mode: int, gp: torch.Tensor, wt: torch.Tensor, x: torch.Tensor, co: int, grid: Grid, precision: str):
     n, ci, h, wd = x.shape
     gx = _alloc(x.shape, x.dtype, x.device, ref.memory_format_of(x))
-    cfg = _dgrad_config(ci, co, x.element_size())
+    cfg = _dgrad_config(ci, co, x.element_size(), mode)
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    pairs = _dgrad_pairs_taps(mode, co, bk)
+    k_chunks = triton.cdiv(co, bk)
     _dgrad_kernel[(triton.cdiv(n * h * wd, bm) * triton.cdiv(ci, bn),)](
-        gp, wt, gx, *gx.stride(), n, h, wd, ci, co, grid.rows, grid.front, _NTAP[mode] * triton.cdiv(co, bk),
-        MODE=mode, EVEN_N=ci % bn == 0, EVEN_K=co % bk == 0, K_CHUNKS=triton.cdiv(co, bk),
+        gp, wt, gx, *gx.stride(), n, h, wd, ci, co, grid.rows, grid.front, _NTAP[mode] // 2 if pairs else _NTAP[mode] * k_chunks,
+        MODE=mode, EVEN_N=ci % bn == 0, EVEN_K=pairs or co % bk == 0, K_CHUNKS=k_chunks, PAIRS=pairs,
         IDX64=gp.numel() > INT32_LIMIT, PRECISION=precision,
     )
     return gx
@@ -771,17 +878,19 @@ def _launch_dgrad(mode: int, gp: torch.Tensor, wt: torch.Tensor, x: torch.Tensor
 def _launch_wgrad(mode: int, gp: torch.Tensor, xp: torch.Tensor, x: torch.Tensor, co: int, grid: Grid, precision: str, split):
     n, ci, h, wd = x.shape
     ntap = _NTAP[mode]
-    cfg = _wgrad_config(ci, co, x.element_size())
+    cfg = _wgrad_config(ci, co, x.element_size(), mode)
     bco, bci = cfg.kwargs["BLOCK_CO"], cfg.kwargs["BLOCK_CI"]
-    tiles = triton.cdiv(co, bco) * triton.cdiv(ci, bci) * ntap
+    taps_in_n = ci < _TAPS_IN_N_BELOW
+    q_programs = _NPLANE[mode] if taps_in_n else triton.cdiv(ci, bci) * ntap
+    tiles = triton.cdiv(co, bco) * q_programs
     granules = grid.m_pad // _M_GRANULE
     s = wgrad_split(x.device, tiles, granules) if split is None else max(1, min(int(split), granules))
     m_per_split = triton.cdiv(granules, s) * _M_GRANULE
     s = triton.cdiv(grid.m_pad, m_per_split)  # no empty slices
     part = _alloc((s, ntap, co, ci), torch.float32, x.device)
-    _wgrad_kernel[(triton.cdiv(co, bco), triton.cdiv(ci, bci) * ntap, s)](
-        gp, xp, part, n, h, wd, ci, co, grid.rows, grid.front, grid.m_pad, m_per_split,
-        MODE=mode, EVEN_CO=co % bco == 0, EVEN_CI=ci % bci == 0, PRECISION=precision,
+    _wgrad_kernel[(triton.cdiv(co, bco), q_programs, s)](
+        gp, xp, part, n, h, wd, ci, co, xp.shape[1], grid.rows, grid.front, grid.m_pad, m_per_split,
+        MODE=mode, EVEN_CO=co % bco == 0, EVEN_CI=taps_in_n or ci % bci == 0, TAPS_IN_N=taps_in_n, PRECISION=precision,
     )
     return part
 
