@@ -229,7 +229,7 @@ def _gp_kernel(
     N, H, W, Co, Hp, Wp, ROWS, FRONT,
     alpha, gain, clamp,
     MODE: tl.constexpr, FROM_Y: tl.constexpr, ACT: tl.constexpr, HAS_CLAMP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """G[plane, row, co] = gp at the row's pixel (0 off the images), in gp's dtype, and
     bpart[plane, row block, co] = Σ_rows gp (fp32). Planes: the up-conv's 4 output phases
@@ -237,7 +237,10 @@ def _gp_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     plane = tl.program_id(2)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if IDX64:  # a grid of 2^31 rows or more
+        offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    else:
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_ok = offs_r < ROWS
     c_ok = offs_c < Co
@@ -264,11 +267,14 @@ def _gp_kernel(
 def _pad_kernel(
     x_ptr, x_s0, x_s1, x_s2, x_s3, xp_ptr,
     N, H, W, C, CP, ROWS, FRONT,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """X[row, c] = x at the row's pixel, 0 off the images and for channels c >= C: x's
     zero-bordered NHWC copy, CP >= C values per row."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if IDX64:
+        offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    else:
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     r_ok = offs_r < ROWS
     nn, h, w, interior = _grid_pixel(offs_r, FRONT, N, H, W)
@@ -457,9 +463,10 @@ def _dgrad_kernel(
     nn = t // H
     WP2 = W + 2
     # Each row's grid row, computed once; a tap adds a scalar.
-    row = FRONT + (nn * (H + 2) + xh + 1) * WP2 + xw + 1
     if IDX64:
-        row = row.to(tl.int64)
+        row = FRONT + (nn.to(tl.int64) * (H + 2) + xh + 1) * WP2 + xw + 1
+    else:
+        row = FRONT + (nn * (H + 2) + xh + 1) * WP2 + xw + 1
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Ci
@@ -481,7 +488,10 @@ def _dgrad_kernel(
             tap = s // K_CHUNKS
             c0 = (s - tap * K_CHUNKS) * BLOCK_K
         plane, shift = _tap_shift(tap, WP2, MODE)
-        a_base = gp_ptr + ((plane * ROWS + shift).to(tl.int64) * Co + c0)
+        if IDX64:
+            a_base = gp_ptr + ((plane.to(tl.int64) * ROWS + shift) * Co + c0)
+        else:
+            a_base = gp_ptr + ((plane * ROWS + shift) * Co + c0)
         if PAIRS:
             b_base = wt_ptr + (tap - 1) * Ci * Co
         else:
@@ -819,7 +829,7 @@ def _launch_gp(mode: int, tensors, geom, scalars, flags, x: torch.Tensor, co: in
     bpart = _alloc((planes * row_blocks, co) if with_bias else (1,), torch.float32, x.device)
     _gp_kernel[(row_blocks, triton.cdiv(co, block_c), planes)](
         *tensors, gp, bpart, grid.n, grid.h, grid.w, co, *geom, grid.rows, grid.front, *scalars,
-        MODE=mode, HAS_BIAS=with_bias, BLOCK_R=block_r, BLOCK_C=block_c, **flags,
+        MODE=mode, HAS_BIAS=with_bias, IDX64=grid.rows + block_r > INT32_LIMIT, BLOCK_R=block_r, BLOCK_C=block_c, **flags,
     )
     return gp, bpart
 
@@ -830,7 +840,8 @@ def _launch_pad(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     xp = _alloc((grid.rows, cp), x.dtype, x.device)
     block_r, block_c = _mem_tile(cp)
     _pad_kernel[(triton.cdiv(grid.rows, block_r), triton.cdiv(cp, block_c))](
-        x, *x.stride(), xp, grid.n, grid.h, grid.w, ci, cp, grid.rows, grid.front, BLOCK_R=block_r, BLOCK_C=block_c,
+        x, *x.stride(), xp, grid.n, grid.h, grid.w, ci, cp, grid.rows, grid.front,
+        IDX64=grid.rows + block_r > INT32_LIMIT, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return xp
 
