@@ -644,8 +644,8 @@ def _finalize_kernel(
             t = (q // 2) % 2
             u = q % 2
             for k in tl.static_range(9):
-                kh: tl.constexpr = k // 3
-                kw: tl.constexpr = k % 3
+                kh = k // 3
+                kw = k % 3
                 # The 4 phase taps that 3×3 tap (kh, kw) collects, summed with a select
                 # (a product with a 0/1 matrix would be turned into an fp32 dot).
                 if kh == 0:
