@@ -325,21 +325,38 @@ def _dgrad_configs() -> list:
 
 
 # Below this many input channels wgrad puts all of a plane's taps on the tile's N side
-# (TAPS_IN_N): column n of the tile is (tap n // 16, channel n % 16) of X, whose rows
-# are padded to 16 channels. One program then reads each gp tile once for every tap.
+# (TAPS_IN_N): column n of the tile is (tap n // C, channel n % C) of X, whose rows are
+# padded to C channels (:func:`_taps_in_n_channels`). One program then reads each gp
+# tile once for every tap.
 _TAPS_IN_N_BELOW = 16
-_TAPS_IN_N_CHANNELS = 16
+# X may take this many times x's bytes for the sake of 16-byte rows (8 channels).
+_PAD_BYTES_RATIO = 4
+
+
+def _tap_groups(mode: int) -> int:
+    """Column groups of a TAPS_IN_N tile: a plane's taps, padded to a power of two."""
+    return 4 if mode == MODE_UP else 16
+
+
+def _taps_in_n_channels(ci: int, mode: int, pixels: int, grid_rows: int) -> int:
+    """X's channels per row (and per column group) on the TAPS_IN_N path: 8 (rows of 16
+    bytes, one cp.async each: a 4-channel row costs twice the load instructions) unless
+    that makes X more than _PAD_BYTES_RATIO× x (a grid much larger than the image, e.g.
+    1-pixel-high images); else the next power of two of Ci, at least 4 for the up-conv
+    (its 4 taps must fill 16 columns)."""
+    if grid_rows * 8 <= _PAD_BYTES_RATIO * pixels * ci:
+        return max(8, triton.next_power_of_2(ci))
+    return max(triton.next_power_of_2(ci), 16 // _tap_groups(mode))
 
 
 def _taps_in_n_configs() -> list:
-    """TAPS_IN_N tiles: BLOCK_CI = 16 taps × 16 channels (3×3, 9 used) or 4 × 16 (a phase
-    plane of the up-conv)."""
-    m, stages = (32, 1) if INTERPRET else (64, 3)
+    """TAPS_IN_N tiles: BLOCK_CI = column groups × channels per group."""
+    m, stages = (32, 1) if INTERPRET else (128, 3)
     cos = (16,) if INTERPRET else (64, 32, 16)
-    # 8 warps for the 64×256 tile: its fp32 accumulator alone is 128 registers a thread at 4.
+    # 8 warps for a 64×256 tile: its fp32 accumulator alone is 128 registers a thread at 4.
     return [
-        _cfg({"BLOCK_CO": co, "BLOCK_CI": ci, "BLOCK_M": m}, 8 if co * ci >= 64 * 256 else 4, stages)
-        for ci in (256, 64)
+        _cfg({"BLOCK_CO": co, "BLOCK_CI": ci, "BLOCK_M": m if ci <= 64 else 64}, 8 if co * ci >= 64 * 256 else 4, stages)
+        for ci in (256, 128, 64, 32, 16)
         for co in cos
     ]
 
@@ -397,7 +414,7 @@ def _dgrad_pairs_taps(mode: int, co: int, block_k: int) -> bool:
     return mode == MODE_UP and block_k == 2 * co
 
 
-def _dgrad_config(ci: int, co: int, elsize: int, mode: int) -> triton.Config:
+def _dgrad_config(ci: int, co: int, mode: int, elsize: int) -> triton.Config:
     configs = _dgrad_configs()
     if mode == MODE_UP and co <= 32:
         pairs = [c for c in configs if _dgrad_pairs_taps(mode, co, c.kwargs["BLOCK_K"])]
@@ -410,21 +427,22 @@ def _taps_per_plane(mode: int) -> int:
     return 4 if mode == MODE_UP else 9
 
 
-def _wgrad_config(ci: int, co: int, elsize: int, mode: int) -> triton.Config:
+def _wgrad_config(ci: int, co: int, mode: int, cip: int, elsize: int) -> triton.Config:
+    """``cip``: X's channels per row."""
     taps_in_n = _taps_in_n_configs()
     if ci < _TAPS_IN_N_BELOW:
-        block_ci = triton.next_power_of_2(_taps_per_plane(mode)) * _TAPS_IN_N_CHANNELS
+        block_ci = _tap_groups(mode) * cip
         return _choose([c for c in taps_in_n if c.kwargs["BLOCK_CI"] == block_ci], {"BLOCK_CO": co}, elsize)
     return _choose(_plain_wgrad_configs(), {"BLOCK_CO": co, "BLOCK_CI": ci}, elsize)
 
 
-def _only_chosen(choose, dims: tuple[str, str], with_mode: bool = False):
-    """Autotune pruning that keeps exactly the configuration the host chose."""
+def _only_chosen(choose, args: tuple[str, ...]):
+    """Autotune pruning that keeps exactly the configuration the host chose:
+    ``choose(*args, elsize=...)`` on the launch's arguments."""
 
     def prune(configs, named_args, **kwargs):
-        elsize = named_args["gp_ptr"].element_size()
-        extra = (kwargs.get("MODE", named_args.get("MODE")),) if with_mode else ()
-        return [choose(int(named_args[dims[0]]), int(named_args[dims[1]]), elsize, *extra)]
+        values = [int(kwargs[a]) if a in kwargs else int(named_args[a]) for a in args]
+        return [choose(*values, elsize=named_args["gp_ptr"].element_size())]
 
     return prune
 
@@ -437,7 +455,7 @@ _M_GRANULE = max(c.kwargs["BLOCK_M"] for c in _wgrad_configs())
 @triton.autotune(
     configs=_dgrad_configs(),
     key=["N", "H", "W", "Ci", "Co", "MODE"],
-    prune_configs_by={"early_config_prune": _only_chosen(_dgrad_config, ("Ci", "Co"), with_mode=True)},
+    prune_configs_by={"early_config_prune": _only_chosen(_dgrad_config, ("Ci", "Co", "MODE"))},
 )
 @triton.jit
 def _dgrad_kernel(
@@ -515,7 +533,7 @@ def _dgrad_kernel(
 @triton.autotune(
     configs=_wgrad_configs(),
     key=["N", "H", "W", "Ci", "Co", "MODE"],
-    prune_configs_by={"early_config_prune": _only_chosen(_wgrad_config, ("Ci", "Co"), with_mode=True)},
+    prune_configs_by={"early_config_prune": _only_chosen(_wgrad_config, ("Ci", "Co", "MODE", "CIP"))},
 )
 @triton.jit
 def _wgrad_kernel(
@@ -545,11 +563,16 @@ def _wgrad_kernel(
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     cols = tl.arange(0, BLOCK_CI)
     if TAPS_IN_N:
+        # Channels per column group == CIP, as a constant: the row stride's alignment
+        # (16 bytes at 8 channels) is then known, so X loads are 16-byte cp.async.
+        TAP_CH: tl.constexpr = BLOCK_CI // (4 if MODE == 2 else 16)
+        XS = TAP_CH
         plane = pid_q
-        j = cols // 16
+        j = cols // TAP_CH
         tap = tl.where(j < TPP, plane * PLANE_TAP0 + j, 0)
-        offs_ci = cols % 16
+        offs_ci = cols % TAP_CH
     else:
+        XS = CIP
         tap = pid_q % NTAP
         offs_ci = (pid_q // NTAP) * BLOCK_CI + cols
         if MODE == 2:
@@ -565,12 +588,12 @@ def _wgrad_kernel(
     m_end = tl.minimum(m_start + M_PER_SPLIT, M_PAD)
     # Scalar 64-bit bases advance by one tile per step; the in-tile offsets stay fixed.
     g_base = gp_ptr + (plane.to(tl.int64) * ROWS + FRONT + m_start) * Co
-    x_base = x_ptr + (FRONT + m_start).to(tl.int64) * CIP
+    x_base = x_ptr + (FRONT + m_start).to(tl.int64) * XS
     g_offs = offs_m[:, None] * Co + offs_co[None, :]
     if TAPS_IN_N:
-        x_offs = (offs_m[:, None] + shift[None, :]) * CIP + offs_ci[None, :]
+        x_offs = (offs_m[:, None] + shift[None, :]) * XS + offs_ci[None, :]
     else:
-        x_offs = (offs_m[:, None] + shift) * CIP + offs_ci[None, :]
+        x_offs = (offs_m[:, None] + shift) * XS + offs_ci[None, :]
     co_ok = offs_co < Co
     ci_ok = offs_ci < Ci
     if SWAP:
@@ -591,7 +614,7 @@ def _wgrad_kernel(
         else:
             acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
         g_base += BLOCK_M * Co
-        x_base += BLOCK_M * CIP
+        x_base += BLOCK_M * XS
     if TAPS_IN_N:
         ok_cols = (j < TPP) & ci_ok
     else:
@@ -844,9 +867,9 @@ def _launch_gp(mode: int, tensors, geom, scalars, flags, x: torch.Tensor, co: in
     return gp, bpart
 
 
-def _launch_pad(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+def _launch_pad(x: torch.Tensor, grid: Grid, cp: int) -> torch.Tensor:
+    """X: x in the zero-bordered grid, ``cp`` >= Ci values per row."""
     ci = x.shape[1]
-    cp = _TAPS_IN_N_CHANNELS if ci < _TAPS_IN_N_BELOW else ci
     xp = _alloc((grid.rows, cp), x.dtype, x.device)
     block_r, block_c = _mem_tile(cp)
     _pad_kernel[(triton.cdiv(grid.rows, block_r), triton.cdiv(cp, block_c))](
@@ -884,7 +907,7 @@ def pre_activation_grad(
 def _launch_dgrad(mode: int, gp: torch.Tensor, wt: torch.Tensor, x: torch.Tensor, co: int, grid: Grid, precision: str):
     n, ci, h, wd = x.shape
     gx = _alloc(x.shape, x.dtype, x.device, ref.memory_format_of(x))
-    cfg = _dgrad_config(ci, co, x.element_size(), mode)
+    cfg = _dgrad_config(ci, co, mode, x.element_size())
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     pairs = _dgrad_pairs_taps(mode, co, bk)
     k_chunks = triton.cdiv(co, bk)
@@ -899,7 +922,7 @@ def _launch_dgrad(mode: int, gp: torch.Tensor, wt: torch.Tensor, x: torch.Tensor
 def _launch_wgrad(mode: int, gp: torch.Tensor, xp: torch.Tensor, x: torch.Tensor, co: int, grid: Grid, precision: str, split):
     n, ci, h, wd = x.shape
     ntap = _NTAP[mode]
-    cfg = _wgrad_config(ci, co, x.element_size(), mode)
+    cfg = _wgrad_config(ci, co, mode, xp.shape[1], x.element_size())
     bco, bci = cfg.kwargs["BLOCK_CO"], cfg.kwargs["BLOCK_CI"]
     taps_in_n = ci < _TAPS_IN_N_BELOW
     q_programs = _NPLANE[mode] if taps_in_n else triton.cdiv(ci, bci) * ntap
@@ -987,7 +1010,8 @@ def fused_backward(
         gx = _launch_dgrad(mode, gp, _pack_weight(op, w, x.dtype), x, co, grid, precision)
     part = None
     if want_w:
-        part = _launch_wgrad(mode, gp, _launch_pad(x, grid), x, co, grid, precision, split)
+        cp = _taps_in_n_channels(ci, mode, n * h * wd, grid.rows) if ci < _TAPS_IN_N_BELOW else ci
+        part = _launch_wgrad(mode, gp, _launch_pad(x, grid, cp), x, co, grid, precision, split)
     if want_w or want_b:
         gw_f, gb = _launch_finalize(mode, part, bpart if want_b else None, w, b)
         gw = gw_f if want_w else gw

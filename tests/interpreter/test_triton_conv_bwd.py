@@ -203,9 +203,16 @@ def test_wide_tiles_even_channels(op):
 
 
 @pytest.mark.parametrize("op", ["conv3x3_pool", "up_conv3x3"])
-def test_few_input_channels_taps_in_n(op):
-    # Ci < 16: wgrad puts a plane's taps on the tile's N side over a 16-channel padded copy.
-    check(op, (2, 3, 5, 6, 5), torch.float32, "nchw", "relu", 1.0, None, seed=19)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 5), (1, 3, 4, 20, 20)])
+def test_few_input_channels_taps_in_n(op, shape):
+    # Ci < 16: wgrad puts a plane's taps on the tile's N side over a channel-padded copy of
+    # x: 4 channels per row for the small image (the bordered grid is large next to it),
+    # 8 for the 20×20 one.
+    n, ci, _, h, wd = shape
+    grid = cb.Grid.of(n, h, wd)
+    want_cip = 8 if h == 20 else 4
+    assert cb._taps_in_n_channels(ci, cb.MODE_POOL, n * h * wd, grid.rows) == want_cip
+    check(op, shape, torch.float32, "nchw", "relu", 1.0, None, seed=19)
 
 
 @pytest.mark.parametrize("op", OPS)
