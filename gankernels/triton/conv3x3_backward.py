@@ -586,14 +586,14 @@ def _wgrad_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_start = pid_s * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M_PAD)
-    # Scalar 64-bit bases advance by one tile per step; the in-tile offsets stay fixed.
-    g_base = gp_ptr + (plane.to(tl.int64) * ROWS + FRONT + m_start) * Co
-    x_base = x_ptr + (FRONT + m_start).to(tl.int64) * XS
+    # Tile pointers, advanced by one tile per step.
     g_offs = offs_m[:, None] * Co + offs_co[None, :]
     if TAPS_IN_N:
         x_offs = (offs_m[:, None] + shift[None, :]) * XS + offs_ci[None, :]
     else:
         x_offs = (offs_m[:, None] + shift) * XS + offs_ci[None, :]
+    g_base = gp_ptr + (plane.to(tl.int64) * ROWS + FRONT + m_start) * Co + g_offs
+    x_base = x_ptr + (FRONT + m_start).to(tl.int64) * XS + x_offs
     co_ok = offs_co < Co
     ci_ok = offs_ci < Ci
     if SWAP:
@@ -602,13 +602,13 @@ def _wgrad_kernel(
         acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     for _ in range(m_start, m_end, BLOCK_M):
         if EVEN_CO:
-            g = tl.load(g_base + g_offs)
+            g = tl.load(g_base)
         else:
-            g = tl.load(g_base + g_offs, mask=co_ok[None, :], other=0.0)
+            g = tl.load(g_base, mask=co_ok[None, :], other=0.0)
         if EVEN_CI:
-            xt = tl.load(x_base + x_offs)
+            xt = tl.load(x_base)
         else:
-            xt = tl.load(x_base + x_offs, mask=ci_ok[None, :], other=0.0)
+            xt = tl.load(x_base, mask=ci_ok[None, :], other=0.0)
         if SWAP:
             acc = tl.dot(tl.trans(xt), g, acc, input_precision=PRECISION)
         else:
