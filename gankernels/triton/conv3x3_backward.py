@@ -811,10 +811,11 @@ class Grid:
 
 
 def _mem_tile(c: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the memory-bound kernels: 4096-element tiles (256 in the
-    interpreter), the channel block up to 64 wide."""
+    """(BLOCK_R, BLOCK_C) of the memory-bound kernels: 2048-element tiles (256 in the
+    interpreter; 16 elements a thread: at 32 the pool's gathers spill), the channel block
+    up to 64 wide."""
     block_c = min(triton.next_power_of_2(max(c, 1)), 64 if not INTERPRET else 16)
-    return max(1, (256 if INTERPRET else 4096) // block_c), block_c
+    return max(1, (256 if INTERPRET else 2048) // block_c), block_c
 
 
 def _operands(op: str, grad, x, w, b, out, saved, act, alpha, gain, clamp):
