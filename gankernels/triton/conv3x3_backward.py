@@ -25,8 +25,9 @@ Two plain GEMMs over one materialised pre-activation gradient ``gp``:
 Why the zero border: both GEMMs address ``gp`` (and wgrad ``X``) as flat NHWC rows of a
 ``(H+2)×(W+2)`` grid per image, so a tap is one scalar offset (``dh·(W+2) + dw`` rows)
 and the zero border is the convolution's padding. The main loops do no pixel index
-arithmetic and no bounds masks; each step is two tile loads at a scalar offset and an
-MMA. Guard rows before and after the grid keep shifted reads in bounds.
+arithmetic and no pixel bounds masks (channel-tail masks only where a tile does not
+divide the channels); each step is two tile loads at a scalar offset and an MMA. Guard
+rows before and after the grid keep shifted reads in bounds.
 
 The derivative of the epilogue is read off the forward's output y for linear, relu,
 lrelu (alpha ≥ 0), tanh and sigmoid with gain > 0 (the clamp mask is
@@ -40,7 +41,7 @@ is on, as cuDNN does), fp32 accumulation; the bias gradient sums the unrounded f
 Memory, per backward call (nothing is saved by the forward beyond ``out`` and, for the
 pool, its int8 code): ``G`` (N·Co·(H+2)·(W+2) in x's dtype, 4 planes for the up-conv:
 the size of the conv output's gradient plus its border), ``X`` (x plus its border, when
-wgrad is wanted), the fp32 split partials ``[S, taps, Co, Ci]`` and the bias partials;
+wgrad is wanted; rows padded to 8 channels below 16), the fp32 split partials ``[S, taps, Co, Ci]`` and the bias partials;
 for the recompute path also the pre-activation.
 
 ``CUDNN_PARTS`` is a switch (off by default, not measured yet) that hands the dgrad
