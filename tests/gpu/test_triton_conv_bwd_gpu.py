@@ -101,6 +101,30 @@ def test_conv3x3_rows_bf16(ci, co, h):
     _check("conv3x3", ci, co, h, torch.bfloat16)
 
 
+def test_to_rgb_narrow_output():
+    # The generator's last layer (32 -> 3, tanh): gp rows of 3 channels (unaligned for
+    # vector loads), wgrad's narrowest swapped tile, dgrad's K tail.
+    _check("conv3x3", 32, 3, 64, torch.bfloat16, act="tanh")
+
+
+@pytest.mark.parametrize("op", ["conv3x3_pool", "up_conv3x3"])
+def test_split_counts_agree(op):
+    # Different wgrad split counts sum the same products in another order: equal to
+    # rounding, each bitwise reproducible (checked in test_deterministic).
+    cb = _cb()
+    gen = torch.Generator().manual_seed(3)
+    ci, co, h = 64, 128, 16
+    x = random_input(BATCH, ci, h, h, dtype=torch.bfloat16, layout="channels_last", device=DEVICE, generator=gen)
+    w = random_input(co, ci, 3, 3, dtype=torch.bfloat16, device=DEVICE, generator=gen, scale=1 / (3 * ci**0.5))
+    b = random_input(co, dtype=torch.bfloat16, device=DEVICE, generator=gen)
+    out, saved = getattr(reg, f"{op}_op")(x, w, b, "lrelu", 0.2, 1.0, None, "triton")
+    grad = random_input(*out.shape, dtype=torch.bfloat16, device=DEVICE, generator=gen)
+    grads = [cb.fused_backward(op, grad, x, w, b, out, saved, "lrelu", 0.2, 1.0, None, split=s)[1:] for s in (1, 3, 7)]
+    for gw, gb in grads[1:]:
+        assert_close_rel(gw, grads[0][0], tol=tolerance(torch.bfloat16), what=f"{op} gw across splits")
+        assert_close_rel(gb, grads[0][1], tol=tolerance(torch.bfloat16), what=f"{op} gb across splits")
+
+
 @pytest.mark.parametrize("op", ["conv3x3", "conv3x3_pool", "up_conv3x3"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_dtypes_nchw_and_silu(op, dtype):

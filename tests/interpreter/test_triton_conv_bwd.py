@@ -186,12 +186,71 @@ def test_needs_subsets(op, needs):
 
 @pytest.mark.parametrize("op", ["conv3x3_pool", "up_conv3x3"])
 def test_split_k_is_deterministic_and_correct(op):
-    # 2·6·7 = 84 pixels, 3 granules of 32: several split-K slices summed in a fixed order.
+    # 2·8·9 = 144 rows of the zero-bordered grid, 5 granules of 32: several split slices
+    # summed in a fixed order.
     args = (op, (2, 3, 5, 6, 7), torch.float32, "channels_last", "lrelu", 1.0, None)
     a = check(*args, split=3, seed=13)
     b = check(*args, split=3, seed=13)
     for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v), "the same split must give bitwise identical gradients"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_wide_tiles_even_channels(op):
+    # Co = 64 takes wgrad's unswapped tile (Co on the MMA's M side) and channel counts that
+    # the tiles divide take the mask-free loads of both GEMMs.
+    check(op, (1, 32, 64, 4, 5), torch.float32, "channels_last", "lrelu", 1.0, None, seed=17)
+
+
+@pytest.mark.parametrize("op", ["conv3x3_pool", "up_conv3x3"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 5), (1, 3, 4, 20, 20)])
+def test_few_input_channels_taps_in_n(op, shape):
+    # Ci < 16: wgrad puts a plane's taps on the tile's N side over a channel-padded copy of
+    # x: 4 channels per row for the small image (the bordered grid is large next to it),
+    # 8 for the 20×20 one.
+    n, ci, _, h, wd = shape
+    grid = cb.Grid.of(n, h, wd)
+    want_cip = 8 if h == 20 else 4
+    assert cb._taps_in_n_channels(ci, cb.MODE_POOL, n * h * wd, grid.rows) == want_cip
+    check(op, shape, torch.float32, "nchw", "relu", 1.0, None, seed=19)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gp_grid_layout(op):
+    """The gp kernel's zero-bordered buffer: each plane holds gp at its interior rows
+    (for the up-conv, phase (a, c) holds gp[2i+a, 2j+c]) and exact zeros everywhere else
+    (border, guards, tail), and its bias partials sum to the bias gradient."""
+    x, w, b, out, saved, grad, clamp = make_case(op, (2, 3, 4, 5, 3), torch.float32, "nchw", "tanh", 1.3, "auto")
+    mode, tensors, geom, scalars, flags = cb._operands(op, grad, x, w, b, out, saved, "tanh", 0.2, 1.3, clamp)
+    n, _, h, wd = x.shape
+    grid = cb.Grid.of(n, h, wd)
+    buf, bpart = cb._launch_gp(mode, tensors, geom, scalars, flags, x, w.shape[0], grid, with_bias=True)
+    p = PREACT[op](x.double(), w.double(), b.double())
+    gy = grad.double() if op != "conv3x3_pool" else unpool_code(grad.double(), saved, p.shape[2], p.shape[3])
+    want = gy * ref.epilogue_derivative(p, "tanh", 0.2, 1.3, clamp)
+    planes = 4 if op == "up_conv3x3" else 1
+    assert buf.shape == (planes, grid.rows, w.shape[0])
+    outside = torch.ones(planes, grid.rows, dtype=torch.bool)
+    for q in range(planes):
+        got = grid.interior(buf, q)
+        exp = want[:, :, q // 2 :: 2, q % 2 :: 2] if op == "up_conv3x3" else want
+        assert_close_rel(got, exp, dtype=torch.float32, what=f"gp plane {q}")
+        rows = grid.front + torch.arange(n * (h + 2) * (wd + 2)).view(n, h + 2, wd + 2)[:, 1 : h + 1, 1 : wd + 1]
+        outside[q, rows.flatten()] = False
+    assert torch.equal(buf[outside], torch.zeros_like(buf[outside])), "the border and guard rows must be exactly zero"
+    assert_close_rel(bpart.sum(0), want.sum((0, 2, 3)), dtype=torch.float32, what="bias partials")
+
+
+def test_wgrad_split_count():
+    # Enough slices that tiles × slices covers 2 waves of an H100/H200's 132 SMs, at most
+    # one slice per granule and 64 in all; on the CPU interpreter at most 2.
+    meta = torch.device("meta")
+    assert cb.wgrad_split(meta, tiles=72, granules=1000) == 4
+    assert cb.wgrad_split(meta, tiles=9, granules=1000) == 30
+    assert cb.wgrad_split(meta, tiles=1, granules=1000) == 64
+    assert cb.wgrad_split(meta, tiles=9, granules=5) == 5
+    assert cb.wgrad_split(meta, tiles=512, granules=1000) == 1
+    assert cb.wgrad_split(torch.device("cpu"), tiles=1, granules=1000) == 2
 
 
 def test_expanded_grad():
