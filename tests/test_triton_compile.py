@@ -135,17 +135,10 @@ KNOWN_ISSUES: tuple[Known, ...] = (
         r"^sm90-(conv3x3_fwd|dgrad|wgrad)_kernel-bf16-nchw-",
         "spill",
         "NCHW input (channel stride != 1: no vector loads along K, per-element offsets): the conv-family kernels "
-        "run at 255 registers and spill. triton 3.8: forward 128x128x64 w8 s3 104 B (conv), 40 B (pool), 48 B "
-        "(up-conv), dgrad pool 128 B, wgrad pool 32 B; triton 3.6: wgrad pool 8 B. channels_last, the layout the "
-        "kernels are built for, does not spill there",
+        "run at 255 registers and spill (triton 3.8: forward 128x128x64 w8 s3 104 B (conv), 40 B (pool), 48 B "
+        "(up-conv)). The backward kernels read a channels_last gp grid whatever x's layout. channels_last, the "
+        "layout the kernels are built for, does not spill",
         seen=("3.6", "3.8"),
-    ),
-    Known(
-        r"^sm90-wgrad_kernel-bf16-cl-(silu-)?pool.*-64x64x64w4s3$",
-        "spill",
-        "triton 3.6 (the GPU machine's): the pool-mode wgrad (conv3x3_pool backward, the discriminator's training "
-        "path) spills 16 B (8 B with silu) at 255 registers in its first config 64x64x64 w4 s3; triton 3.8 does not",
-        seen=("3.6",),
     ),
     Known(
         r"^sm90-max_pool_fwd_kernel-bf16-cl-maxpool2x2-idx$",
