@@ -558,7 +558,13 @@ def packed_weight(w: torch.Tensor, dtype: torch.dtype, phases: bool = False) -> 
     shape, phases), and a hit also requires the cached entry's tensor to be this very
     tensor (a weak reference), so a new tensor that happens to reuse a freed one's
     memory — e.g. the per-call bf16 copy autocast makes — is never served stale
-    weights. An in-place update (optimizer step) bumps ``_version`` and repacks."""
+    weights. An in-place update (optimizer step) bumps ``_version`` and repacks.
+
+    Never cached during CUDA-graph capture: the repack must be recorded in the graph,
+    or every replay would run on the weights as they were when captured (an optimizer
+    step between replays changes them in place without the host seeing it)."""
+    if w.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _pack(w, dtype, phases)
     key = (w.data_ptr(), w._version, dtype, w.dtype, w.device, tuple(w.shape), bool(phases))
     with _pack_lock:
         hit = _pack_cache.get(key)
