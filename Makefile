@@ -39,7 +39,7 @@ bench: setup
 DEMO_ARGS := --resolution 8 --width 64 --lr 5e-4 --r1 1 --steps 2000
 
 demo: setup
-	OMP_NUM_THREADS=1 $(PY) examples/train_gan.py --name demo $(DEMO_ARGS)
+	OMP_NUM_THREADS=1 $(PY) examples/train_gan.py --name demo --overwrite $(DEMO_ARGS)
 
 # Stock torch layers and gankernels' layers trained from the same seed with the demo's
 # settings: one table of the digits judge's scores and images/s, recorded in

@@ -73,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     load_before = os.getloadavg()[0]
     rows, settings = [], None
     for layers in ("stock", "gankernels"):
-        args = train_gan.parse_args([*rest, "--name", f"{own.name}-{layers}", "--layers", layers])
+        args = train_gan.parse_args([*rest, "--name", f"{own.name}-{layers}", "--layers", layers, "--overwrite"])
         cpu = time.process_time()
         summary = train_gan.train(args)
         settings = args

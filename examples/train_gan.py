@@ -89,6 +89,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "with --layers gankernels, gankernels.convert fuses their forward",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same --name (without it, an existing run is an error: --resume continues it)",
+    )
+    p.add_argument(
         "--backend",
         default=None,
         choices=("auto", "torch", "triton", "cuda"),
@@ -556,6 +561,11 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     judging = args.data is None and args.eval_every > 0
     run_dir = Path(args.runs_dir) / args.name
     ckpt_path = run_dir / "checkpoint.pt"
+    if args.resume is None and not args.overwrite and (ckpt_path.exists() or (run_dir / "samples").exists()):
+        raise SystemExit(
+            f"--name {args.name}: {run_dir} holds an earlier run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --name"
+        )
     data = load_digits(args.resolution) if args.data is None else load_folder(args.data, args.resolution, verbose=d.main)
     args.image_channels = data.shape[1]
     # Keep the data on the device when it is small (the digits are 7 MB).
@@ -572,6 +582,13 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, channels_last=args.channels_last, **style).to(d.device)
     if args.forward_code and args.layers == "gankernels":
         G, D = gankernels.convert(G)[0], gankernels.convert(D)[0]  # fuses the forward code in place
+    if args.backend not in (None, "auto") and args.layers == "gankernels":
+        # Fail now, with every reason, rather than with a traceback at the first step.
+        try:
+            with torch.no_grad():
+                D(G(torch.zeros(1, args.z_dim, device=d.device)))
+        except gankernels.BackendUnavailable as e:
+            raise SystemExit(f"--backend {args.backend}: cannot run these networks on {d.device.type} here:\n{e}") from None
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
     amp_dtype = AMP_DTYPES[args.amp]

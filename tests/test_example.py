@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gankernels
 from gankernels.models import dcgan_discriminator, dcgan_generator
 from gankernels.testing import assert_close_rel
 
@@ -274,3 +275,21 @@ def test_amp_and_channels_last_run(tmp_path, extra):
     assert s["steps"] == 2 and len(s["history"]) == 2
     ckpt = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["G"].values())
+
+
+def test_an_earlier_run_is_not_overwritten_silently(tmp_path):
+    _run(tmp_path, "again", "--steps", "2", "--sample-every", "2", "--eval-every", "0")
+    with pytest.raises(SystemExit, match="--name again: .* holds an earlier run; pass --resume .* --overwrite"):
+        _run(tmp_path, "again", "--steps", "2", "--sample-every", "2", "--eval-every", "0")
+    s = _run(tmp_path, "again", "--steps", "2", "--sample-every", "2", "--eval-every", "0", "--overwrite")
+    assert [h[0] for h in s["history"]] == [1, 2]
+
+
+def test_a_backend_that_cannot_serve_fails_before_training(tmp_path):
+    # On CPU without TRITON_INTERPRET, triton cannot serve CPU tensors: a clear error
+    # with the reasons, before any step (no run folder is written).
+    if "triton" in gankernels.explain("conv3x3", torch.zeros(1, 4, 4, 4), torch.zeros(4, 4, 3, 3)).candidates:
+        pytest.skip("triton serves CPU tensors in this process")
+    with pytest.raises(SystemExit, match=r"--backend triton: cannot run these networks on cpu here:\n.*triton"):
+        _run(tmp_path, "tri", "--steps", "2", "--layers", "gankernels", "--backend", "triton")
+    assert not (tmp_path / "tri").exists()
