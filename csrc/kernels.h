@@ -84,7 +84,8 @@ cudaError_t launch_conv3x3_small_gp(int dtype, const void* x, const void* w, con
                                     cudaStream_t stream);
 // Weight and bias gradients, deterministic: per-block partial sums (float32) written to
 // `partial`, then reduced over blocks in a fixed order into gw [Co, Ci, 3, 3] and gb [Co]
-// (float32; gb may be null).
+// (float32; gb may be null). gw and gb are always written: zero when there are no
+// pixels (N == 0 or H * W == 0).
 //  fused (Ci <= 4): the pre-activation gradient is recomputed in the kernel from x, w,
 //    b, grad (and argmax when pool), and also written to gp_out when it is not null.
 //  not fused: it is read from gp_in ([N, Co, H, W], `cl` layout, the conv dtype).

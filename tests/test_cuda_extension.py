@@ -691,3 +691,19 @@ def test_emulated_conv3x3_small_several_tiles(emu):
     want = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), "relu", 0.2, 1.0, None)
     for g, e in zip(got, want, strict=True):
         assert_close_rel(g, e, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("ci,co", [(3, 16), (12, 3)])
+@pytest.mark.parametrize("shape", [(0, 6, 8), (2, 0, 8), (2, 6, 0)])
+def test_emulated_conv3x3_small_backward_without_pixels(emu, ci, co, shape):
+    """No pixels (N = 0 or H·W = 0): the weight and bias gradients are zeros, as stock
+    autograd gives, not the unwritten (poisoned) buffers."""
+    n, h, wd = shape
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(n, ci, h, wd, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, ci, 3, 3, generator=gen)
+    b = torch.randn(co, generator=gen)
+    grad = torch.randn(n, co, h, wd, generator=gen)
+    gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, None, "lrelu", 1.0, None, False)
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
