@@ -328,9 +328,24 @@ def test_cache_key(tmp_path):
     assert k != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.11")
     files2 = _write_sources(tmp_path / "src", text="int x = 1;")
     assert k != _jit_build.cache_key(files2, "2.11.0", "9.0", "13.0", "3.12")
+    # The compiler release and the flags count too.
+    files = _write_sources(tmp_path / "src")
+    base = _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12", nvcc_version="V13.0.88", flags=("-O3",))
+    assert base != k
+    assert base != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12", nvcc_version="V13.1.10", flags=("-O3",))
+    assert base != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12", nvcc_version="V13.0.88", flags=("-O2",))
     # The real sources: every .cu/.cpp/.h(.cuh) of csrc/, and a stable key.
     assert {p.suffix for p in _jit_build.source_files()} <= {".cu", ".cpp", ".h", ".cuh"}
     assert _jit_build.current_key("9.0") == _jit_build.current_key("9.0")
+
+
+def test_current_key_follows_nvcc_and_flags(monkeypatch):
+    key = _jit_build.current_key("9.0")
+    monkeypatch.setattr(_jit_build, "nvcc_version", lambda cuda_home: "Build cuda_99.0")
+    assert _jit_build.current_key("9.0") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(_jit_build, "CUDA_CFLAGS", ("-O2",))
+    assert _jit_build.current_key("9.0") != key
 
 
 def _locked(path: Path) -> bool:
@@ -398,14 +413,15 @@ def test_build_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys
 
     def fake_load(name, sources, build_directory, **kwargs):
         compiles.append((name, sources, kwargs["with_cuda"]))
-        assert not (Path(build_directory) / "lock").exists()  # the stale torch lock was cleared
+        # A fresh folder per build: torch's lock and objects of a killed build are not seen.
+        assert Path(build_directory).parent == key_dir and not any(Path(build_directory).iterdir())
         (Path(build_directory) / f"{name}.so").write_bytes(b"")
 
     monkeypatch.setattr(cpp_ext, "load", fake_load)
     monkeypatch.setattr(torch.ops, "load_library", lambda path: loads.append(path))
     key_dir = tmp_path / "cache" / _jit_build.current_key("9.0")
-    key_dir.mkdir(parents=True)
-    (key_dir / "lock").write_text("")  # left behind by a killed torch build
+    (key_dir / "attempt-1-dead").mkdir(parents=True)  # left behind by a killed build
+    (key_dir / "attempt-1-dead" / "lock").write_text("")
 
     lib1 = _jit_build.build(arch_list="9.0")
     assert "building the CUDA extension for arch 9.0" in capsys.readouterr().err
@@ -415,6 +431,7 @@ def test_build_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys
     assert {Path(s).suffix for s in compiles[0][1]} == {".cu", ".cpp"}
     assert loads == [str(lib1), str(lib2)]
     assert "building" not in capsys.readouterr().err  # a cache hit is silent
+    assert sorted(p.name for p in key_dir.iterdir()) == [lib1.name]  # no attempt folder is left
 
 
 def test_failed_build_raises_with_the_compiler_message(tmp_path, monkeypatch):
@@ -432,6 +449,155 @@ def test_failed_build_raises_with_the_compiler_message(tmp_path, monkeypatch):
         _jit_build.build(arch_list="9.0")
     # The lock is free again afterwards.
     assert not _locked(tmp_path / "cache" / f"{_jit_build.current_key('9.0')}.lock")
+
+
+def _fake_build_env(tmp_path, monkeypatch):
+    """The JIT build driver with a stubbed compiler: returns the key folder."""
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_jit_build, "build_prerequisites", lambda: [])
+    monkeypatch.setattr(_jit_build, "_find_cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.setattr(_jit_build, "nvcc_version", lambda cuda_home: "nvcc for tests")
+    return tmp_path / "cache" / _jit_build.current_key("9.0")
+
+
+def _loader_that_rejects(loads: list, bad: bytes):
+    """A torch.ops.load_library stand-in: OSError for a library whose bytes are `bad`."""
+
+    def load_library(path):
+        if Path(path).read_bytes() == bad:
+            raise OSError(f"{path}: file too short")
+        loads.append(Path(path).read_bytes())
+
+    return load_library
+
+
+def _linker_writing(content: bytes):
+    """A cpp_extension.load stand-in whose link writes `content` as the library."""
+
+    def load(name, build_directory, **kwargs):
+        (Path(build_directory) / f"{name}.so").write_bytes(content)
+
+    return load
+
+
+def test_a_link_killed_mid_write_leaves_no_library(tmp_path, monkeypatch):
+    """The linker writes into the build's own folder; only a library that loaded is
+    renamed into place, so a truncated one is never found by a later process."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    key_dir = _fake_build_env(tmp_path, monkeypatch)
+    loads: list = []
+    monkeypatch.setattr(torch.ops, "load_library", _loader_that_rejects(loads, b"trunc"))
+
+    def killed_link(name, build_directory, **kwargs):
+        (Path(build_directory) / f"{name}.so").write_bytes(b"trunc")
+        raise RuntimeError("ninja: build stopped: interrupted by user.")
+
+    monkeypatch.setattr(cpp_ext, "load", killed_link)
+    with pytest.raises(_jit_build.ExtensionBuildError, match="interrupted"):
+        _jit_build.build(arch_list="9.0")
+    assert _jit_build.built_library(key_dir) is None
+
+    monkeypatch.setattr(cpp_ext, "load", _linker_writing(b"good"))
+    lib = _jit_build.build(arch_list="9.0")
+    assert lib.read_bytes() == b"good" and loads == [b"good"]
+
+
+def test_a_cached_library_that_fails_to_load_is_rebuilt_once(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_ext
+
+    key_dir = _fake_build_env(tmp_path, monkeypatch)
+    key_dir.mkdir(parents=True)
+    (key_dir / "gankernels_C.so").write_bytes(b"trunc")  # e.g. from an older, unsafe build
+    loads: list = []
+    monkeypatch.setattr(torch.ops, "load_library", _loader_that_rejects(loads, b"trunc"))
+    monkeypatch.setattr(cpp_ext, "load", _linker_writing(b"good"))
+    lib = _jit_build.build(arch_list="9.0")
+    assert lib.read_bytes() == b"good" and loads == [b"good"]
+    assert "failed to load" in capsys.readouterr().err
+
+    # A rebuild whose library does not load either is reported, not retried forever.
+    (key_dir / "gankernels_C.so").write_bytes(b"trunc")
+    monkeypatch.setattr(cpp_ext, "load", _linker_writing(b"trunc"))
+    with pytest.raises(_jit_build.ExtensionBuildError, match="file too short"):
+        _jit_build.build(arch_list="9.0")
+
+
+def test_os_errors_become_build_errors(tmp_path, monkeypatch):
+    """An unwritable cache (here: under a regular file) is an ExtensionBuildError, which
+    the loader reports, never a bare OSError."""
+    _fake_build_env(tmp_path, monkeypatch)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(_jit_build.ExtensionBuildError, match="file"):
+        _jit_build.build(arch_list="9.0")
+
+    def raising_build():
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(_jit_build, "build", raising_build)
+    for key, value in (("loaded", None), ("build_error", None), ("cache_checked", True)):
+        monkeypatch.setitem(cuda_backend._state, key, value)
+    with pytest.raises(_jit_build.ExtensionBuildError, match="No space left on device"):
+        cuda_backend.load(build=True)
+    assert "No space left" in cuda_backend._state["build_error"]
+
+
+def test_a_dead_holders_ninja_does_not_share_the_next_builds_folder(tmp_path):
+    """The lock holder is killed while its ninja still runs (the lock dies with the
+    holder, ninja does not). The next build must not share ninja's folder: ninja's late
+    output must not land where the finished library lives."""
+    cache = tmp_path / "cache"
+    done = tmp_path / "orphan_done"
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, subprocess, sys, time
+        from pathlib import Path
+        import torch, torch.utils.cpp_extension as cpp_ext
+        spec = importlib.util.spec_from_file_location("jit", {_jit_build.__file__!r})
+        jit = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(jit)
+        jit.build_prerequisites = lambda: []
+        jit._find_cuda_home = lambda: "/usr/local/cuda"
+        jit.nvcc_version = lambda cuda_home: "nvcc for tests"
+        torch.ops.load_library = lambda path: None
+        ORPHAN = (
+            "import sys, time\\n"
+            "time.sleep(3)\\n"
+            "try:\\n"
+            "    open(sys.argv[1], 'wb').write(b'orphan')\\n"
+            "finally:\\n"
+            "    open(sys.argv[2], 'w').close()\\n"
+        )
+        def holder_load(name, build_directory, **kwargs):
+            # ninja, still linking when its parent dies
+            subprocess.Popen([sys.executable, "-c", ORPHAN, str(Path(build_directory) / (name + ".so")), {str(done)!r}])
+            print("building", flush=True)
+            time.sleep(120)
+        if sys.argv[1] == "holder":
+            cpp_ext.load = holder_load
+        else:
+            cpp_ext.load = lambda name, build_directory, **kw: (Path(build_directory) / (name + ".so")).write_bytes(b"good")
+        print(jit.build(arch_list="9.0"), flush=True)
+        """
+    )
+    env = {**os.environ, "GANKERNELS_CACHE_DIR": str(cache)}
+    holder = subprocess.Popen([sys.executable, "-c", script, "holder"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "building"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        out = subprocess.run([sys.executable, "-c", script, "next"], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        lib = Path(out.stdout.strip().splitlines()[-1])
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.exists(), "the orphaned 'ninja' did not finish"
+        assert lib.read_bytes() == b"good"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
 
 
 def test_cannot_build_without_prerequisites(monkeypatch):

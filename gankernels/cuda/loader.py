@@ -124,6 +124,9 @@ def load(build: bool = False) -> Optional[str]:
         except _jit_build.ExtensionBuildError as e:
             _state["build_error"] = str(e)
             raise
+        except OSError as e:  # build() wraps these; a last guard so none escapes unexplained
+            _state["build_error"] = f"gankernels: building or loading the CUDA extension failed: {e}"
+            raise _jit_build.ExtensionBuildError(_state["build_error"]) from e
         _mark_loaded(f"JIT-built library {lib}")
         return None
 
