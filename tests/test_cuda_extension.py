@@ -873,3 +873,35 @@ def test_emulated_conv3x3_small_backward_without_pixels(emu, ci, co, shape):
     gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, None, "lrelu", 1.0, None, False)
     assert gx.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+# ----------------------------------------------------------------------------------
+# Build defaults.
+
+ROOT = _jit_build.CSRC.parent
+
+
+def test_setup_py_works_from_any_directory(tmp_path):
+    """setup.py finds csrc/ (and the project metadata) wherever it is started from."""
+    env = {k: v for k, v in os.environ.items() if k != "GANKERNELS_BUILD_CUDA"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "holds no sources" not in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "gankernels"
+
+
+def test_default_arch_lists_agree_and_carry_ptx():
+    """Without TORCH_CUDA_ARCH_LIST, setup.py and the JIT build compile the same archs,
+    with PTX for the newest, so a GPU newer than the list still gets a kernel."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    values = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULT_ARCH_LIST" for t in node.targets)
+    ]
+    assert values == [_jit_build.DEFAULT_ARCH_LIST]
+    assert _jit_build.DEFAULT_ARCH_LIST.split(";")[-1].endswith("+PTX")
