@@ -29,6 +29,10 @@ struct Epilogue {
   int has_clamp;
 };
 
+// cudaSuccess when the current device can run this library's kernels, else the error
+// (cudaErrorNoKernelImageForDevice, ...) every launch would fail with.
+cudaError_t kernel_image_status();
+
 // ---------------------------------------------------------------------------------
 // bias_act on a dense tensor (any memory format): the channel of the element at
 // memory offset i is (i / inner) % C, with inner = x.stride(dim). b may be null.

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <Python.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -430,10 +431,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
   return {gx, gw_out, gb_out};
 }
 
+// ---------------------------------------------------------------------------------
+// The GPU check: "" when CUDA device `device` can run this library's kernels, else the
+// CUDA error every launch would fail with (e.g. a GPU newer than the archs built).
+
+std::string kernel_image_error(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), where("kernel_image_error"), "device ", device,
+              " is not a visible CUDA device (", static_cast<int>(c10::cuda::device_count()), " visible)");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t err = gk::kernel_image_status();
+  if (err == cudaSuccess) return "";
+  (void)cudaGetLastError();  // not sticky: clear it so torch's next check does not see it
+  return cudaGetErrorString(err);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gankernels_cuda, m) {
   m.set_python_module("gankernels.cuda.loader");
+  m.def("kernel_image_error(int device) -> str", &kernel_image_error);
   m.def("bias_act(Tensor x, Tensor? b, str act, float alpha, float gain, float? clamp, int dim) -> Tensor");
   m.def(
       "bias_act_backward(Tensor grad, Tensor x, Tensor? b, str act, float alpha, float gain, float? clamp, int dim) "

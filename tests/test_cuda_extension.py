@@ -905,3 +905,36 @@ def test_default_arch_lists_agree_and_carry_ptx():
     ]
     assert values == [_jit_build.DEFAULT_ARCH_LIST]
     assert _jit_build.DEFAULT_ARCH_LIST.split(";")[-1].endswith("+PTX")
+
+
+def test_supports_checks_the_gpu_architecture(monkeypatch):
+    """A GPU the library has no kernel for (newer than the archs built, no PTX) is a
+    reason the backend cannot serve the call, asked of the library once per device, so
+    ``auto`` passes over cuda instead of failing with "no kernel image"."""
+    from types import SimpleNamespace
+
+    from gankernels.cuda import register
+
+    asked = []
+
+    def kernel_image_error(device):
+        asked.append(device)
+        return "no kernel image is available for execution on the device"
+
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(kernel_image_error=kernel_image_error))
+    monkeypatch.setattr(cuda_backend, "_device_reasons", {})
+    monkeypatch.setattr(register, "_extension_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a future GPU")
+    x = SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.bfloat16)
+    for _ in range(2):
+        reasons = register._base_reasons(x)
+        assert len(reasons) == 1, reasons
+        assert "no kernel for GPU 1 (a future GPU, compute capability 12.0)" in reasons[0]
+        assert "TORCH_CUDA_ARCH_LIST='12.0'" in reasons[0]
+    assert asked == [1]
+
+    monkeypatch.setattr(cuda_backend, "_device_reasons", {})
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(kernel_image_error=lambda device: ""))
+    assert register._base_reasons(x) == []

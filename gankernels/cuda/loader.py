@@ -169,6 +169,35 @@ def _extension_reason() -> Optional[str]:
     return _state["build_error"] or load(build=False)
 
 
+_device_reasons: dict[int, Optional[str]] = {}
+
+
+@torch.compiler.assume_constant_result
+def device_reason(device: int) -> Optional[str]:
+    """Why the loaded extension cannot run on CUDA device ``device`` (None: it can): it
+    holds neither SASS for the GPU's architecture nor PTX the driver can compile for it
+    (e.g. a GPU newer than the archs it was built for). Asked of the library once per
+    device (``gankernels_cuda::kernel_image_error``); call only once it is loaded."""
+    if device in _device_reasons:
+        return _device_reasons[device]
+    with _lock:
+        ops = _ops()
+        if not hasattr(ops, "kernel_image_error"):  # a library built before the probe existed
+            reason = None
+        else:
+            error = ops.kernel_image_error(device)
+            reason = None
+            if error:
+                major, minor = torch.cuda.get_device_capability(device)
+                reason = (
+                    f"the CUDA extension has no kernel for GPU {device} ({torch.cuda.get_device_name(device)}, "
+                    f"compute capability {major}.{minor}): {error}; rebuild it for this GPU "
+                    f"(TORCH_CUDA_ARCH_LIST='{major}.{minor}' pip install --no-build-isolation -e .)"
+                )
+        _device_reasons[device] = reason
+        return reason
+
+
 # ----------------------------------------------------------------------------------
 # Fake kernels of the extension's ops (shapes, dtypes and strides of what they return).
 

@@ -12,25 +12,40 @@ from typing import Optional
 
 import torch
 
-from gankernels.cuda.loader import SMALL_CHANNELS, SUPPORTED_DTYPES, _conv_saved, _extension_reason, _ops, _prepare
+from gankernels.cuda.loader import (
+    SMALL_CHANNELS,
+    SUPPORTED_DTYPES,
+    _conv_saved,
+    _extension_reason,
+    _ops,
+    _prepare,
+    device_reason,
+)
 from gankernels.ops.dispatch import OpImpl, register
 
 
 def _base_reasons(x: torch.Tensor, **others: Optional[torch.Tensor]) -> list[str]:
-    """Device, dtype and extension reasons common to every op."""
+    """Device, dtype, extension and GPU-architecture reasons common to every op."""
     reasons: list[str] = []
+    on_cuda = False
     if not torch.cuda.is_available():
         reasons.append("no CUDA device")
     else:
+        on_cuda = True
         for name, t in (("x", x), *others.items()):
             if t is not None and t.device.type != "cuda":
                 reasons.append(f"{name} is on {t.device}; the cuda backend needs CUDA tensors")
+                on_cuda = False
                 break
     if x.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {x.dtype} runs only on the torch backend (cuda serves float32, float16, bfloat16)")
     why = _extension_reason()
     if why:
         reasons.append(why)
+    elif on_cuda:
+        why = device_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if why:
+            reasons.append(why)
     return reasons
 
 
