@@ -98,12 +98,18 @@ __device__ __forceinline__ float epilogue_derivative(float p, const Epilogue& e)
   return d;
 }
 
+// The most blocks a grid-stride kernel is launched with. The CPU emulation's tests lower
+// it (csrc/emu/cuda_emu.h) so that each thread walks several grid strides.
+#ifndef GK_MAX_GRID_BLOCKS
+#define GK_MAX_GRID_BLOCKS ((int64_t)1 << 20)
+#endif
+
 // Blocks for a grid-stride loop over `work` items: enough to fill the GPU, capped so the
 // grid stays legal.
 inline unsigned grid_for(int64_t work, int threads) {
   int64_t blocks = (work + threads - 1) / threads;
   if (blocks < 1) blocks = 1;
-  if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;
+  if (blocks > GK_MAX_GRID_BLOCKS) blocks = GK_MAX_GRID_BLOCKS;
   return (unsigned)blocks;
 }
 

@@ -222,21 +222,19 @@ def analyse_body(body: list[tuple[int, str, Optional[str]]]) -> tuple[list[Loop]
 def elements_per_iteration(name: str) -> Optional[int]:
     """Elements one iteration of a memory-bound kernel's main (outermost) loop handles,
     from its template arguments; None for the conv kernels (FFMA-bound: see ffma)."""
-    bytes_of = {"float": 4, "fp16": 2, "bf16": 2}
-    m = re.match(r"(\w+)<(\w+)(?:, (\w+))?", name)
+    m = re.match(r"(\w+)<(.*)>$", name)
     if not m:
         return None
-    base, t, arg = m.group(1), m.group(2), m.group(3)
-    size = bytes_of.get(t)
+    base, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+    size = {"float": 4, "fp16": 2, "bf16": 2}.get(args[0])
     if size is None:
         return None
-    vec = 16 // size
-    if base == "bias_act_kernel":
-        return vec  # the vector loop comes first; the scalar tail runs < V times per thread
-    if base in ("upsample_fwd_kernel", "upsample_bwd_kernel"):
-        return int(arg) if arg and arg.isdigit() else 1
-    if base.startswith("max_pool"):
-        return vec if arg == "true" else 1
+    if base == "bias_act_kernel":  # <T, act, backward, V, layout>
+        return int(args[3])
+    if base in ("upsample_fwd_kernel", "upsample_bwd_kernel"):  # <T, V, ...>
+        return int(args[1])
+    if base.startswith("max_pool"):  # <T, VEC, ...>: VEC handles 16 bytes of channels
+        return 16 // size if len(args) > 1 and args[1] == "true" else 1
     return None
 
 

@@ -938,3 +938,49 @@ def test_supports_checks_the_gpu_architecture(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_device_reasons", {})
     monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(kernel_image_error=lambda device: ""))
     assert register._base_reasons(x) == []
+
+
+@pytest.fixture
+def small_grids(emu):
+    """Grid-stride kernels launched with at most 2 blocks: each thread walks many strides."""
+    emu.emu_set_max_grid_blocks.argtypes = [__import__("ctypes").c_int64]
+    emu.emu_set_max_grid_blocks(2)
+    yield emu
+    emu.emu_set_max_grid_blocks(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,layout,dim",
+    [
+        ((2, 3, 4, 8), "nchw", 1),  # H*W % V == 0: one channel per vector
+        ((2, 16, 3, 5), "channels_last", 1),  # inner == 1, C % V == 0: consecutive channels
+        ((2, 6, 3, 5), "channels_last", 1),  # inner == 1, C % V != 0: the general walk
+        ((3, 5, 7, 9), "nchw", 1),  # general walk, and a tail of numel % V elements
+        ((3, 5, 7, 9), "nchw", 2),
+        ((3, 5, 7, 9), "channels_last", 3),
+        ((4, 1, 3, 3), "nchw", 1),  # C == 1
+        ((700,), "nchw", 0),  # 1-D: channel = element
+    ],
+)
+@pytest.mark.parametrize("vec", [1, 0])
+def test_emulated_bias_act_channel_walk(small_grids, dtype, shape, layout, dim, vec):
+    """The per-thread channel walk (no division per element) in every layout, with and
+    without 16-byte vectors, over several grid strides and across the scalar tail."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    emu = small_grids
+    gen = torch.Generator().manual_seed(20)
+    x = random_input(*shape, dtype=dtype, layout=layout if len(shape) == 4 else "nchw", generator=gen)
+    b = random_input(shape[dim], dtype=dtype, generator=gen)
+    inner = x.stride(dim) if shape[dim] > 1 else 1
+    epi = _epi("lrelu", 0.2, 1.0, None)
+    y = torch.full_like(x, float("nan"))
+    assert emu.emu_bias_act_fwd(EMU_DTYPES[dtype], _p(x), _p(b), _p(y), x.numel(), inner, shape[dim], *epi, vec) == 0
+    assert_close_rel(y, ref.bias_act(x.double(), b.double(), "lrelu", 0.2, 1.0, None, dim), dtype=dtype)
+    grad = torch.empty_like(x).copy_(random_input(*shape, dtype=dtype, generator=gen))
+    gx = torch.full_like(x, float("nan"))
+    rc = emu.emu_bias_act_bwd(EMU_DTYPES[dtype], _p(grad), _p(x), _p(b), _p(gx), x.numel(), inner, shape[dim], *epi, vec)
+    assert rc == 0
+    want, _ = ref.bias_act_backward(grad.double(), x.double(), b.double(), "lrelu", 0.2, 1.0, None, dim)
+    assert_close_rel(gx, want, dtype=dtype)

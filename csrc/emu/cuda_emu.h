@@ -37,6 +37,10 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 
+// The block cap of grid-stride launches, set by the tests (emu_api.cpp).
+extern "C" int64_t gk_emu_max_grid_blocks;
+#define GK_MAX_GRID_BLOCKS gk_emu_max_grid_blocks
+
 namespace gk_emu {
 
 struct Ctx {

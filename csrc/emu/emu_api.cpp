@@ -10,6 +10,11 @@ static Epilogue epi(int act, float alpha, float gain, float clamp, int has_clamp
 
 extern "C" {
 
+// Grid-stride launches use at most this many blocks (csrc/common.cuh's grid_for, via
+// cuda_emu.h); tests lower it so that each thread walks several grid strides.
+int64_t gk_emu_max_grid_blocks = (int64_t)1 << 20;
+void emu_set_max_grid_blocks(int64_t blocks) { gk_emu_max_grid_blocks = blocks > 0 ? blocks : (int64_t)1 << 20; }
+
 int emu_bias_act_fwd(int dt, const void* x, const void* b, void* y, int64_t numel, int64_t inner, int64_t C, int act,
                      float alpha, float gain, float clamp, int has_clamp, int vec) {
   return launch_bias_act_fwd(dt, x, b, y, numel, inner, C, epi(act, alpha, gain, clamp, has_clamp), vec, nullptr);

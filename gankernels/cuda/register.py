@@ -57,10 +57,12 @@ def _bias_act_forward(x, b, act, alpha, gain, clamp, dim):
     return _ops().bias_act(x, b, act, alpha, gain, clamp, dim)
 
 
-def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim):
+def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim, needs=(True, True)):
+    """(gx, gb). ``needs`` = which of (x, b) want a gradient: the bias gradient is a
+    second full read of gx, so it is skipped when b does not need it (gb is then None)."""
     gx = _ops().bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
     gb = None
-    if b is not None:
+    if b is not None and needs[1]:
         # Deterministic reduction (torch's sum), accumulated in float32.
         dims = [d for d in range(x.dim()) if d != dim]
         gb = gx.sum(dims, dtype=torch.float32).to(b.dtype) if dims else gx.to(b.dtype)
