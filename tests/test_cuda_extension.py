@@ -642,8 +642,8 @@ def emu(tmp_path_factory):
     signatures = {
         "emu_bias_act_fwd": [I, P, P, P, L, L, L, *epi, I],
         "emu_bias_act_bwd": [I, P, P, P, P, L, L, L, *epi, I],
-        "emu_max_pool2d_fwd": [I, P, P, P, P, P, I, I],
-        "emu_max_pool2d_bwd": [I, P, P, P, P, P, I],
+        "emu_max_pool2d_fwd": [I, P, P, P, I, P, P, I, I],
+        "emu_max_pool2d_bwd": [I, P, P, I, P, P, P, I, I],
         "emu_upsample_fwd": [I, P, P, L, L, L, L, I, I, I],
         "emu_upsample_bwd": [I, P, P, L, L, L, L, I, I, I],
         "emu_conv_fwd": [I, P, P, P, P, P, P, I, *epi, I],
@@ -685,27 +685,82 @@ def _cl(t):
 EMU_LAYOUTS = ("nchw", "channels_last", "noncontiguous")
 
 
-@pytest.mark.parametrize("dtype", list(EMU_DTYPES))
+POOL_CFGS = {  # kernel_size, stride, padding, dilation, ceil_mode
+    "2x2": ((2, 2), (2, 2), (0, 0), (1, 1), False),  # the fast path (odd H/W: an uncovered row / column)
+    "2x2 ceil": ((2, 2), (2, 2), (0, 0), (1, 1), True),  # clipped windows: the general kernel
+    "3x3/2 pad 1 ceil": ((3, 3), (2, 2), (1, 1), (1, 1), True),  # the unrolled 3×3 kernel
+    "3x3/1 dil 2": ((3, 3), (1, 1), (1, 1), (2, 2), False),
+    "3x2 mixed": ((3, 2), (1, 2), (1, 0), (1, 2), False),
+}
+
+
+def _emu_pool(emu, x, cfg, return_indices, vec=1):
+    """ops.cpp's max_pool2d on the emulated kernels: (values, saved, code?)."""
+    import ctypes
+
+    k, s, p, d, ceil = cfg
+    n, c, h, w = x.shape
+    fmt = ref.memory_format_of(x)
+    ho = ref.pool_output_size(h, k[0], s[0], p[0], d[0], ceil)
+    wo = ref.pool_output_size(w, k[1], s[1], p[1], d[1], ceil)
+    code = cuda_backend.pool_saves_code(list(k), return_indices)
+    y = _empty((n, c, ho, wo), x.dtype, fmt)
+    saved = _empty((n, c, ho, wo), torch.int8 if code else torch.int64, fmt)
+    shape, conf = _i64(n, c, h, w, ho, wo), (ctypes.c_int * 8)(k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1])
+    rc = emu.emu_max_pool2d_fwd(EMU_DTYPES[x.dtype], _p(x), _p(y), _p(saved), int(code), shape, conf, int(_cl(x)), vec)
+    assert rc == 0
+    return y, saved, code, (shape, conf)
+
+
+def _decode_window_codes(saved, cfg, w):
+    """PyTorch's flat indices from window codes ky * kw + kx."""
+    k, s, p, d, _ = cfg
+    ho = torch.arange(saved.shape[2]).view(1, 1, -1, 1)
+    wo = torch.arange(saved.shape[3]).view(1, 1, 1, -1)
+    ky, kx = saved.long() // k[1], saved.long() % k[1]
+    return (ho * s[0] - p[0] + ky * d[0]) * w + (wo * s[1] - p[1] + kx * d[1])
+
+
+POOL_CASES = [(cfg, (2, 16, 9, 11)) for cfg in POOL_CFGS] + [("2x2", (1, 8, 6, 16))]  # + NCHW 16-byte rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("cfg", [(2, 2, 0, 1, False), (3, 2, 1, 1, True), ((3, 2), (1, 2), (1, 0), (1, 2), False)])
-def test_emulated_max_pool2d(emu, dtype, layout, cfg):
+@pytest.mark.parametrize("cfg,shape", POOL_CASES)
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_emulated_max_pool2d(small_grids, dtype, layout, cfg, shape, return_indices):
+    """Values, saved indices or window codes, and the gradient (every element of gx
+    written: the buffers start as NaN), against PyTorch and the float64 reference."""
     from gankernels.testing import assert_close_rel, random_input
 
-    k, s, p, d, ceil = (list(v) if isinstance(v, tuple) else ([v, v] if not isinstance(v, bool) else v) for v in cfg)
-    x = random_input(2, 16, 9, 11, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(1))
+    emu, cfg = small_grids, POOL_CFGS[cfg]
+    x = random_input(*shape, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(1))
     x[0, 0, 0, 0] = float("nan")
+    x[0, 1, :2, :2] = float("-inf")
+    x[0, 2, 1, :] = x[0, 2, 0, :]  # ties: the first maximum wins
     fmt = ref.memory_format_of(x)
-    ho = ref.pool_output_size(9, k[0], s[0], p[0], d[0], ceil)
-    wo = ref.pool_output_size(11, k[1], s[1], p[1], d[1], ceil)
-    y, idx = _empty((2, 16, ho, wo), dtype, fmt), _empty((2, 16, ho, wo), torch.int64, fmt)
-    shape, conf = _i64(2, 16, 9, 11, ho, wo), (__import__("ctypes").c_int * 8)(k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1])
-    assert emu.emu_max_pool2d_fwd(EMU_DTYPES[dtype], _p(x), _p(y), _p(idx), shape, conf, int(_cl(x)), 1) == 0
-    want, widx = F.max_pool2d(x.float(), k, s, p, d, ceil, return_indices=True)
-    assert torch.equal(y.float().nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(idx, widx)
-    grad = random_input(2, 16, ho, wo, dtype=dtype, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=fmt)
-    gx = _empty((2, 16, 9, 11), dtype, fmt)
-    assert emu.emu_max_pool2d_bwd(EMU_DTYPES[dtype], _p(grad), _p(idx), _p(gx), shape, conf, int(_cl(x))) == 0
+    y, saved, code, (shape6, conf) = _emu_pool(emu, x, cfg, return_indices)
+    assert code == (not return_indices)
+    want, widx = F.max_pool2d(x.float(), *cfg, return_indices=True)
+    assert torch.equal(y.float().nan_to_num(7.0), want.nan_to_num(7.0))
+    assert torch.equal(_decode_window_codes(saved, cfg, shape[3]) if code else saved, widx)
+    grad = random_input(*y.shape, dtype=dtype, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=fmt)
+    gx = _empty(shape, dtype, fmt)
+    rc = emu.emu_max_pool2d_bwd(EMU_DTYPES[dtype], _p(grad), _p(saved), int(code), _p(gx), shape6, conf, int(_cl(x)), 1)
+    assert rc == 0
     assert_close_rel(gx, ref.max_pool2d_backward(grad.double(), x.double(), widx), dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_emulated_max_pool2d_without_vectors(emu, layout):
+    """Unaligned buffers (vec = 0): the scalar 2×2 and general kernels."""
+    from gankernels.testing import random_input
+
+    x = random_input(2, 16, 8, 16, dtype=torch.bfloat16, layout=layout, generator=torch.Generator().manual_seed(3))
+    for cfg in (POOL_CFGS["2x2"], POOL_CFGS["3x3/2 pad 1 ceil"]):
+        y, saved, code, _ = _emu_pool(emu, x, cfg, False, vec=0)
+        want, widx = F.max_pool2d(x.float(), *cfg, return_indices=True)
+        assert torch.equal(y.float(), want) and torch.equal(_decode_window_codes(saved, cfg, 16), widx)
 
 
 @pytest.mark.parametrize("dtype", list(EMU_DTYPES))

@@ -152,6 +152,7 @@ inline void launch_serial(dim3 grid, dim3 block, const std::function<void()>& bo
 #define __syncthreads() ::gk_emu::sync()
 #define __shfl_xor_sync(mask, v, lane_mask) ::gk_emu::shfl_xor((v), (lane_mask))
 #define __expf expf
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 using std::isnan;
 using std::max;
 using std::min;

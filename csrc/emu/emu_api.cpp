@@ -45,14 +45,14 @@ static PoolShape pool_shape(const int64_t* s, const int* k, int cl) {
   return p;
 }
 
-int emu_max_pool2d_fwd(int dt, const void* x, void* y, int64_t* idx, const int64_t* shape6, const int* cfg8, int cl,
-                       int vec) {
-  return launch_max_pool2d_fwd(dt, x, y, idx, pool_shape(shape6, cfg8, cl), vec, nullptr);
+int emu_max_pool2d_fwd(int dt, const void* x, void* y, void* saved, int code, const int64_t* shape6, const int* cfg8,
+                       int cl, int vec) {
+  return launch_max_pool2d_fwd(dt, x, y, saved, code, pool_shape(shape6, cfg8, cl), vec, nullptr);
 }
 
-int emu_max_pool2d_bwd(int dt, const void* g, const int64_t* idx, void* gx, const int64_t* shape6, const int* cfg8,
-                       int cl) {
-  return launch_max_pool2d_bwd(dt, g, idx, gx, pool_shape(shape6, cfg8, cl), nullptr);
+int emu_max_pool2d_bwd(int dt, const void* g, const void* saved, int code, void* gx, const int64_t* shape6,
+                       const int* cfg8, int cl, int vec) {
+  return launch_max_pool2d_bwd(dt, g, saved, code, gx, pool_shape(shape6, cfg8, cl), vec, nullptr);
 }
 
 int emu_upsample_fwd(int dt, const void* x, void* y, int64_t N, int64_t C, int64_t H, int64_t W, int s, int cl, int vec) {

@@ -20,6 +20,7 @@ from gankernels.cuda.loader import (
     _ops,
     _prepare,
     device_reason,
+    pool_saved,
 )
 from gankernels.ops.dispatch import OpImpl, register
 
@@ -74,8 +75,15 @@ def _max_pool_supports(x, kernel_size, stride, padding, dilation, ceil_mode, ret
 
 
 def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    # Saves PyTorch's int64 indices whether or not they were asked for.
-    return _ops().max_pool2d(x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    """(values, saved): saved is PyTorch's int64 indices when asked for, else 1-byte
+    window codes (loader.pool_saves_code)."""
+    return _ops().max_pool2d(
+        x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode), bool(return_indices)
+    )
+
+
+def _max_pool_fake_saved(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    return pool_saved(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
 def _max_pool_backward(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
@@ -129,7 +137,13 @@ def _register_backend() -> None:
     register(
         "max_pool2d",
         "cuda",
-        OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward, prepare=_prepare),
+        OpImpl(
+            forward=_max_pool_forward,
+            supports=_max_pool_supports,
+            backward=_max_pool_backward,
+            fake_saved=_max_pool_fake_saved,
+            prepare=_prepare,
+        ),
     )
     register(
         "upsample_nearest2d",
