@@ -45,6 +45,17 @@ __device__ __forceinline__ Vec<T> load_vec(const T* p) { return *reinterpret_cas
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
 
+// N consecutive elements of T moved as one access of N * sizeof(T) bytes (a power of two
+// up to 16; the address must be aligned to it).
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Array {
+  T v[N];
+};
+template <typename T, int N>
+__device__ __forceinline__ Array<T, N> load_array(const T* p) { return *reinterpret_cast<const Array<T, N>*>(p); }
+template <typename T, int N>
+__device__ __forceinline__ void store_array(T* p, const Array<T, N>& a) { *reinterpret_cast<Array<T, N>*>(p) = a; }
+
 __device__ __forceinline__ float sigmoidf_(float p) { return 1.f / (1.f + __expf(-p)); }
 
 // act(p). NaN propagates (comparisons with NaN are false, so NaN takes the last branch).

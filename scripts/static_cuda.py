@@ -54,8 +54,20 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-# The flags of the real build (gankernels/cuda/jit_build.py, setup.py), plus ptxas -v.
-NVCC_FLAGS = ("-O3", "-lineinfo", "-std=c++17", "-Xptxas", "-v")
+# The flags of the real build (torch's cpp_extension adds the -D and --expt ones to ours
+# from gankernels/cuda/jit_build.py and setup.py), plus ptxas -v.
+NVCC_FLAGS = (
+    "-O3",
+    "-lineinfo",
+    "-std=c++17",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+    "-Xptxas",
+    "-v",
+)
 
 INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^(\.L_x_\d+|\$__internal_\w+\$\w+|\.text\.\S+):\s*$")

@@ -1039,3 +1039,26 @@ def test_emulated_bias_act_channel_walk(small_grids, dtype, shape, layout, dim, 
     assert rc == 0
     want, _ = ref.bias_act_backward(grad.double(), x.double(), b.double(), "lrelu", 0.2, 1.0, None, dim)
     assert_close_rel(gx, want, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "shape,scale,vec", [((1, 3, 5, 7), 2, 1), ((1, 16, 3, 8), 2, 0), ((1, 8, 3, 4), 1, 1), ((1, 3, 2, 3), 4, 1)]
+)
+def test_emulated_upsample_every_path(small_grids, dtype, layout, shape, scale, vec):
+    """The scalar paths (C or W not a multiple of the vector, unaligned buffers) and
+    runtime scales, over several grid strides."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    emu = small_grids
+    n, c, h, w = shape
+    x = random_input(*shape, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(6))
+    fmt = ref.memory_format_of(x)
+    y = _empty((n, c, h * scale, w * scale), dtype, fmt)
+    assert emu.emu_upsample_fwd(EMU_DTYPES[dtype], _p(x), _p(y), n, c, h, w, scale, int(_cl(x)), vec) == 0
+    assert torch.equal(y, F.interpolate(x, scale_factor=scale, mode="nearest"))
+    grad = random_input(*y.shape, dtype=dtype, generator=torch.Generator().manual_seed(7)).contiguous(memory_format=fmt)
+    gx = _empty(shape, dtype, fmt)
+    assert emu.emu_upsample_bwd(EMU_DTYPES[dtype], _p(grad), _p(gx), n, c, h, w, scale, int(_cl(x)), vec) == 0
+    assert_close_rel(gx, ref.upsample_nearest2d_backward(grad.double(), scale), dtype=dtype)
