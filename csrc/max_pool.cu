@@ -25,6 +25,9 @@ namespace gk {
 namespace {
 
 constexpr int kThreads = 256;
+// At least 4 resident blocks (1024 threads) per SM: a register budget of 64. Without the
+// minimum, ptxas's own choice for these long int64-indexed bodies spills (28-36 bytes).
+constexpr int kMinBlocks = 4;
 
 // The first tap of a window that lies inside [0, size): PyTorch starts the running
 // maximum there (with -inf), so an all -inf window reports that element.
@@ -112,7 +115,7 @@ __device__ __forceinline__ void load_saved(const I* src, I* s) {
 // KS = 3: a 3×3 window, fully unrolled (all its loads in flight); KS = 0: any size.
 
 template <typename T, int V, typename I, int KS>
-__global__ void __launch_bounds__(kThreads) max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                  I* __restrict__ saved, PoolShape p, RadixWalk walk,
                                                                  int64_t total, bool code) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) max_pool_fwd_kernel(const T* __restr
 // output pixel (channels_last) or P consecutive outputs of one row (NCHW).
 
 template <typename T, int P, typename I, bool CL>
-__global__ void __launch_bounds__(kThreads) pool2x2_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                 I* __restrict__ saved, PoolShape p, RadixWalk walk,
                                                                 int64_t total, bool code) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -244,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) pool2x2_fwd_kernel(const T* __restri
 // at its argmax, 0 elsewhere). With odd H or W the last input row / column belongs to
 // no window; the windows next to it write its zeros.
 template <typename T, int P, typename I, bool CL>
-__global__ void __launch_bounds__(kThreads) pool2x2_bwd_kernel(const T* __restrict__ grad,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_bwd_kernel(const T* __restrict__ grad,
                                                                 const I* __restrict__ saved, T* __restrict__ gx,
                                                                 PoolShape p, RadixWalk walk, int64_t total, bool code) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -342,7 +345,7 @@ struct GatherDivisors {
 };
 
 template <typename T, typename I>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     max_pool_bwd_kernel(const T* __restrict__ grad, const I* __restrict__ saved, T* __restrict__ gx, PoolShape p,
                         RadixWalk walk, GatherDivisors div, int64_t total, bool code) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;

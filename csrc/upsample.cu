@@ -15,6 +15,10 @@ namespace gk {
 namespace {
 
 constexpr int kThreads = 256;
+// At least 2 resident blocks per SM (a budget of 128 registers): the runtime-scale
+// channels_last backward keeps 16 vector loads in flight, and ptxas's own choice without
+// the minimum spills.
+constexpr int kMinBlocks = 2;
 
 struct UpShape {
   int64_t N, C, H, W;
@@ -65,7 +69,7 @@ __device__ __forceinline__ void store_run(T* p, const T* v) {
 
 // S = 2: the scale is 2 (unrolled); S = 0: u.s.
 template <typename T, int S, int G, bool CL>
-__global__ void __launch_bounds__(kThreads) upsample_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, UpShape u,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) upsample_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, UpShape u,
                                                                  RadixWalk walk, int64_t items) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) upsample_fwd_kernel(const T* __restr
 }
 
 template <typename T, int S, int G, bool CL>
-__global__ void __launch_bounds__(kThreads) upsample_bwd_kernel(const T* __restrict__ grad, T* __restrict__ gx, UpShape u,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) upsample_bwd_kernel(const T* __restrict__ grad, T* __restrict__ gx, UpShape u,
                                                                  RadixWalk walk, int64_t items) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;

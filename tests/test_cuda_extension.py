@@ -97,12 +97,13 @@ def test_fake_kernels(fmt, device, dtype):
         assert gx.stride() == x.stride()
 
         for k, s, p, ceil in ((2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (2, 2, 0, True)):
-            out, idx = ops.max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], ceil)
-            want = F.max_pool2d(torch.zeros(2, 3, 9, 11), k, s, p, ceil_mode=ceil).shape
-            _expect(out, want, dtype, fmt)
-            _expect(idx, want, torch.int64, fmt)
-            g = ops.max_pool2d_backward(out, x, idx, [k, k], [s, s], [p, p], [1, 1], ceil)
-            _expect(g, x.shape, dtype, fmt)
+            for return_indices in (True, False):
+                out, saved = ops.max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], ceil, return_indices)
+                want = F.max_pool2d(torch.zeros(2, 3, 9, 11), k, s, p, ceil_mode=ceil).shape
+                _expect(out, want, dtype, fmt)
+                _expect(saved, want, torch.int64 if return_indices else torch.int8, fmt)
+                g = ops.max_pool2d_backward(out, x, saved, [k, k], [s, s], [p, p], [1, 1], ceil)
+                _expect(g, x.shape, dtype, fmt)
 
         u = ops.upsample_nearest2d(x, 3)
         _expect(u, (2, 3, 27, 33), dtype, fmt)
@@ -183,18 +184,21 @@ BAD_CALLS = {
         lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), "relu", 0.2, 1.0, None, True, NEEDS),
         r"saved must be the forward's int8 argmax",
     ),
-    "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg), r"x must be a 4-D tensor"),
-    "pool kernel 0": (lambda: ops.max_pool2d(x4, [0, 2], [2, 2], [0, 0], [1, 1], False), r"kernel_size must be >= 1"),
-    "pool stride 0": (lambda: ops.max_pool2d(x4, [2, 2], [0, 2], [0, 0], [1, 1], False), r"stride must be >= 1"),
+    "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg, False), r"x must be a 4-D tensor"),
+    "pool kernel 0": (lambda: ops.max_pool2d(x4, [0, 2], [2, 2], [0, 0], [1, 1], False, False), r"kernel_size must be >= 1"),
+    "pool stride 0": (lambda: ops.max_pool2d(x4, [2, 2], [0, 2], [0, 0], [1, 1], False, False), r"stride must be >= 1"),
     "pool padding": (
-        lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False),
+        lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False, True),
         r"padding \[2, 2\] must be >= 0 and at most half",
     ),
-    "pool too small": (lambda: ops.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False), r"too small"),
+    "pool too small": (
+        lambda: ops.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False, False),
+        r"too small",
+    ),
     "pool bwd grad shape": (lambda: ops.max_pool2d_backward(x4, x4, x4.long(), *pool_cfg), r"grad must have the pooled shape"),
     "pool bwd index dtype": (
         lambda: ops.max_pool2d_backward(torch.randn(2, 3, 4, 4), x4, torch.zeros(2, 3, 4, 4, dtype=torch.int32), *pool_cfg),
-        r"indices must be int64",
+        r"saved must be the forward's int64 indices or int8 window codes, got Int",
     ),
     "upsample scale": (lambda: ops.upsample_nearest2d(x4, 0), r"scale_factor must be an integer in \[1, 1024\]"),
     "upsample bwd divisible": (
@@ -216,7 +220,7 @@ BAD_CALLS = {
 VALID_CPU_CALLS = {
     "conv": lambda: ops.conv3x3_small(x4, w3, b16, "relu", 0.2, 1.0, None, True),
     "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, True, NEEDS),
-    "pool": lambda: ops.max_pool2d(x4, *pool_cfg),
+    "pool": lambda: ops.max_pool2d(x4, *pool_cfg, False),
     "upsample": lambda: ops.upsample_nearest2d(x4, 2),
     "bias_act": lambda: ops.bias_act(x4, torch.randn(3), "silu", 0.2, 1.0, 1.0, 1),
 }
@@ -1062,3 +1066,30 @@ def test_emulated_upsample_every_path(small_grids, dtype, layout, shape, scale, 
     gx = _empty(shape, dtype, fmt)
     assert emu.emu_upsample_bwd(EMU_DTYPES[dtype], _p(grad), _p(gx), n, c, h, w, scale, int(_cl(x)), vec) == 0
     assert_close_rel(gx, ref.upsample_nearest2d_backward(grad.double(), scale), dtype=dtype)
+
+
+@needs_ext
+def test_kernel_image_error_is_registered():
+    """The GPU check the backend's supports() asks once per device."""
+    if torch.cuda.is_available():
+        assert ops.kernel_image_error(torch.cuda.current_device()) == ""
+    else:
+        with pytest.raises(RuntimeError, match=r"device 0 is not a visible CUDA device \(0 visible\)"):
+            ops.kernel_image_error(0)
+
+
+def test_bias_gradient_only_when_needed(monkeypatch):
+    """bias_act's backward skips the bias reduction (a second full read of gx) when b
+    needs no gradient."""
+    from types import SimpleNamespace
+
+    from gankernels.cuda import register
+
+    gx = torch.randn(2, 3, 4, 4)
+    monkeypatch.setattr(register, "_ops", lambda: SimpleNamespace(bias_act_backward=lambda *args: gx))
+    b = torch.randn(3)
+    args = dict(grad=gx, x=gx, b=b, y=gx, act="relu", alpha=0.2, gain=1.0, clamp=None, dim=1)
+    got_gx, gb = register._bias_act_backward(**args)
+    assert got_gx is gx and torch.allclose(gb, gx.sum((0, 2, 3)))
+    got_gx, gb = register._bias_act_backward(**args, needs=(True, False))
+    assert got_gx is gx and gb is None
