@@ -17,6 +17,9 @@ namespace gk {
 namespace {
 
 constexpr int kThreads = 256;
+// At least 2 resident blocks per SM (128 registers): without it ptxas spills the
+// sigmoid backward over 4 float32 elements.
+constexpr int kMinBlocks = 2;
 
 // Where the channel index of a thread stands, and how it moves.
 struct ChannelWalk {
@@ -94,7 +97,7 @@ enum Layout : int { kNoBias = 0, kPlanar = 1, kChannelsLast = 2, kGeneral = 3 };
 // One thread: the vectors start, start + stride, ... of V elements each (V = 1: plain
 // elements). BACKWARD = false: out = epilogue(x + b); true: out = grad * epilogue'(x + b).
 template <typename T, int A, bool BACKWARD, int V, int LAYOUT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     bias_act_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ b, T* __restrict__ out,
                     int64_t nvec, ChannelWalk walk, Epilogue e) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // The last numel % V elements (fewer than V, one per thread; no loop).
 template <typename T, int A, bool BACKWARD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     bias_act_tail_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ b, T* __restrict__ out,
                          int64_t first, int64_t numel, int64_t inner, int64_t C, Epilogue e) {
   const int64_t i = first + threadIdx.x;

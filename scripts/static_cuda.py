@@ -341,6 +341,52 @@ def markdown(kernels: list[Kernel], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _family(k: dict) -> str:
+    """``bias_act_kernel bf16``: the kernel's base name and element type."""
+    m = re.match(r"(\w+)(?:<(\w+))?", k["name"])
+    return f"{m.group(1)} {m.group(2) or ''}".strip()
+
+
+def compare(before: dict, after: dict) -> str:
+    """Per kernel family (base name and dtype): instances, the most registers, spill
+    bytes, division marks inside loops, and the range of instructions per element."""
+
+    def summary(report: dict) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for k in report["kernels"]:
+            f = out.setdefault(_family(k), {"n": 0, "regs": 0, "spill": 0, "div": 0, "ipe": []})
+            f["n"] += 1
+            f["regs"] = max(f["regs"], k["registers"])
+            f["spill"] += k["spill_stores"] + k["spill_loads"]
+            f["div"] += k["int_divisions_in_loops"]
+            if k["instructions_per_element"] is not None:
+                f["ipe"].append(k["instructions_per_element"])
+        return out
+
+    def ipe(f: Optional[dict]) -> str:
+        if f is None or not f["ipe"]:
+            return ""
+        lo, hi = min(f["ipe"]), max(f["ipe"])
+        return f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
+
+    b, a = summary(before), summary(after)
+    lines = [
+        f"Before: {before.get('sources', '?')}. After: {after.get('sources', '?')}.",
+        "",
+        "| kernel family | instances | max regs | spill bytes (st+ld, all instances) | division marks in loops | instr/elem |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cell(x: Optional[dict], y: Optional[dict], key: str) -> str:
+        return f"{x[key] if x else '–'} → {y[key] if y else '–'}"
+
+    for fam in sorted(set(b) | set(a)):
+        x, y = b.get(fam), a.get(fam)
+        cells = " | ".join(cell(x, y, key) for key in ("n", "regs", "spill", "div"))
+        lines.append(f"| `{fam}` | {cells} | {ipe(x) or '–'} → {ipe(y) or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _describe(csrc: Path) -> str:
     """``csrc/ at <commit>`` (``+ local changes``) when csrc is this checkout's."""
     if csrc != ROOT / "csrc":
@@ -361,12 +407,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write report.json and report.md here")
     ap.add_argument("--check", action="store_true", help="exit 1 on spills or integer division in a loop")
     ap.add_argument("--label", default="", help="what the sources are (e.g. a commit), recorded in the report")
+    ap.add_argument("--baseline", type=Path, default=None, help="an earlier report.json: add a before → after table")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         kernels, meta = check(args.csrc.resolve(), args.arch, Path(tmp))
     meta["sources"] = args.label or _describe(args.csrc.resolve())
     del meta["csrc"]
     md = markdown(kernels, meta)
+    if args.baseline:
+        after = {**meta, "kernels": [asdict(k) for k in kernels]}
+        md += "\n## Before → after\n\n" + compare(json.loads(args.baseline.read_text()), after)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.json").write_text(json.dumps({**meta, "kernels": [asdict(k) for k in kernels]}, indent=1) + "\n")
