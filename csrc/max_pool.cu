@@ -42,8 +42,12 @@ __device__ __forceinline__ int first_tap(int64_t start, int dil) {
 __device__ __forceinline__ bool better(float v, float best) { return v > best || isnan(v); }
 
 template <typename I>
-__device__ __forceinline__ I saved_value(bool code, int ky, int kx, int kw, int64_t h, int64_t w, int64_t W) {
-  return code ? (I)(ky * kw + kx) : (I)(h * W + w);
+__device__ __forceinline__ I saved_value(int ky, int kx, int kw, int64_t h, int64_t w, int64_t W) {
+  if constexpr (sizeof(I) == 1) {
+    return (I)(ky * kw + kx);
+  } else {
+    return (I)(h * W + w);
+  }
 }
 
 template <typename T, int V>
@@ -118,7 +122,8 @@ __device__ __forceinline__ void load_saved(const I* src, I* s) {
 template <typename T, int V, typename I, int KS>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) max_pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                  I* __restrict__ saved, PoolShape p, RadixWalk walk,
-                                                                 int64_t total, bool code) {
+                                                                 int64_t total) {
+  constexpr bool code = sizeof(I) == 1;  // 1-byte window codes, else int64 flat indices
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= total) return;
@@ -139,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) max_pool_fwd_kernel(cons
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       best[j] = -INFINITY;
-      arg[j] = saved_value<I>(code, ky0, kx0, kw, h0 + (int64_t)ky0 * p.dh, w0 + (int64_t)kx0 * p.dw, p.W);
+      arg[j] = saved_value<I>(ky0, kx0, kw, h0 + (int64_t)ky0 * p.dh, w0 + (int64_t)kx0 * p.dw, p.W);
     }
     const T* plane = p.cl ? x + n * p.H * p.W * p.C + c : x + (n * p.C + c) * p.H * p.W;
     const int64_t pixel_stride = p.cl ? p.C : 1;
@@ -151,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) max_pool_fwd_kernel(cons
       for (int j = 0; j < V; ++j) {
         if (better(v[j], best[j])) {
           best[j] = v[j];
-          arg[j] = saved_value<I>(code, ky, kx, kw, h, w, p.W);
+          arg[j] = saved_value<I>(ky, kx, kw, h, w, p.W);
         }
       }
     };
@@ -181,7 +186,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) max_pool_fwd_kernel(cons
 template <typename T, int P, typename I, bool CL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                 I* __restrict__ saved, PoolShape p, RadixWalk walk,
-                                                                int64_t total, bool code) {
+                                                                int64_t total) {
+  constexpr bool code = sizeof(I) == 1;  // 1-byte window codes, else int64 flat indices
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= total) return;
@@ -206,7 +212,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_fwd_kernel(const
         if (better(v[1][j], best[j])) best[j] = v[1][j], q = 1;
         if (better(v[2][j], best[j])) best[j] = v[2][j], q = 2;
         if (better(v[3][j], best[j])) best[j] = v[3][j], q = 3;
-        arg[j] = code ? (I)q : (I)((2 * ho + (q >> 1)) * p.W + 2 * wo + (q & 1));
+        if constexpr (code) {
+          arg[j] = (I)q;
+        } else {
+          arg[j] = (I)((2 * ho + (q >> 1)) * p.W + 2 * wo + (q & 1));
+        }
       }
       o = ((n * p.Ho + ho) * p.Wo + wo) * p.C + c;
     } else {  // digits (group of P columns, ho, c, n)
@@ -228,7 +238,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_fwd_kernel(const
         if (better(r0[2 * j + 1], best[j])) best[j] = r0[2 * j + 1], q = 1;
         if (better(r1[2 * j], best[j])) best[j] = r1[2 * j], q = 2;
         if (better(r1[2 * j + 1], best[j])) best[j] = r1[2 * j + 1], q = 3;
-        arg[j] = code ? (I)q : (I)((2 * ho + (q >> 1)) * p.W + 2 * (wo + j) + (q & 1));
+        if constexpr (code) {
+          arg[j] = (I)q;
+        } else {
+          arg[j] = (I)((2 * ho + (q >> 1)) * p.W + 2 * (wo + j) + (q & 1));
+        }
       }
       o = ((n * p.C + c) * p.Ho + ho) * p.Wo + wo;
     }
@@ -250,7 +264,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_fwd_kernel(const
 template <typename T, int P, typename I, bool CL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_bwd_kernel(const T* __restrict__ grad,
                                                                 const I* __restrict__ saved, T* __restrict__ gx,
-                                                                PoolShape p, RadixWalk walk, int64_t total, bool code) {
+                                                                PoolShape p, RadixWalk walk, int64_t total) {
+  constexpr bool code = sizeof(I) == 1;  // 1-byte window codes, else int64 flat indices
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= total) return;
@@ -280,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) pool2x2_bwd_kernel(const
     int q[P];
 #pragma unroll
     for (int j = 0; j < P; ++j) {
-      if (code) {
+      if constexpr (code) {
         q[j] = (int)s[j];
       } else {
         const int64_t top_left = 2 * ho * p.W + 2 * (CL ? wo : wo + j);
@@ -348,7 +363,8 @@ struct GatherDivisors {
 template <typename T, typename I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     max_pool_bwd_kernel(const T* __restrict__ grad, const I* __restrict__ saved, T* __restrict__ gx, PoolShape p,
-                        RadixWalk walk, GatherDivisors div, int64_t total, bool code) {
+                        RadixWalk walk, GatherDivisors div, int64_t total) {
+  constexpr bool code = sizeof(I) == 1;  // 1-byte window codes, else int64 flat indices
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= total) return;
@@ -378,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int64_t wo = wo0; wo <= wo1; ++wo) {
         const int64_t o = p.cl ? ((n * p.Ho + ho) * p.Wo + wo) * p.C + c : ((n * p.C + c) * p.Ho + ho) * p.Wo + wo;
         bool mine;
-        if (code) {
+        if constexpr (code) {
           const uint32_t dx = (uint32_t)(wp - wo * p.sw);
           const uint32_t kx = div.dw.div(dx);
           mine = on_grid_h && kx * p.dw == dx && (int64_t)saved[o] == (int64_t)(ky * p.kw + kx);
@@ -411,19 +427,19 @@ RadixWalk pool2x2_walk(const PoolShape& p, int64_t& items, int64_t& stride, unsi
 }
 
 template <typename T, typename I, int P, bool CL>
-void launch_2x2_fwd(const T* x, T* y, I* saved, const PoolShape& p, bool code, cudaStream_t stream) {
+void launch_2x2_fwd(const T* x, T* y, I* saved, const PoolShape& p, cudaStream_t stream) {
   int64_t items, stride;
   unsigned blocks;
   const RadixWalk walk = pool2x2_walk<P>(p, items, stride, blocks);
-  pool2x2_fwd_kernel<T, P, I, CL><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items, code);
+  pool2x2_fwd_kernel<T, P, I, CL><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items);
 }
 
 template <typename T, typename I, int P, bool CL>
-void launch_2x2_bwd(const T* grad, const I* saved, T* gx, const PoolShape& p, bool code, cudaStream_t stream) {
+void launch_2x2_bwd(const T* grad, const I* saved, T* gx, const PoolShape& p, cudaStream_t stream) {
   int64_t items, stride;
   unsigned blocks;
   const RadixWalk walk = pool2x2_walk<P>(p, items, stride, blocks);
-  pool2x2_bwd_kernel<T, P, I, CL><<<blocks, kThreads, 0, stream>>>(grad, saved, gx, p, walk, items, code);
+  pool2x2_bwd_kernel<T, P, I, CL><<<blocks, kThreads, 0, stream>>>(grad, saved, gx, p, walk, items);
 }
 
 // Which 2×2 kernel: channels_last with 16-byte channel groups, NCHW with 16-byte row
@@ -437,14 +453,14 @@ Pool2x2Path pool2x2_path(const PoolShape& p, bool aligned) {
 }
 
 template <typename T, typename I>
-void fwd_typed(const T* x, T* y, I* saved, const PoolShape& p, bool vec, bool code, cudaStream_t stream) {
+void fwd_typed(const T* x, T* y, I* saved, const PoolShape& p, bool vec, cudaStream_t stream) {
   constexpr int V = Vec<T>::N;
   if (is_2x2_stride_2(p)) {
     switch (pool2x2_path<T>(p, vec)) {
-      case kVecCl: return launch_2x2_fwd<T, I, V, true>(x, y, saved, p, code, stream);
-      case kScalarCl: return launch_2x2_fwd<T, I, 1, true>(x, y, saved, p, code, stream);
-      case kVecNchw: return launch_2x2_fwd<T, I, V / 2, false>(x, y, saved, p, code, stream);
-      case kScalarNchw: return launch_2x2_fwd<T, I, 1, false>(x, y, saved, p, code, stream);
+      case kVecCl: return launch_2x2_fwd<T, I, V, true>(x, y, saved, p, stream);
+      case kScalarCl: return launch_2x2_fwd<T, I, 1, true>(x, y, saved, p, stream);
+      case kVecNchw: return launch_2x2_fwd<T, I, V / 2, false>(x, y, saved, p, stream);
+      case kScalarNchw: return launch_2x2_fwd<T, I, 1, false>(x, y, saved, p, stream);
     }
   }
   const bool use_vec = vec && p.cl && p.C % V == 0;
@@ -455,26 +471,26 @@ void fwd_typed(const T* x, T* y, I* saved, const PoolShape& p, bool vec, bool co
   const bool three = p.kh == 3 && p.kw == 3;
   if (use_vec) {
     if (three) {
-      max_pool_fwd_kernel<T, V, I, 3><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items, code);
+      max_pool_fwd_kernel<T, V, I, 3><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items);
     } else {
-      max_pool_fwd_kernel<T, V, I, 0><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items, code);
+      max_pool_fwd_kernel<T, V, I, 0><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items);
     }
   } else if (three) {
-    max_pool_fwd_kernel<T, 1, I, 3><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items, code);
+    max_pool_fwd_kernel<T, 1, I, 3><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items);
   } else {
-    max_pool_fwd_kernel<T, 1, I, 0><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items, code);
+    max_pool_fwd_kernel<T, 1, I, 0><<<blocks, kThreads, 0, stream>>>(x, y, saved, p, walk, items);
   }
 }
 
 template <typename T, typename I>
-void bwd_typed(const T* grad, const I* saved, T* gx, const PoolShape& p, bool vec, bool code, cudaStream_t stream) {
+void bwd_typed(const T* grad, const I* saved, T* gx, const PoolShape& p, bool vec, cudaStream_t stream) {
   constexpr int V = Vec<T>::N;
   if (is_2x2_stride_2(p)) {
     switch (pool2x2_path<T>(p, vec)) {
-      case kVecCl: return launch_2x2_bwd<T, I, V, true>(grad, saved, gx, p, code, stream);
-      case kScalarCl: return launch_2x2_bwd<T, I, 1, true>(grad, saved, gx, p, code, stream);
-      case kVecNchw: return launch_2x2_bwd<T, I, V / 2, false>(grad, saved, gx, p, code, stream);
-      case kScalarNchw: return launch_2x2_bwd<T, I, 1, false>(grad, saved, gx, p, code, stream);
+      case kVecCl: return launch_2x2_bwd<T, I, V, true>(grad, saved, gx, p, stream);
+      case kScalarCl: return launch_2x2_bwd<T, I, 1, true>(grad, saved, gx, p, stream);
+      case kVecNchw: return launch_2x2_bwd<T, I, V / 2, false>(grad, saved, gx, p, stream);
+      case kScalarNchw: return launch_2x2_bwd<T, I, 1, false>(grad, saved, gx, p, stream);
     }
   }
   const int64_t r0 = p.cl ? p.C : p.W, r1 = p.cl ? p.W : p.H, r2 = p.cl ? p.H : p.C;
@@ -483,7 +499,7 @@ void bwd_typed(const T* grad, const I* saved, T* gx, const PoolShape& p, bool ve
   const RadixWalk walk(r0, r1, r2, (int64_t)blocks * kThreads);
   const GatherDivisors div{FastDivmod((uint32_t)p.sh), FastDivmod((uint32_t)p.sw), FastDivmod((uint32_t)p.dh),
                            FastDivmod((uint32_t)p.dw)};
-  max_pool_bwd_kernel<T, I><<<blocks, kThreads, 0, stream>>>(grad, saved, gx, p, walk, div, items, code);
+  max_pool_bwd_kernel<T, I><<<blocks, kThreads, 0, stream>>>(grad, saved, gx, p, walk, div, items);
 }
 
 template <typename T>
@@ -492,9 +508,9 @@ cudaError_t fwd(const void* x, void* y, void* saved, bool code, PoolShape p, boo
   auto xs = static_cast<const T*>(x);
   auto ys = static_cast<T*>(y);
   if (code) {
-    fwd_typed<T, int8_t>(xs, ys, static_cast<int8_t*>(saved), p, vec, true, stream);
+    fwd_typed<T, int8_t>(xs, ys, static_cast<int8_t*>(saved), p, vec, stream);
   } else {
-    fwd_typed<T, int64_t>(xs, ys, static_cast<int64_t*>(saved), p, vec, false, stream);
+    fwd_typed<T, int64_t>(xs, ys, static_cast<int64_t*>(saved), p, vec, stream);
   }
   return cudaGetLastError();
 }
@@ -507,9 +523,9 @@ cudaError_t bwd(const void* grad, const void* saved, bool code, void* gx, PoolSh
   auto gs = static_cast<const T*>(grad);
   auto gxs = static_cast<T*>(gx);
   if (code) {
-    bwd_typed<T, int8_t>(gs, static_cast<const int8_t*>(saved), gxs, p, vec, true, stream);
+    bwd_typed<T, int8_t>(gs, static_cast<const int8_t*>(saved), gxs, p, vec, stream);
   } else {
-    bwd_typed<T, int64_t>(gs, static_cast<const int64_t*>(saved), gxs, p, vec, false, stream);
+    bwd_typed<T, int64_t>(gs, static_cast<const int64_t*>(saved), gxs, p, vec, stream);
   }
   return cudaGetLastError();
 }

@@ -13,8 +13,10 @@ For every kernel (every template instance) it records
   FFMA (the conv's work), MUFU (transcendentals), and runtime integer divisions;
 * the instructions per element of each memory-bound kernel's main loop (the
   grid-stride loop): its static length divided by the elements one iteration handles.
-  Static means every branch of the body is counted (all activations of bias_act, both
-  layouts, the tail of a window), so it is an upper bound on what one element executes.
+  Static means every instruction of the body counted once: every branch (e.g. the
+  int64 and the window-code forms where both are compiled) and every inner loop (a
+  window's taps) once. For a loop-free body it bounds what one element executes; with
+  inner loops (the general max-pool kernels) it is neither a bound nor a count.
 
 Runtime integer division, and how it is found. A division by a value known only at run
 time compiles to one of two sequences, both recognisable in SASS:
@@ -232,8 +234,10 @@ def analyse_body(body: list[tuple[int, str, Optional[str]]]) -> tuple[list[Loop]
 
 
 def elements_per_iteration(name: str) -> Optional[int]:
-    """Elements one iteration of a memory-bound kernel's main (outermost) loop handles,
-    from its template arguments; None for the conv kernels (FFMA-bound: see ffma)."""
+    """Elements one iteration of a memory-bound kernel's main (outermost) loop writes
+    (forward: outputs; backward: input-gradient elements), from its template arguments;
+    None for the conv kernels (FFMA-bound: see ffma) and where it depends on a runtime
+    value. Knows the kernels' template signatures before and after issue 16."""
     m = re.match(r"(\w+)<(.*)>$", name)
     if not m:
         return None
@@ -241,12 +245,24 @@ def elements_per_iteration(name: str) -> Optional[int]:
     size = {"float": 4, "fp16": 2, "bf16": 2}.get(args[0])
     if size is None:
         return None
-    if base == "bias_act_kernel":  # <T, act, backward, V, layout>
-        return int(args[3])
-    if base in ("upsample_fwd_kernel", "upsample_bwd_kernel"):  # <T, V, ...>
+    vec = 16 // size
+    if base == "bias_act_kernel":  # <T, act, backward, V, layout>; before: <T, backward>, vectors first
+        return int(args[3]) if len(args) >= 4 else vec
+    if base in ("upsample_fwd_kernel", "upsample_bwd_kernel"):
+        if len(args) == 2:  # before: <T, V>, V output (forward) or input (backward) elements
+            return int(args[1])
+        scale, group = int(args[1]), int(args[2])  # <T, S, G, CL>: G input elements, s×s outputs each
+        if base == "upsample_bwd_kernel":
+            return group
+        return group * scale * scale if scale else None
+    if base == "max_pool_fwd_kernel":  # <T, V, I, KS>; before: <T, VEC>
+        return (vec if args[1] == "true" else 1) if args[1] in ("true", "false") else int(args[1])
+    if base == "max_pool_bwd_kernel":
+        return 1
+    if base == "pool2x2_fwd_kernel":  # <T, P, I, CL>: P outputs
         return int(args[1])
-    if base.startswith("max_pool"):  # <T, VEC, ...>: VEC handles 16 bytes of channels
-        return 16 // size if len(args) > 1 and args[1] == "true" else 1
+    if base == "pool2x2_bwd_kernel":  # P windows of 4 inputs
+        return 4 * int(args[1])
     return None
 
 
@@ -320,8 +336,16 @@ def markdown(kernels: list[Kernel], meta: dict) -> str:
         "Columns: registers per thread; spill stores/loads (bytes); shared memory (bytes); SASS instructions of the "
         "kernel; loops; runtime integer divisions anywhere / inside a loop (see the script's doc for how they are "
         "found); for the memory-bound kernels, the static length of the main loop and that over the elements one "
-        "iteration handles (every branch counted, so an upper bound); for the others, FFMA and all instructions of "
+        "iteration writes (each instruction counted once: a bound for loop-free bodies, not for the general max-pool "
+        "kernels, whose window loops run several times); for the others, FFMA and all instructions of "
         "the innermost loop that holds FFMAs.",
+        "",
+        "Template arguments: `bias_act_kernel<T, act, backward, V, layout>` (act 0 linear, 1 relu, 2 lrelu, "
+        "3 tanh, 4 sigmoid, 5 silu; layout 0 no bias, 1 one channel per vector, 2 channels_last, 3 general); "
+        "`max_pool_fwd_kernel<T, V, saved type, 3 for an unrolled 3×3 else 0>`; "
+        "`pool2x2_{fwd,bwd}_kernel<T, outputs per item, saved type, channels_last>` (the 2×2 stride-2 path; "
+        "`signed char` = 1-byte window codes, `long` = int64 indices); "
+        "`upsample_{fwd,bwd}_kernel<T, scale (0: runtime), input elements per item, channels_last>`.",
         "",
         "| file | kernel | regs | spill st/ld | smem | instr | loops | div (all/in loops) | main loop | elem/iter "
         "| instr/elem | FFMA / instr (hot loop) |",
