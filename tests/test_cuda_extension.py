@@ -1,8 +1,10 @@
 """The CUDA extension without a GPU: it is built and importable (when this machine can
 build it), its ops are registered with correct fake kernels, its argument checks reject
-bad input with clear messages, and the JIT build's cache key and lock behave.
+bad input with clear messages, the JIT build (cache key, lock, crash safety) and the
+build defaults behave, and the kernels themselves, compiled by g++ against a CPU
+emulation of CUDA (csrc/emu/), match the float64 reference.
 
-The kernels themselves are tested on a GPU: tests/gpu/test_cuda_gpu.py.
+On a GPU the kernels run for real: tests/gpu/test_cuda_gpu.py.
 """
 
 from __future__ import annotations
