@@ -411,6 +411,13 @@ def compare(before: dict, after: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_json(path: Path, meta: dict, kernels: list[dict]) -> None:
+    """The report as JSON, one kernel per line (compact, and diffs stay readable)."""
+    head = json.dumps(meta, indent=1)[:-2]  # without the closing "\n}"
+    body = ",\n".join("  " + json.dumps(k, separators=(",", ":")) for k in kernels)
+    path.write_text(f'{head},\n "kernels": [\n{body}\n ]\n}}\n')
+
+
 def _describe(csrc: Path) -> str:
     """``csrc/ at <commit>`` (``+ local changes``) when csrc is this checkout's."""
     if csrc != ROOT / "csrc":
@@ -443,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         md += "\n## Before → after\n\n" + compare(json.loads(args.baseline.read_text()), after)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.json").write_text(json.dumps({**meta, "kernels": [asdict(k) for k in kernels]}, indent=1) + "\n")
+        write_json(args.out / "report.json", meta, [asdict(k) for k in kernels])
         (args.out / "report.md").write_text(md)
     print(md)
     bad = problems(kernels)
