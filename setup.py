@@ -4,7 +4,8 @@ Switches (flash-attention style):
   GANKERNELS_BUILD_CUDA   unset: build _C if torch has CUDA and nvcc is found, warn and
                           go on without it if the build fails;  0: never;  1: always,
                           a failure is fatal.
-  TORCH_CUDA_ARCH_LIST    the archs to compile for; default "8.0;9.0".
+  TORCH_CUDA_ARCH_LIST    the archs to compile for; default "8.0;9.0+PTX" (SASS for A100 and
+                          H100/H200, PTX that newer GPUs compile at load time).
   MAX_JOBS                parallel compile jobs (ninja), as torch.utils.cpp_extension reads it.
   CUDA_HOME               the CUDA toolkit; defaults to /usr/local/cuda when nvcc is there.
 """
@@ -19,6 +20,11 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Everything below (csrc/, pyproject.toml, --inplace) is relative to the project, not to
+# wherever setup.py was started from.
+os.chdir(ROOT)
+# As gankernels.cuda.jit_build.DEFAULT_ARCH_LIST (tests check that they agree).
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 BUILD_CUDA = os.environ.get("GANKERNELS_BUILD_CUDA", "").strip()
 if BUILD_CUDA not in ("", "0", "1"):
     sys.exit(f"GANKERNELS_BUILD_CUDA must be 0, 1 or unset, got {BUILD_CUDA!r}")
@@ -60,7 +66,7 @@ def _extension_setup() -> dict:
         return {}
 
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     class TolerantBuildExtension(BuildExtension):

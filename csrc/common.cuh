@@ -45,6 +45,17 @@ __device__ __forceinline__ Vec<T> load_vec(const T* p) { return *reinterpret_cas
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) { *reinterpret_cast<Vec<T>*>(p) = v; }
 
+// N consecutive elements of T moved as one access of N * sizeof(T) bytes (a power of two
+// up to 16; the address must be aligned to it).
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Array {
+  T v[N];
+};
+template <typename T, int N>
+__device__ __forceinline__ Array<T, N> load_array(const T* p) { return *reinterpret_cast<const Array<T, N>*>(p); }
+template <typename T, int N>
+__device__ __forceinline__ void store_array(T* p, const Array<T, N>& a) { *reinterpret_cast<Array<T, N>*>(p) = a; }
+
 __device__ __forceinline__ float sigmoidf_(float p) { return 1.f / (1.f + __expf(-p)); }
 
 // act(p). NaN propagates (comparisons with NaN are false, so NaN takes the last branch).
@@ -98,12 +109,73 @@ __device__ __forceinline__ float epilogue_derivative(float p, const Epilogue& e)
   return d;
 }
 
+// ---------------------------------------------------------------------------------
+// Division-free indexing.
+
+// n / d and n % d for a divisor fixed at launch and 0 <= n < 2^31, with a multiply-high
+// and a shift (the magic-number method, as PyTorch's IntDivider): the host finds the
+// multiplier once, no device code divides.
+struct FastDivmod {
+  uint32_t d = 1, mul = 1, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t divisor) : d(divisor) {
+    while (shift < 32 && (1ull << shift) < divisor) ++shift;
+    mul = (uint32_t)(((1ull << 32) * ((1ull << shift) - divisor)) / divisor + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, mul) + n) >> shift; }
+  __device__ __forceinline__ uint32_t mod(uint32_t n) const { return n - div(n) * d; }
+};
+
+// The flat index t of a grid-stride loop as four digits of a mixed radix (digit 0
+// fastest): t = d0 + r0 * (d1 + r1 * (d2 + r2 * d3)). Each thread divides once to find
+// its first index's digits; every grid stride then adds the stride's digits (found on
+// the host) with a carry: compares and subtracts, no division per element.
+struct RadixWalk {
+  int64_t r0, r1, r2;      // radices of digits 0..2 (digit 3 is unbounded)
+  int64_t s0, s1, s2, s3;  // the grid stride in this radix
+  RadixWalk() = default;
+  RadixWalk(int64_t r0_, int64_t r1_, int64_t r2_, int64_t stride) : r0(r0_), r1(r1_), r2(r2_) {
+    s0 = stride % r0;
+    stride /= r0;
+    s1 = stride % r1;
+    stride /= r1;
+    s2 = stride % r2;
+    s3 = stride / r2;
+  }
+  __device__ __forceinline__ void start(int64_t t, int64_t d[4]) const {
+    d[0] = t % r0;
+    t /= r0;
+    d[1] = t % r1;
+    t /= r1;
+    d[2] = t % r2;
+    d[3] = t / r2;
+  }
+  __device__ __forceinline__ void advance(int64_t d[4]) const {
+    d[0] += s0;
+    int64_t carry = d[0] >= r0;
+    if (carry) d[0] -= r0;
+    d[1] += s1 + carry;  // < 2 * r1: s1 < r1
+    carry = d[1] >= r1;
+    if (carry) d[1] -= r1;
+    d[2] += s2 + carry;
+    carry = d[2] >= r2;
+    if (carry) d[2] -= r2;
+    d[3] += s3 + carry;
+  }
+};
+
+// The most blocks a grid-stride kernel is launched with. The CPU emulation's tests lower
+// it (csrc/emu/cuda_emu.h) so that each thread walks several grid strides.
+#ifndef GK_MAX_GRID_BLOCKS
+#define GK_MAX_GRID_BLOCKS ((int64_t)1 << 20)
+#endif
+
 // Blocks for a grid-stride loop over `work` items: enough to fill the GPU, capped so the
 // grid stays legal.
 inline unsigned grid_for(int64_t work, int threads) {
   int64_t blocks = (work + threads - 1) / threads;
   if (blocks < 1) blocks = 1;
-  if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;
+  if (blocks > GK_MAX_GRID_BLOCKS) blocks = GK_MAX_GRID_BLOCKS;
   return (unsigned)blocks;
 }
 

@@ -529,7 +529,7 @@ cudaError_t wgrad(bool fused, const void* x, const void* w, const void* b, const
   int64_t bands, nco, nci;
   wgrad_grid(s, fused, bands, nco, nci);
   const int64_t nblk = s.N * bands;
-  if (nblk == 0 || nco == 0 || nci == 0) return cudaSuccess;
+  if (nco == 0 || nci == 0) return cudaSuccess;  // Co == 0 or Ci == 0: gw and gb are empty
   if (nblk > 0x7fffffffLL || nco > 65535 || nci > 65535) return cudaErrorInvalidConfiguration;
   WgradParams<T> p{};
   p.x = static_cast<const T*>(x);
@@ -552,16 +552,20 @@ cudaError_t wgrad(bool fused, const void* x, const void* w, const void* b, const
   p.bands = bands;
   p.cl = s.cl;
   p.e = e;
-  const dim3 grid((unsigned)nblk, (unsigned)nco, (unsigned)nci);
-  if (!fused) {
-    wgrad_kernel<T, false, false><<<grid, kWThreads, 0, stream>>>(p);
-  } else if (pool) {
-    wgrad_kernel<T, true, true><<<grid, kWThreads, 0, stream>>>(p);
-  } else {
-    wgrad_kernel<T, true, false><<<grid, kWThreads, 0, stream>>>(p);
+  // No pixels (N == 0, or H == 0) means no partials, but the reduction below still runs
+  // and writes gw = 0 and gb = 0: the caller never returns an unwritten gradient.
+  if (nblk > 0) {
+    const dim3 grid((unsigned)nblk, (unsigned)nco, (unsigned)nci);
+    if (!fused) {
+      wgrad_kernel<T, false, false><<<grid, kWThreads, 0, stream>>>(p);
+    } else if (pool) {
+      wgrad_kernel<T, true, true><<<grid, kWThreads, 0, stream>>>(p);
+    } else {
+      wgrad_kernel<T, true, false><<<grid, kWThreads, 0, stream>>>(p);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   if (gw == nullptr && gb == nullptr) return cudaSuccess;
   const dim3 rgrid((unsigned)(nco * nci), (unsigned)((kPStride + 31) / 32));
   wgrad_reduce_kernel<<<rgrid, 256, 0, stream>>>(partial, nblk, nci, s.Co, s.Ci, gw, gb);

@@ -29,6 +29,10 @@ struct Epilogue {
   int has_clamp;
 };
 
+// cudaSuccess when the current device can run this library's kernels, else the error
+// (cudaErrorNoKernelImageForDevice, ...) every launch would fail with.
+cudaError_t kernel_image_status();
+
 // ---------------------------------------------------------------------------------
 // bias_act on a dense tensor (any memory format): the channel of the element at
 // memory offset i is (i / inner) % C, with inner = x.stride(dim). b may be null.
@@ -41,19 +45,23 @@ cudaError_t launch_bias_act_bwd(int dtype, const void* grad, const void* x, cons
                                 int64_t inner, int64_t C, Epilogue e, bool vec, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
-// max_pool2d with PyTorch's semantics (NaN wins, first maximum otherwise; indices are
-// flat per-plane h * W + w, int64).
+// max_pool2d with PyTorch's semantics (NaN wins, first maximum otherwise). What the
+// forward saves for the backward (`saved`, the pooled shape and layout):
+//  code = false: int64 flat per-plane indices h * W + w (PyTorch's return_indices);
+//  code = true: int8 window codes ky * kw + kx, the argmax's tap in its window (needs
+//    kh * kw <= 128); position (ho * sh - ph + ky * dh, wo * sw - pw + kx * dw).
+// vec: x, y / grad, gx and saved are 16-byte aligned.
 struct PoolShape {
   int64_t N, C, H, W, Ho, Wo;
   int kh, kw, sh, sw, ph, pw, dh, dw;
   bool cl;
 };
-cudaError_t launch_max_pool2d_fwd(int dtype, const void* x, void* y, int64_t* idx, PoolShape p, bool vec,
+cudaError_t launch_max_pool2d_fwd(int dtype, const void* x, void* y, void* saved, bool code, PoolShape p, bool vec,
                                   cudaStream_t stream);
-// Gathers: every input element sums (in a fixed order) the gradients of the outputs
-// whose index names it. No atomics, deterministic.
-cudaError_t launch_max_pool2d_bwd(int dtype, const void* grad, const int64_t* idx, void* gx, PoolShape p,
-                                  cudaStream_t stream);
+// gx from the pooled grad and `saved`; every input element is written once, no atomics,
+// deterministic. Needs H + ph + sh and W + pw + sw below 2^31.
+cudaError_t launch_max_pool2d_bwd(int dtype, const void* grad, const void* saved, bool code, void* gx, PoolShape p,
+                                  bool vec, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
 // Nearest upsampling by an integer scale s: x [N, C, H, W] -> y [N, C, H*s, W*s].
@@ -84,7 +92,8 @@ cudaError_t launch_conv3x3_small_gp(int dtype, const void* x, const void* w, con
                                     cudaStream_t stream);
 // Weight and bias gradients, deterministic: per-block partial sums (float32) written to
 // `partial`, then reduced over blocks in a fixed order into gw [Co, Ci, 3, 3] and gb [Co]
-// (float32; gb may be null).
+// (float32; gb may be null). gw and gb are always written: zero when there are no
+// pixels (N == 0 or H * W == 0).
 //  fused (Ci <= 4): the pre-activation gradient is recomputed in the kernel from x, w,
 //    b, grad (and argmax when pool), and also written to gp_out when it is not null.
 //  not fused: it is read from gp_in ([N, Co, H, W], `cl` layout, the conv dtype).

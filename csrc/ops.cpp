@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <Python.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -211,24 +212,33 @@ gk::PoolShape pool_checks(const at::Tensor& x, at::IntArrayRef kernel_size, at::
   return p;
 }
 
+// Whether the forward saves 1-byte window codes (return_indices off and a window of at
+// most 128 taps) instead of int64 indices; gankernels/cuda/loader.py has the same rule.
+bool pool_saves_code(at::IntArrayRef kernel_size, bool return_indices) {
+  return !return_indices && kernel_size[0] * kernel_size[1] <= 128;
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
+                                              bool return_indices) {
   const char* op = "max_pool2d";
   gk::PoolShape p = pool_checks(x, kernel_size, stride, padding, dilation, ceil_mode, op);
   require_cuda(x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = format_of(x);
+  const bool code = pool_saves_code(kernel_size, return_indices);
   at::Tensor xc = x.contiguous(fmt);
   at::Tensor y = poisoned(at::empty({p.N, p.C, p.Ho, p.Wo}, x.options().memory_format(fmt)));
-  at::Tensor idx = poisoned(at::empty({p.N, p.C, p.Ho, p.Wo}, x.options().dtype(at::kLong).memory_format(fmt)));
-  check_launch(gk::launch_max_pool2d_fwd(dtype_code(x, op, "x"), xc.data_ptr(), y.data_ptr(), idx.data_ptr<int64_t>(),
-                                         p, aligned16(xc) && aligned16(y) && aligned16(idx),
+  at::Tensor saved = poisoned(
+      at::empty({p.N, p.C, p.Ho, p.Wo}, x.options().dtype(code ? at::kChar : at::kLong).memory_format(fmt)));
+  check_launch(gk::launch_max_pool2d_fwd(dtype_code(x, op, "x"), xc.data_ptr(), y.data_ptr(), saved.data_ptr(), code, p,
+                                         aligned16(xc) && aligned16(y) && aligned16(saved),
                                          c10::cuda::getCurrentCUDAStream()),
                op);
-  return {y, idx};
+  return {y, saved};
 }
 
-at::Tensor max_pool2d_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& indices,
+at::Tensor max_pool2d_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& saved,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool2d_backward";
@@ -237,19 +247,23 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad, const at::Tensor& x, cons
   const std::vector<int64_t> out_shape = {p.N, p.C, p.Ho, p.Wo};
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(out_shape), where(op), "grad must have the pooled shape ",
               at::IntArrayRef(out_shape), ", got ", grad.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, where(op), "indices must be int64, got ", indices.scalar_type());
-  TORCH_CHECK(indices.sizes() == at::IntArrayRef(out_shape), where(op), "indices must have the pooled shape ",
-              at::IntArrayRef(out_shape), ", got ", indices.sizes());
-  TORCH_CHECK(indices.device() == x.device(), where(op), "indices is on ", indices.device(), " but x is on ",
-              x.device());
+  const bool code = saved.scalar_type() == at::kChar;
+  TORCH_CHECK(saved.scalar_type() == at::kLong || (code && kernel_size[0] * kernel_size[1] <= 128), where(op),
+              "saved must be the forward's int64 indices or int8 window codes, got ", saved.scalar_type());
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(out_shape), where(op), "saved must have the pooled shape ",
+              at::IntArrayRef(out_shape), ", got ", saved.sizes());
+  TORCH_CHECK(saved.device() == x.device(), where(op), "saved is on ", saved.device(), " but x is on ", x.device());
+  TORCH_CHECK(p.H + p.ph + p.sh < (int64_t(1) << 31) && p.W + p.pw + p.sw < (int64_t(1) << 31), where(op),
+              "x's height and width (plus padding and stride) must be below 2^31, got ", x.sizes());
   require_cuda(x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const auto fmt = format_of(x);
   at::Tensor g = grad.contiguous(fmt);
-  at::Tensor ic = indices.contiguous(fmt);
+  at::Tensor sc = saved.contiguous(fmt);
   at::Tensor gx = poisoned(at::empty(x.sizes(), x.options().memory_format(fmt)));
-  check_launch(gk::launch_max_pool2d_bwd(dtype_code(x, op, "x"), g.data_ptr(), ic.data_ptr<int64_t>(), gx.data_ptr(),
-                                         p, c10::cuda::getCurrentCUDAStream()),
+  check_launch(gk::launch_max_pool2d_bwd(dtype_code(x, op, "x"), g.data_ptr(), sc.data_ptr(), code, gx.data_ptr(), p,
+                                         aligned16(g) && aligned16(sc) && aligned16(gx),
+                                         c10::cuda::getCurrentCUDAStream()),
                op);
   return gx;
 }
@@ -430,19 +444,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
   return {gx, gw_out, gb_out};
 }
 
+// ---------------------------------------------------------------------------------
+// The GPU check: "" when CUDA device `device` can run this library's kernels, else the
+// CUDA error every launch would fail with (e.g. a GPU newer than the archs built).
+
+std::string kernel_image_error(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(), where("kernel_image_error"), "device ", device,
+              " is not a visible CUDA device (", static_cast<int>(c10::cuda::device_count()), " visible)");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t err = gk::kernel_image_status();
+  if (err == cudaSuccess) return "";
+  (void)cudaGetLastError();  // not sticky: clear it so torch's next check does not see it
+  return cudaGetErrorString(err);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gankernels_cuda, m) {
   m.set_python_module("gankernels.cuda.loader");
+  m.def("kernel_image_error(int device) -> str", &kernel_image_error);
   m.def("bias_act(Tensor x, Tensor? b, str act, float alpha, float gain, float? clamp, int dim) -> Tensor");
   m.def(
       "bias_act_backward(Tensor grad, Tensor x, Tensor? b, str act, float alpha, float gain, float? clamp, int dim) "
       "-> Tensor");
   m.def(
-      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
-      "-> (Tensor, Tensor)");
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode, "
+      "bool return_indices) -> (Tensor, Tensor)");
   m.def(
-      "max_pool2d_backward(Tensor grad, Tensor x, Tensor indices, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "max_pool2d_backward(Tensor grad, Tensor x, Tensor saved, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode) -> Tensor");
   m.def("upsample_nearest2d(Tensor x, int scale_factor) -> Tensor");
   m.def("upsample_nearest2d_backward(Tensor grad, int scale_factor) -> Tensor");

@@ -1,8 +1,10 @@
 """The CUDA extension without a GPU: it is built and importable (when this machine can
 build it), its ops are registered with correct fake kernels, its argument checks reject
-bad input with clear messages, and the JIT build's cache key and lock behave.
+bad input with clear messages, the JIT build (cache key, lock, crash safety) and the
+build defaults behave, and the kernels themselves, compiled by g++ against a CPU
+emulation of CUDA (csrc/emu/), match the float64 reference.
 
-The kernels themselves are tested on a GPU: tests/gpu/test_cuda_gpu.py.
+On a GPU the kernels run for real: tests/gpu/test_cuda_gpu.py.
 """
 
 from __future__ import annotations
@@ -97,12 +99,13 @@ def test_fake_kernels(fmt, device, dtype):
         assert gx.stride() == x.stride()
 
         for k, s, p, ceil in ((2, 2, 0, False), (3, 2, 1, False), (3, 2, 1, True), (2, 2, 0, True)):
-            out, idx = ops.max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], ceil)
-            want = F.max_pool2d(torch.zeros(2, 3, 9, 11), k, s, p, ceil_mode=ceil).shape
-            _expect(out, want, dtype, fmt)
-            _expect(idx, want, torch.int64, fmt)
-            g = ops.max_pool2d_backward(out, x, idx, [k, k], [s, s], [p, p], [1, 1], ceil)
-            _expect(g, x.shape, dtype, fmt)
+            for return_indices in (True, False):
+                out, saved = ops.max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], ceil, return_indices)
+                want = F.max_pool2d(torch.zeros(2, 3, 9, 11), k, s, p, ceil_mode=ceil).shape
+                _expect(out, want, dtype, fmt)
+                _expect(saved, want, torch.int64 if return_indices else torch.int8, fmt)
+                g = ops.max_pool2d_backward(out, x, saved, [k, k], [s, s], [p, p], [1, 1], ceil)
+                _expect(g, x.shape, dtype, fmt)
 
         u = ops.upsample_nearest2d(x, 3)
         _expect(u, (2, 3, 27, 33), dtype, fmt)
@@ -183,18 +186,21 @@ BAD_CALLS = {
         lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), "relu", 0.2, 1.0, None, True, NEEDS),
         r"saved must be the forward's int8 argmax",
     ),
-    "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg), r"x must be a 4-D tensor"),
-    "pool kernel 0": (lambda: ops.max_pool2d(x4, [0, 2], [2, 2], [0, 0], [1, 1], False), r"kernel_size must be >= 1"),
-    "pool stride 0": (lambda: ops.max_pool2d(x4, [2, 2], [0, 2], [0, 0], [1, 1], False), r"stride must be >= 1"),
+    "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg, False), r"x must be a 4-D tensor"),
+    "pool kernel 0": (lambda: ops.max_pool2d(x4, [0, 2], [2, 2], [0, 0], [1, 1], False, False), r"kernel_size must be >= 1"),
+    "pool stride 0": (lambda: ops.max_pool2d(x4, [2, 2], [0, 2], [0, 0], [1, 1], False, False), r"stride must be >= 1"),
     "pool padding": (
-        lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False),
+        lambda: ops.max_pool2d(x4, [2, 2], [2, 2], [2, 2], [1, 1], False, True),
         r"padding \[2, 2\] must be >= 0 and at most half",
     ),
-    "pool too small": (lambda: ops.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False), r"too small"),
+    "pool too small": (
+        lambda: ops.max_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1], False, False),
+        r"too small",
+    ),
     "pool bwd grad shape": (lambda: ops.max_pool2d_backward(x4, x4, x4.long(), *pool_cfg), r"grad must have the pooled shape"),
     "pool bwd index dtype": (
         lambda: ops.max_pool2d_backward(torch.randn(2, 3, 4, 4), x4, torch.zeros(2, 3, 4, 4, dtype=torch.int32), *pool_cfg),
-        r"indices must be int64",
+        r"saved must be the forward's int64 indices or int8 window codes, got Int",
     ),
     "upsample scale": (lambda: ops.upsample_nearest2d(x4, 0), r"scale_factor must be an integer in \[1, 1024\]"),
     "upsample bwd divisible": (
@@ -216,7 +222,7 @@ BAD_CALLS = {
 VALID_CPU_CALLS = {
     "conv": lambda: ops.conv3x3_small(x4, w3, b16, "relu", 0.2, 1.0, None, True),
     "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, True, NEEDS),
-    "pool": lambda: ops.max_pool2d(x4, *pool_cfg),
+    "pool": lambda: ops.max_pool2d(x4, *pool_cfg, False),
     "upsample": lambda: ops.upsample_nearest2d(x4, 2),
     "bias_act": lambda: ops.bias_act(x4, torch.randn(3), "silu", 0.2, 1.0, 1.0, 1),
 }
@@ -328,9 +334,24 @@ def test_cache_key(tmp_path):
     assert k != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.11")
     files2 = _write_sources(tmp_path / "src", text="int x = 1;")
     assert k != _jit_build.cache_key(files2, "2.11.0", "9.0", "13.0", "3.12")
+    # The compiler release and the flags count too.
+    files = _write_sources(tmp_path / "src")
+    base = _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12", nvcc_version="V13.0.88", flags=("-O3",))
+    assert base != k
+    assert base != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12", nvcc_version="V13.1.10", flags=("-O3",))
+    assert base != _jit_build.cache_key(files, "2.11.0", "9.0", "13.0", "3.12", nvcc_version="V13.0.88", flags=("-O2",))
     # The real sources: every .cu/.cpp/.h(.cuh) of csrc/, and a stable key.
     assert {p.suffix for p in _jit_build.source_files()} <= {".cu", ".cpp", ".h", ".cuh"}
     assert _jit_build.current_key("9.0") == _jit_build.current_key("9.0")
+
+
+def test_current_key_follows_nvcc_and_flags(monkeypatch):
+    key = _jit_build.current_key("9.0")
+    monkeypatch.setattr(_jit_build, "nvcc_version", lambda cuda_home: "Build cuda_99.0")
+    assert _jit_build.current_key("9.0") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(_jit_build, "CUDA_CFLAGS", ("-O2",))
+    assert _jit_build.current_key("9.0") != key
 
 
 def _locked(path: Path) -> bool:
@@ -398,14 +419,15 @@ def test_build_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys
 
     def fake_load(name, sources, build_directory, **kwargs):
         compiles.append((name, sources, kwargs["with_cuda"]))
-        assert not (Path(build_directory) / "lock").exists()  # the stale torch lock was cleared
+        # A fresh folder per build: torch's lock and objects of a killed build are not seen.
+        assert Path(build_directory).parent == key_dir and not any(Path(build_directory).iterdir())
         (Path(build_directory) / f"{name}.so").write_bytes(b"")
 
     monkeypatch.setattr(cpp_ext, "load", fake_load)
     monkeypatch.setattr(torch.ops, "load_library", lambda path: loads.append(path))
     key_dir = tmp_path / "cache" / _jit_build.current_key("9.0")
-    key_dir.mkdir(parents=True)
-    (key_dir / "lock").write_text("")  # left behind by a killed torch build
+    (key_dir / "attempt-1-dead").mkdir(parents=True)  # left behind by a killed build
+    (key_dir / "attempt-1-dead" / "lock").write_text("")
 
     lib1 = _jit_build.build(arch_list="9.0")
     assert "building the CUDA extension for arch 9.0" in capsys.readouterr().err
@@ -415,6 +437,7 @@ def test_build_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys
     assert {Path(s).suffix for s in compiles[0][1]} == {".cu", ".cpp"}
     assert loads == [str(lib1), str(lib2)]
     assert "building" not in capsys.readouterr().err  # a cache hit is silent
+    assert sorted(p.name for p in key_dir.iterdir()) == [lib1.name]  # no attempt folder is left
 
 
 def test_failed_build_raises_with_the_compiler_message(tmp_path, monkeypatch):
@@ -432,6 +455,155 @@ def test_failed_build_raises_with_the_compiler_message(tmp_path, monkeypatch):
         _jit_build.build(arch_list="9.0")
     # The lock is free again afterwards.
     assert not _locked(tmp_path / "cache" / f"{_jit_build.current_key('9.0')}.lock")
+
+
+def _fake_build_env(tmp_path, monkeypatch):
+    """The JIT build driver with a stubbed compiler: returns the key folder."""
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_jit_build, "build_prerequisites", lambda: [])
+    monkeypatch.setattr(_jit_build, "_find_cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.setattr(_jit_build, "nvcc_version", lambda cuda_home: "nvcc for tests")
+    return tmp_path / "cache" / _jit_build.current_key("9.0")
+
+
+def _loader_that_rejects(loads: list, bad: bytes):
+    """A torch.ops.load_library stand-in: OSError for a library whose bytes are `bad`."""
+
+    def load_library(path):
+        if Path(path).read_bytes() == bad:
+            raise OSError(f"{path}: file too short")
+        loads.append(Path(path).read_bytes())
+
+    return load_library
+
+
+def _linker_writing(content: bytes):
+    """A cpp_extension.load stand-in whose link writes `content` as the library."""
+
+    def load(name, build_directory, **kwargs):
+        (Path(build_directory) / f"{name}.so").write_bytes(content)
+
+    return load
+
+
+def test_a_link_killed_mid_write_leaves_no_library(tmp_path, monkeypatch):
+    """The linker writes into the build's own folder; only a library that loaded is
+    renamed into place, so a truncated one is never found by a later process."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    key_dir = _fake_build_env(tmp_path, monkeypatch)
+    loads: list = []
+    monkeypatch.setattr(torch.ops, "load_library", _loader_that_rejects(loads, b"trunc"))
+
+    def killed_link(name, build_directory, **kwargs):
+        (Path(build_directory) / f"{name}.so").write_bytes(b"trunc")
+        raise RuntimeError("ninja: build stopped: interrupted by user.")
+
+    monkeypatch.setattr(cpp_ext, "load", killed_link)
+    with pytest.raises(_jit_build.ExtensionBuildError, match="interrupted"):
+        _jit_build.build(arch_list="9.0")
+    assert _jit_build.built_library(key_dir) is None
+
+    monkeypatch.setattr(cpp_ext, "load", _linker_writing(b"good"))
+    lib = _jit_build.build(arch_list="9.0")
+    assert lib.read_bytes() == b"good" and loads == [b"good"]
+
+
+def test_a_cached_library_that_fails_to_load_is_rebuilt_once(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_ext
+
+    key_dir = _fake_build_env(tmp_path, monkeypatch)
+    key_dir.mkdir(parents=True)
+    (key_dir / "gankernels_C.so").write_bytes(b"trunc")  # e.g. from an older, unsafe build
+    loads: list = []
+    monkeypatch.setattr(torch.ops, "load_library", _loader_that_rejects(loads, b"trunc"))
+    monkeypatch.setattr(cpp_ext, "load", _linker_writing(b"good"))
+    lib = _jit_build.build(arch_list="9.0")
+    assert lib.read_bytes() == b"good" and loads == [b"good"]
+    assert "failed to load" in capsys.readouterr().err
+
+    # A rebuild whose library does not load either is reported, not retried forever.
+    (key_dir / "gankernels_C.so").write_bytes(b"trunc")
+    monkeypatch.setattr(cpp_ext, "load", _linker_writing(b"trunc"))
+    with pytest.raises(_jit_build.ExtensionBuildError, match="file too short"):
+        _jit_build.build(arch_list="9.0")
+
+
+def test_os_errors_become_build_errors(tmp_path, monkeypatch):
+    """An unwritable cache (here: under a regular file) is an ExtensionBuildError, which
+    the loader reports, never a bare OSError."""
+    _fake_build_env(tmp_path, monkeypatch)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("GANKERNELS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(_jit_build.ExtensionBuildError, match="file"):
+        _jit_build.build(arch_list="9.0")
+
+    def raising_build():
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(_jit_build, "build", raising_build)
+    for key, value in (("loaded", None), ("build_error", None), ("cache_checked", True)):
+        monkeypatch.setitem(cuda_backend._state, key, value)
+    with pytest.raises(_jit_build.ExtensionBuildError, match="No space left on device"):
+        cuda_backend.load(build=True)
+    assert "No space left" in cuda_backend._state["build_error"]
+
+
+def test_a_dead_holders_ninja_does_not_share_the_next_builds_folder(tmp_path):
+    """The lock holder is killed while its ninja still runs (the lock dies with the
+    holder, ninja does not). The next build must not share ninja's folder: ninja's late
+    output must not land where the finished library lives."""
+    cache = tmp_path / "cache"
+    done = tmp_path / "orphan_done"
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, subprocess, sys, time
+        from pathlib import Path
+        import torch, torch.utils.cpp_extension as cpp_ext
+        spec = importlib.util.spec_from_file_location("jit", {_jit_build.__file__!r})
+        jit = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(jit)
+        jit.build_prerequisites = lambda: []
+        jit._find_cuda_home = lambda: "/usr/local/cuda"
+        jit.nvcc_version = lambda cuda_home: "nvcc for tests"
+        torch.ops.load_library = lambda path: None
+        ORPHAN = (
+            "import sys, time\\n"
+            "time.sleep(3)\\n"
+            "try:\\n"
+            "    open(sys.argv[1], 'wb').write(b'orphan')\\n"
+            "finally:\\n"
+            "    open(sys.argv[2], 'w').close()\\n"
+        )
+        def holder_load(name, build_directory, **kwargs):
+            # ninja, still linking when its parent dies
+            subprocess.Popen([sys.executable, "-c", ORPHAN, str(Path(build_directory) / (name + ".so")), {str(done)!r}])
+            print("building", flush=True)
+            time.sleep(120)
+        if sys.argv[1] == "holder":
+            cpp_ext.load = holder_load
+        else:
+            cpp_ext.load = lambda name, build_directory, **kw: (Path(build_directory) / (name + ".so")).write_bytes(b"good")
+        print(jit.build(arch_list="9.0"), flush=True)
+        """
+    )
+    env = {**os.environ, "GANKERNELS_CACHE_DIR": str(cache)}
+    holder = subprocess.Popen([sys.executable, "-c", script, "holder"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "building"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        out = subprocess.run([sys.executable, "-c", script, "next"], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        lib = Path(out.stdout.strip().splitlines()[-1])
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.exists(), "the orphaned 'ninja' did not finish"
+        assert lib.read_bytes() == b"good"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
 
 
 def test_cannot_build_without_prerequisites(monkeypatch):
@@ -476,8 +648,8 @@ def emu(tmp_path_factory):
     signatures = {
         "emu_bias_act_fwd": [I, P, P, P, L, L, L, *epi, I],
         "emu_bias_act_bwd": [I, P, P, P, P, L, L, L, *epi, I],
-        "emu_max_pool2d_fwd": [I, P, P, P, P, P, I, I],
-        "emu_max_pool2d_bwd": [I, P, P, P, P, P, I],
+        "emu_max_pool2d_fwd": [I, P, P, P, I, P, P, I, I],
+        "emu_max_pool2d_bwd": [I, P, P, I, P, P, P, I, I],
         "emu_upsample_fwd": [I, P, P, L, L, L, L, I, I, I],
         "emu_upsample_bwd": [I, P, P, L, L, L, L, I, I, I],
         "emu_conv_fwd": [I, P, P, P, P, P, P, I, *epi, I],
@@ -519,27 +691,82 @@ def _cl(t):
 EMU_LAYOUTS = ("nchw", "channels_last", "noncontiguous")
 
 
-@pytest.mark.parametrize("dtype", list(EMU_DTYPES))
+POOL_CFGS = {  # kernel_size, stride, padding, dilation, ceil_mode
+    "2x2": ((2, 2), (2, 2), (0, 0), (1, 1), False),  # the fast path (odd H/W: an uncovered row / column)
+    "2x2 ceil": ((2, 2), (2, 2), (0, 0), (1, 1), True),  # clipped windows: the general kernel
+    "3x3/2 pad 1 ceil": ((3, 3), (2, 2), (1, 1), (1, 1), True),  # the unrolled 3×3 kernel
+    "3x3/1 dil 2": ((3, 3), (1, 1), (1, 1), (2, 2), False),
+    "3x2 mixed": ((3, 2), (1, 2), (1, 0), (1, 2), False),
+}
+
+
+def _emu_pool(emu, x, cfg, return_indices, vec=1):
+    """ops.cpp's max_pool2d on the emulated kernels: (values, saved, code?)."""
+    import ctypes
+
+    k, s, p, d, ceil = cfg
+    n, c, h, w = x.shape
+    fmt = ref.memory_format_of(x)
+    ho = ref.pool_output_size(h, k[0], s[0], p[0], d[0], ceil)
+    wo = ref.pool_output_size(w, k[1], s[1], p[1], d[1], ceil)
+    code = cuda_backend.pool_saves_code(list(k), return_indices)
+    y = _empty((n, c, ho, wo), x.dtype, fmt)
+    saved = _empty((n, c, ho, wo), torch.int8 if code else torch.int64, fmt)
+    shape, conf = _i64(n, c, h, w, ho, wo), (ctypes.c_int * 8)(k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1])
+    rc = emu.emu_max_pool2d_fwd(EMU_DTYPES[x.dtype], _p(x), _p(y), _p(saved), int(code), shape, conf, int(_cl(x)), vec)
+    assert rc == 0
+    return y, saved, code, (shape, conf)
+
+
+def _decode_window_codes(saved, cfg, w):
+    """PyTorch's flat indices from window codes ky * kw + kx."""
+    k, s, p, d, _ = cfg
+    ho = torch.arange(saved.shape[2]).view(1, 1, -1, 1)
+    wo = torch.arange(saved.shape[3]).view(1, 1, 1, -1)
+    ky, kx = saved.long() // k[1], saved.long() % k[1]
+    return (ho * s[0] - p[0] + ky * d[0]) * w + (wo * s[1] - p[1] + kx * d[1])
+
+
+POOL_CASES = [(cfg, (2, 16, 9, 11)) for cfg in POOL_CFGS] + [("2x2", (1, 8, 6, 16))]  # + NCHW 16-byte rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("cfg", [(2, 2, 0, 1, False), (3, 2, 1, 1, True), ((3, 2), (1, 2), (1, 0), (1, 2), False)])
-def test_emulated_max_pool2d(emu, dtype, layout, cfg):
+@pytest.mark.parametrize("cfg,shape", POOL_CASES)
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_emulated_max_pool2d(small_grids, dtype, layout, cfg, shape, return_indices):
+    """Values, saved indices or window codes, and the gradient (every element of gx
+    written: the buffers start as NaN), against PyTorch and the float64 reference."""
     from gankernels.testing import assert_close_rel, random_input
 
-    k, s, p, d, ceil = (list(v) if isinstance(v, tuple) else ([v, v] if not isinstance(v, bool) else v) for v in cfg)
-    x = random_input(2, 16, 9, 11, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(1))
+    emu, cfg = small_grids, POOL_CFGS[cfg]
+    x = random_input(*shape, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(1))
     x[0, 0, 0, 0] = float("nan")
+    x[0, 1, :2, :2] = float("-inf")
+    x[0, 2, 1, :] = x[0, 2, 0, :]  # ties: the first maximum wins
     fmt = ref.memory_format_of(x)
-    ho = ref.pool_output_size(9, k[0], s[0], p[0], d[0], ceil)
-    wo = ref.pool_output_size(11, k[1], s[1], p[1], d[1], ceil)
-    y, idx = _empty((2, 16, ho, wo), dtype, fmt), _empty((2, 16, ho, wo), torch.int64, fmt)
-    shape, conf = _i64(2, 16, 9, 11, ho, wo), (__import__("ctypes").c_int * 8)(k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1])
-    assert emu.emu_max_pool2d_fwd(EMU_DTYPES[dtype], _p(x), _p(y), _p(idx), shape, conf, int(_cl(x)), 1) == 0
-    want, widx = F.max_pool2d(x.float(), k, s, p, d, ceil, return_indices=True)
-    assert torch.equal(y.float().nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(idx, widx)
-    grad = random_input(2, 16, ho, wo, dtype=dtype, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=fmt)
-    gx = _empty((2, 16, 9, 11), dtype, fmt)
-    assert emu.emu_max_pool2d_bwd(EMU_DTYPES[dtype], _p(grad), _p(idx), _p(gx), shape, conf, int(_cl(x))) == 0
+    y, saved, code, (shape6, conf) = _emu_pool(emu, x, cfg, return_indices)
+    assert code == (not return_indices)
+    want, widx = F.max_pool2d(x.float(), *cfg, return_indices=True)
+    assert torch.equal(y.float().nan_to_num(7.0), want.nan_to_num(7.0))
+    assert torch.equal(_decode_window_codes(saved, cfg, shape[3]) if code else saved, widx)
+    grad = random_input(*y.shape, dtype=dtype, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=fmt)
+    gx = _empty(shape, dtype, fmt)
+    rc = emu.emu_max_pool2d_bwd(EMU_DTYPES[dtype], _p(grad), _p(saved), int(code), _p(gx), shape6, conf, int(_cl(x)), 1)
+    assert rc == 0
     assert_close_rel(gx, ref.max_pool2d_backward(grad.double(), x.double(), widx), dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_emulated_max_pool2d_without_vectors(emu, layout):
+    """Unaligned buffers (vec = 0): the scalar 2×2 and general kernels."""
+    from gankernels.testing import random_input
+
+    x = random_input(2, 16, 8, 16, dtype=torch.bfloat16, layout=layout, generator=torch.Generator().manual_seed(3))
+    for cfg in (POOL_CFGS["2x2"], POOL_CFGS["3x3/2 pad 1 ceil"]):
+        y, saved, code, _ = _emu_pool(emu, x, cfg, False, vec=0)
+        want, widx = F.max_pool2d(x.float(), *cfg, return_indices=True)
+        assert torch.equal(y.float(), want) and torch.equal(_decode_window_codes(saved, cfg, 16), widx)
 
 
 @pytest.mark.parametrize("dtype", list(EMU_DTYPES))
@@ -691,3 +918,180 @@ def test_emulated_conv3x3_small_several_tiles(emu):
     want = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), "relu", 0.2, 1.0, None)
     for g, e in zip(got, want, strict=True):
         assert_close_rel(g, e, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("ci,co", [(3, 16), (12, 3)])
+@pytest.mark.parametrize("shape", [(0, 6, 8), (2, 0, 8), (2, 6, 0)])
+def test_emulated_conv3x3_small_backward_without_pixels(emu, ci, co, shape):
+    """No pixels (N = 0 or H·W = 0): the weight and bias gradients are zeros, as stock
+    autograd gives, not the unwritten (poisoned) buffers."""
+    n, h, wd = shape
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(n, ci, h, wd, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, ci, 3, 3, generator=gen)
+    b = torch.randn(co, generator=gen)
+    grad = torch.randn(n, co, h, wd, generator=gen)
+    gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, None, "lrelu", 1.0, None, False)
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+# ----------------------------------------------------------------------------------
+# Build defaults.
+
+ROOT = _jit_build.CSRC.parent
+
+
+def test_setup_py_works_from_any_directory(tmp_path):
+    """setup.py finds csrc/ (and the project metadata) wherever it is started from."""
+    env = {k: v for k, v in os.environ.items() if k != "GANKERNELS_BUILD_CUDA"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--name"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "holds no sources" not in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "gankernels"
+
+
+def test_default_arch_lists_agree_and_carry_ptx():
+    """Without TORCH_CUDA_ARCH_LIST, setup.py and the JIT build compile the same archs,
+    with PTX for the newest, so a GPU newer than the list still gets a kernel."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    values = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULT_ARCH_LIST" for t in node.targets)
+    ]
+    assert values == [_jit_build.DEFAULT_ARCH_LIST]
+    assert _jit_build.DEFAULT_ARCH_LIST.split(";")[-1].endswith("+PTX")
+
+
+def test_supports_checks_the_gpu_architecture(monkeypatch):
+    """A GPU the library has no kernel for (newer than the archs built, no PTX) is a
+    reason the backend cannot serve the call, asked of the library once per device, so
+    ``auto`` passes over cuda instead of failing with "no kernel image"."""
+    from types import SimpleNamespace
+
+    from gankernels.cuda import register
+
+    asked = []
+
+    def kernel_image_error(device):
+        asked.append(device)
+        return "no kernel image is available for execution on the device"
+
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(kernel_image_error=kernel_image_error))
+    monkeypatch.setattr(cuda_backend, "_device_reasons", {})
+    monkeypatch.setattr(register, "_extension_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a future GPU")
+    x = SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.bfloat16)
+    for _ in range(2):
+        reasons = register._base_reasons(x)
+        assert len(reasons) == 1, reasons
+        assert "no kernel for GPU 1 (a future GPU, compute capability 12.0)" in reasons[0]
+        assert "TORCH_CUDA_ARCH_LIST='12.0'" in reasons[0]
+    assert asked == [1]
+
+    monkeypatch.setattr(cuda_backend, "_device_reasons", {})
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: SimpleNamespace(kernel_image_error=lambda device: ""))
+    assert register._base_reasons(x) == []
+
+
+@pytest.fixture
+def small_grids(emu):
+    """Grid-stride kernels launched with at most 2 blocks: each thread walks many strides."""
+    emu.emu_set_max_grid_blocks.argtypes = [__import__("ctypes").c_int64]
+    emu.emu_set_max_grid_blocks(2)
+    yield emu
+    emu.emu_set_max_grid_blocks(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,layout,dim",
+    [
+        ((2, 3, 4, 8), "nchw", 1),  # H*W % V == 0: one channel per vector
+        ((2, 16, 3, 5), "channels_last", 1),  # inner == 1, C % V == 0: consecutive channels
+        ((2, 6, 3, 5), "channels_last", 1),  # inner == 1, C % V != 0: the general walk
+        ((3, 5, 7, 9), "nchw", 1),  # general walk, and a tail of numel % V elements
+        ((3, 5, 7, 9), "nchw", 2),
+        ((3, 5, 7, 9), "channels_last", 3),
+        ((4, 1, 3, 3), "nchw", 1),  # C == 1
+        ((700,), "nchw", 0),  # 1-D: channel = element
+    ],
+)
+@pytest.mark.parametrize("vec", [1, 0])
+def test_emulated_bias_act_channel_walk(small_grids, dtype, shape, layout, dim, vec):
+    """The per-thread channel walk (no division per element) in every layout, with and
+    without 16-byte vectors, over several grid strides and across the scalar tail."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    emu = small_grids
+    gen = torch.Generator().manual_seed(20)
+    x = random_input(*shape, dtype=dtype, layout=layout if len(shape) == 4 else "nchw", generator=gen)
+    b = random_input(shape[dim], dtype=dtype, generator=gen)
+    inner = x.stride(dim) if shape[dim] > 1 else 1
+    epi = _epi("lrelu", 0.2, 1.0, None)
+    y = torch.full_like(x, float("nan"))
+    assert emu.emu_bias_act_fwd(EMU_DTYPES[dtype], _p(x), _p(b), _p(y), x.numel(), inner, shape[dim], *epi, vec) == 0
+    assert_close_rel(y, ref.bias_act(x.double(), b.double(), "lrelu", 0.2, 1.0, None, dim), dtype=dtype)
+    grad = torch.empty_like(x).copy_(random_input(*shape, dtype=dtype, generator=gen))
+    gx = torch.full_like(x, float("nan"))
+    rc = emu.emu_bias_act_bwd(EMU_DTYPES[dtype], _p(grad), _p(x), _p(b), _p(gx), x.numel(), inner, shape[dim], *epi, vec)
+    assert rc == 0
+    want, _ = ref.bias_act_backward(grad.double(), x.double(), b.double(), "lrelu", 0.2, 1.0, None, dim)
+    assert_close_rel(gx, want, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "shape,scale,vec", [((1, 3, 5, 7), 2, 1), ((1, 16, 3, 8), 2, 0), ((1, 8, 3, 4), 1, 1), ((1, 3, 2, 3), 4, 1)]
+)
+def test_emulated_upsample_every_path(small_grids, dtype, layout, shape, scale, vec):
+    """The scalar paths (C or W not a multiple of the vector, unaligned buffers) and
+    runtime scales, over several grid strides."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    emu = small_grids
+    n, c, h, w = shape
+    x = random_input(*shape, dtype=dtype, layout=layout, generator=torch.Generator().manual_seed(6))
+    fmt = ref.memory_format_of(x)
+    y = _empty((n, c, h * scale, w * scale), dtype, fmt)
+    assert emu.emu_upsample_fwd(EMU_DTYPES[dtype], _p(x), _p(y), n, c, h, w, scale, int(_cl(x)), vec) == 0
+    assert torch.equal(y, F.interpolate(x, scale_factor=scale, mode="nearest"))
+    grad = random_input(*y.shape, dtype=dtype, generator=torch.Generator().manual_seed(7)).contiguous(memory_format=fmt)
+    gx = _empty(shape, dtype, fmt)
+    assert emu.emu_upsample_bwd(EMU_DTYPES[dtype], _p(grad), _p(gx), n, c, h, w, scale, int(_cl(x)), vec) == 0
+    assert_close_rel(gx, ref.upsample_nearest2d_backward(grad.double(), scale), dtype=dtype)
+
+
+@needs_ext
+def test_kernel_image_error_is_registered():
+    """The GPU check the backend's supports() asks once per device."""
+    if torch.cuda.is_available():
+        assert ops.kernel_image_error(torch.cuda.current_device()) == ""
+    else:
+        with pytest.raises(RuntimeError, match=r"device 0 is not a visible CUDA device \(0 visible\)"):
+            ops.kernel_image_error(0)
+
+
+def test_bias_gradient_only_when_needed(monkeypatch):
+    """bias_act's backward skips the bias reduction (a second full read of gx) when b
+    needs no gradient."""
+    from types import SimpleNamespace
+
+    from gankernels.cuda import register
+
+    gx = torch.randn(2, 3, 4, 4)
+    monkeypatch.setattr(register, "_ops", lambda: SimpleNamespace(bias_act_backward=lambda *args: gx))
+    b = torch.randn(3)
+    args = dict(grad=gx, x=gx, b=b, y=gx, act="relu", alpha=0.2, gain=1.0, clamp=None, dim=1)
+    got_gx, gb = register._bias_act_backward(**args)
+    assert got_gx is gx and torch.allclose(gb, gx.sum((0, 2, 3)))
+    got_gx, gb = register._bias_act_backward(**args, needs=(True, False))
+    assert got_gx is gx and gb is None

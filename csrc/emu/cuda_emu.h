@@ -37,6 +37,10 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 
+// The block cap of grid-stride launches, set by the tests (emu_api.cpp).
+extern "C" int64_t gk_emu_max_grid_blocks;
+#define GK_MAX_GRID_BLOCKS gk_emu_max_grid_blocks
+
 namespace gk_emu {
 
 struct Ctx {
@@ -148,7 +152,9 @@ inline void launch_serial(dim3 grid, dim3 block, const std::function<void()>& bo
 #define __syncthreads() ::gk_emu::sync()
 #define __shfl_xor_sync(mask, v, lane_mask) ::gk_emu::shfl_xor((v), (lane_mask))
 #define __expf expf
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 using std::isnan;
 using std::max;
 using std::min;
 #define cudaGetLastError() cudaSuccess
+#define cudaFuncGetAttributes(attributes, kernel) cudaSuccess  // the emulation runs every kernel

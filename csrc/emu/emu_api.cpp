@@ -10,6 +10,11 @@ static Epilogue epi(int act, float alpha, float gain, float clamp, int has_clamp
 
 extern "C" {
 
+// Grid-stride launches use at most this many blocks (csrc/common.cuh's grid_for, via
+// cuda_emu.h); tests lower it so that each thread walks several grid strides.
+int64_t gk_emu_max_grid_blocks = (int64_t)1 << 20;
+void emu_set_max_grid_blocks(int64_t blocks) { gk_emu_max_grid_blocks = blocks > 0 ? blocks : (int64_t)1 << 20; }
+
 int emu_bias_act_fwd(int dt, const void* x, const void* b, void* y, int64_t numel, int64_t inner, int64_t C, int act,
                      float alpha, float gain, float clamp, int has_clamp, int vec) {
   return launch_bias_act_fwd(dt, x, b, y, numel, inner, C, epi(act, alpha, gain, clamp, has_clamp), vec, nullptr);
@@ -40,14 +45,14 @@ static PoolShape pool_shape(const int64_t* s, const int* k, int cl) {
   return p;
 }
 
-int emu_max_pool2d_fwd(int dt, const void* x, void* y, int64_t* idx, const int64_t* shape6, const int* cfg8, int cl,
-                       int vec) {
-  return launch_max_pool2d_fwd(dt, x, y, idx, pool_shape(shape6, cfg8, cl), vec, nullptr);
+int emu_max_pool2d_fwd(int dt, const void* x, void* y, void* saved, int code, const int64_t* shape6, const int* cfg8,
+                       int cl, int vec) {
+  return launch_max_pool2d_fwd(dt, x, y, saved, code, pool_shape(shape6, cfg8, cl), vec, nullptr);
 }
 
-int emu_max_pool2d_bwd(int dt, const void* g, const int64_t* idx, void* gx, const int64_t* shape6, const int* cfg8,
-                       int cl) {
-  return launch_max_pool2d_bwd(dt, g, idx, gx, pool_shape(shape6, cfg8, cl), nullptr);
+int emu_max_pool2d_bwd(int dt, const void* g, const void* saved, int code, void* gx, const int64_t* shape6,
+                       const int* cfg8, int cl, int vec) {
+  return launch_max_pool2d_bwd(dt, g, saved, code, gx, pool_shape(shape6, cfg8, cl), vec, nullptr);
 }
 
 int emu_upsample_fwd(int dt, const void* x, void* y, int64_t N, int64_t C, int64_t H, int64_t W, int s, int cl, int vec) {

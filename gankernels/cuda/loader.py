@@ -124,6 +124,9 @@ def load(build: bool = False) -> Optional[str]:
         except _jit_build.ExtensionBuildError as e:
             _state["build_error"] = str(e)
             raise
+        except OSError as e:  # build() wraps these; a last guard so none escapes unexplained
+            _state["build_error"] = f"gankernels: building or loading the CUDA extension failed: {e}"
+            raise _jit_build.ExtensionBuildError(_state["build_error"]) from e
         _mark_loaded(f"JIT-built library {lib}")
         return None
 
@@ -164,6 +167,35 @@ def _extension_reason() -> Optional[str]:
     if _state["loaded"]:
         return None
     return _state["build_error"] or load(build=False)
+
+
+_device_reasons: dict[int, Optional[str]] = {}
+
+
+@torch.compiler.assume_constant_result
+def device_reason(device: int) -> Optional[str]:
+    """Why the loaded extension cannot run on CUDA device ``device`` (None: it can): it
+    holds neither SASS for the GPU's architecture nor PTX the driver can compile for it
+    (e.g. a GPU newer than the archs it was built for). Asked of the library once per
+    device (``gankernels_cuda::kernel_image_error``); call only once it is loaded."""
+    if device in _device_reasons:
+        return _device_reasons[device]
+    with _lock:
+        ops = _ops()
+        if not hasattr(ops, "kernel_image_error"):  # a library built before the probe existed
+            reason = None
+        else:
+            error = ops.kernel_image_error(device)
+            reason = None
+            if error:
+                major, minor = torch.cuda.get_device_capability(device)
+                reason = (
+                    f"the CUDA extension has no kernel for GPU {device} ({torch.cuda.get_device_name(device)}, "
+                    f"compute capability {major}.{minor}): {error}; rebuild it for this GPU "
+                    f"(TORCH_CUDA_ARCH_LIST='{major}.{minor}' pip install --no-build-isolation -e .)"
+                )
+        _device_reasons[device] = reason
+        return reason
 
 
 # ----------------------------------------------------------------------------------
@@ -207,16 +239,12 @@ def _register_fakes() -> None:
         return _dense_like(x)
 
     @torch.library.register_fake(f"{ns}::max_pool2d")
-    def _max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
-        n, c, h, w = x.shape
-        ho = ref.pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-        wo = ref.pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
-        out = x.new_empty((n, c, ho, wo)).contiguous(memory_format=_fmt(x))
-        idx = x.new_empty((n, c, ho, wo), dtype=torch.int64).contiguous(memory_format=_fmt(x))
-        return out, idx
+    def _max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+        saved = pool_saved(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+        return x.new_empty(saved.shape).contiguous(memory_format=_fmt(x)), saved
 
     @torch.library.register_fake(f"{ns}::max_pool2d_backward")
-    def _max_pool2d_backward(grad, x, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    def _max_pool2d_backward(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode):
         return x.new_empty(x.shape).contiguous(memory_format=_fmt(x))
 
     @torch.library.register_fake(f"{ns}::upsample_nearest2d")
@@ -241,6 +269,23 @@ def _register_fakes() -> None:
         return gx, gw, gb
 
     _state["fakes"] = True
+
+
+def pool_saves_code(kernel_size: list[int], return_indices: bool) -> bool:
+    """Whether ``max_pool2d`` saves 1-byte window codes ``ky * kw + kx`` (the Triton
+    backend's convention) rather than int64 indices: when the indices are not asked for
+    and the window has at most 128 taps (ops.cpp's ``pool_saves_code``)."""
+    return not return_indices and kernel_size[0] * kernel_size[1] <= 128
+
+
+def pool_saved(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices) -> torch.Tensor:
+    """An empty tensor like the ``saved`` the extension's ``max_pool2d`` returns: int64
+    indices or int8 window codes, pooled shape, x's memory format (x may be fake)."""
+    n, c, h, w = x.shape
+    ho = ref.pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    wo = ref.pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    dtype = torch.int8 if pool_saves_code(kernel_size, return_indices) else torch.int64
+    return x.new_empty((n, c, ho, wo), dtype=dtype).contiguous(memory_format=_fmt(x))
 
 
 def _conv_out(x: torch.Tensor, w: torch.Tensor, pool: bool) -> torch.Tensor:

@@ -12,25 +12,41 @@ from typing import Optional
 
 import torch
 
-from gankernels.cuda.loader import SMALL_CHANNELS, SUPPORTED_DTYPES, _conv_saved, _extension_reason, _ops, _prepare
+from gankernels.cuda.loader import (
+    SMALL_CHANNELS,
+    SUPPORTED_DTYPES,
+    _conv_saved,
+    _extension_reason,
+    _ops,
+    _prepare,
+    device_reason,
+    pool_saved,
+)
 from gankernels.ops.dispatch import OpImpl, register
 
 
 def _base_reasons(x: torch.Tensor, **others: Optional[torch.Tensor]) -> list[str]:
-    """Device, dtype and extension reasons common to every op."""
+    """Device, dtype, extension and GPU-architecture reasons common to every op."""
     reasons: list[str] = []
+    on_cuda = False
     if not torch.cuda.is_available():
         reasons.append("no CUDA device")
     else:
+        on_cuda = True
         for name, t in (("x", x), *others.items()):
             if t is not None and t.device.type != "cuda":
                 reasons.append(f"{name} is on {t.device}; the cuda backend needs CUDA tensors")
+                on_cuda = False
                 break
     if x.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {x.dtype} runs only on the torch backend (cuda serves float32, float16, bfloat16)")
     why = _extension_reason()
     if why:
         reasons.append(why)
+    elif on_cuda:
+        why = device_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if why:
+            reasons.append(why)
     return reasons
 
 
@@ -42,10 +58,12 @@ def _bias_act_forward(x, b, act, alpha, gain, clamp, dim):
     return _ops().bias_act(x, b, act, alpha, gain, clamp, dim)
 
 
-def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim):
+def _bias_act_backward(grad, x, b, y, act, alpha, gain, clamp, dim, needs=(True, True)):
+    """(gx, gb). ``needs`` = which of (x, b) want a gradient: the bias gradient is a
+    second full read of gx, so it is skipped when b does not need it (gb is then None)."""
     gx = _ops().bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
     gb = None
-    if b is not None:
+    if b is not None and needs[1]:
         # Deterministic reduction (torch's sum), accumulated in float32.
         dims = [d for d in range(x.dim()) if d != dim]
         gb = gx.sum(dims, dtype=torch.float32).to(b.dtype) if dims else gx.to(b.dtype)
@@ -57,8 +75,15 @@ def _max_pool_supports(x, kernel_size, stride, padding, dilation, ceil_mode, ret
 
 
 def _max_pool_forward(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
-    # Saves PyTorch's int64 indices whether or not they were asked for.
-    return _ops().max_pool2d(x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    """(values, saved): saved is PyTorch's int64 indices when asked for, else 1-byte
+    window codes (loader.pool_saves_code)."""
+    return _ops().max_pool2d(
+        x, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode), bool(return_indices)
+    )
+
+
+def _max_pool_fake_saved(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    return pool_saved(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
 def _max_pool_backward(grad, x, saved, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
@@ -112,7 +137,13 @@ def _register_backend() -> None:
     register(
         "max_pool2d",
         "cuda",
-        OpImpl(forward=_max_pool_forward, supports=_max_pool_supports, backward=_max_pool_backward, prepare=_prepare),
+        OpImpl(
+            forward=_max_pool_forward,
+            supports=_max_pool_supports,
+            backward=_max_pool_backward,
+            fake_saved=_max_pool_fake_saved,
+            prepare=_prepare,
+        ),
     )
     register(
         "upsample_nearest2d",

@@ -67,6 +67,30 @@ def test_max_pool2d(dtype, layout, cfg, shape):
     assert_close_rel(gx, want_gx, dtype=dtype, what="max_pool2d grad")
 
 
+def _pair(v) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cfg", POOL_CONFIGS + [(3, 1, 1, False, 2)])
+@pytest.mark.parametrize("shape", [(2, 16, 9, 11), (2, 24, 16, 32)])
+def test_max_pool2d_saves_window_codes_without_indices(dtype, layout, cfg, shape):
+    """Training's default (no indices asked for): 1-byte window codes are saved, and the
+    gradient is PyTorch's (the 2×2 fast path and the gather alike)."""
+    k, s, p, ceil, *dil = cfg
+    d = dil[0] if dil else 1
+    x = _x(shape, dtype, layout, 1).requires_grad_()
+    out = gankernels.max_pool2d(x, k, s, p, d, ceil_mode=ceil, backend="cuda")
+    want, widx = F.max_pool2d(x.detach(), k, s, p, d, ceil_mode=ceil, return_indices=True)
+    assert torch.equal(out, want)
+    _, saved = cuda_backend._ops().max_pool2d(x.detach(), *(_pair(v) for v in (k, s, p, d)), ceil, False)
+    assert saved.dtype == torch.int8
+    grad = _x(tuple(out.shape), dtype, "nchw", 2)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    assert_close_rel(gx, ref.max_pool2d_backward(grad.double(), x.double(), widx), dtype=dtype, what="max_pool2d grad")
+
+
 def test_max_pool2d_nan_and_inf_like_pytorch():
     x = _x((2, 8, 6, 6), torch.float32, "channels_last", 3)
     x[0, 0, 0, 0] = float("nan")
@@ -226,6 +250,23 @@ def test_conv3x3_anchor_shape_and_auto_choice():
     assert gankernels.explain("conv3x3_pool", x, wt, b, act="lrelu").backend == "cuda"
     out = gankernels.conv3x3_pool(x, wt, b, "lrelu", backend="cuda")
     assert_close_rel(out, ref.conv3x3_pool(x.double(), wt.double(), b.double(), "lrelu"), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("ci,co", [(3, 16), (16, 3)])
+def test_conv3x3_small_backward_of_an_empty_batch(ci, co):
+    """N = 0: zero weight and bias gradients, as stock autograd gives (H·W = 0 is
+    covered at the kernel level by the CPU emulation; stock conv2d refuses it)."""
+    x = torch.randn(0, ci, 8, 8, device="cuda").requires_grad_()
+    wt = torch.randn(co, ci, 3, 3, device="cuda", requires_grad=True)
+    b = torch.randn(co, device="cuda", requires_grad=True)
+    out = gankernels.conv3x3(x, wt, b, "lrelu", backend="cuda")
+    gx, gw, gb = torch.autograd.grad(out, (x, wt, b), torch.ones_like(out))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(wt)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_the_library_has_a_kernel_for_this_gpu():
+    assert cuda_backend.device_reason(torch.cuda.current_device()) is None
 
 
 def test_runs_on_the_current_stream():
