@@ -1,4 +1,4 @@
-"""The static check of the CUDA kernels (scripts/static_cuda.py): its division detector
+"""The static check of the CUDA kernels (gankernels/bench/static_cuda.py): its division detector
 on kernels whose SASS is known, then every kernel of csrc/ compiled for sm_90: no
 spills, no runtime integer division inside a loop.
 
@@ -7,18 +7,13 @@ Needs nvcc, nvdisasm (the toolkit's or Triton's copy) and c++filt; no GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("static_cuda", ROOT / "scripts" / "static_cuda.py")
-static_cuda = importlib.util.module_from_spec(spec)
-sys.modules["static_cuda"] = static_cuda  # dataclasses look their module up there
-spec.loader.exec_module(static_cuda)
+from gankernels.bench import static_cuda  # noqa: E402
 
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 pytestmark = pytest.mark.skipif(

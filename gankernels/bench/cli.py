@@ -97,6 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from gankernels.bench import host_cost
 
         return host_cost.main(argv[1:])
+    if argv[:1] == ["static-cuda"]:  # the CUDA extension's kernels: registers, spills, divisions in loops
+        from gankernels.bench import static_cuda
+
+        return static_cuda.main(argv[1:])
     if argv[:1] == ["static"]:
         # `python -m gankernels.bench static [--help]`: the static bound from sm_90 SASS, no GPU.
         from gankernels.bench import static_report

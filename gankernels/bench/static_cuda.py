@@ -1,7 +1,7 @@
 """Static check of the CUDA kernels of csrc/: compile each .cu for one architecture and
 read what the compiler made of it, without a GPU.
 
-    python scripts/static_cuda.py [--csrc csrc] [--arch sm_90] [--out benchmarks/results/static-cuda]
+    python -m gankernels.bench static-cuda [--csrc csrc] [--arch sm_90] [--out benchmarks/results/static-cuda]
 
 For every kernel (every template instance) it records
 
@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The flags of the real build (torch's cpp_extension adds the -D and --expt ones to ours
 # from gankernels/cuda/jit_build.py and setup.py), plus ptxas -v.
 NVCC_FLAGS = (
@@ -329,7 +329,7 @@ def markdown(kernels: list[Kernel], meta: dict) -> str:
     lines = [
         "# Static check of the CUDA kernels",
         "",
-        f"`python scripts/static_cuda.py` on {meta.get('sources', 'csrc/')} — {meta['arch']}, {meta['nvcc']}, "
+        f"`python -m gankernels.bench static-cuda` on {meta.get('sources', 'csrc/')} — {meta['arch']}, {meta['nvcc']}, "
         f"flags `{' '.join(meta['nvcc_flags'])}`; "
         "SASS from nvdisasm. No GPU involved: these are compiler facts, not timings.",
         "",
@@ -432,7 +432,7 @@ def _describe(csrc: Path) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gankernels.bench static-cuda", description=__doc__.split("\n\n")[0])
     ap.add_argument("--csrc", type=Path, default=ROOT / "csrc")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out", type=Path, default=None, help="write report.json and report.md here")
