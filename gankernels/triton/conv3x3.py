@@ -610,6 +610,8 @@ def _shape_reasons(op: str, x: torch.Tensor, w: torch.Tensor) -> list[str]:
         )
     if ci == 0 or co == 0 or n == 0:
         reasons.append("x/w: empty channel or batch dimension; use backend='torch'")
+    if h == 0 or wd == 0:
+        reasons.append(f"x: empty image ({h}×{wd}); use backend='torch'")
     if x.device.type == "cuda":
         # get_device_properties, not get_device_capability: torch.compile constant-folds it.
         props = torch.cuda.get_device_properties(x.device)
