@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gankernels.cuda import loader as cuda_loader
+from gankernels.cuda.loader import pool_saves_code
 from gankernels.ops import reference as ref
 
 emu = _ext.emu  # the module-scoped fixture that builds the emulation (pytest finds it here)
@@ -112,16 +113,18 @@ def _max_pool(emu, case, tensors, grad, wants_grad):
     n, c, h, w = x.shape
     ho = ref.pool_output_size(h, k[0], s[0], p[0], d[0], ceil)
     wo = ref.pool_output_size(w, k[1], s[1], p[1], d[1], ceil)
-    y, idx = _empty((n, c, ho, wo), x.dtype, fmt), _empty((n, c, ho, wo), torch.int64, fmt)
+    # What training saves: the 1-byte window code where the window allows it, else int64.
+    code = pool_saves_code(list(k), False)
+    y, idx = _empty((n, c, ho, wo), x.dtype, fmt), _empty((n, c, ho, wo), torch.int8 if code else torch.int64, fmt)
     shape = _ext._i64(n, c, h, w, ho, wo)
     cfg = (ctypes.c_int * 8)(k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1])
     cl, dt = int(fmt == torch.channels_last), EMU_DTYPES[x.dtype]
-    assert emu.emu_max_pool2d_fwd(dt, _p(xc), _p(y), _p(idx), shape, cfg, cl, _aligned(xc, y, idx)) == 0
+    assert emu.emu_max_pool2d_fwd(dt, _p(xc), _p(y), _p(idx), int(code), shape, cfg, cl, _aligned(xc, y, idx)) == 0
     if not wants_grad:
         return y, ()
     g = grad.contiguous(memory_format=fmt)
     gx = _empty((n, c, h, w), x.dtype, fmt)
-    assert emu.emu_max_pool2d_bwd(dt, _p(g), _p(idx), _p(gx), shape, cfg, cl) == 0
+    assert emu.emu_max_pool2d_bwd(dt, _p(g), _p(idx), int(code), _p(gx), shape, cfg, cl, _aligned(g, idx, gx)) == 0
     return y, (gx,)
 
 
