@@ -225,16 +225,28 @@ def _device_name(device_type: str) -> str:
     return torch.cuda.get_device_name() if device_type == "cuda" else device_type
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # the bench's names
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype)[6:])
+
+
+def table_key(device: str, op: str, dtype: str, fmt: str, mode: str, dims: str = "") -> str:
+    """A key of the recorded table, ``device|op|dtype|format|mode|NxCxHxW->Co``; without
+    ``dims``, the prefix every shape of that op shares (what a trace looks up)."""
+    return f"{device}|{op}|{dtype}|{fmt}|{mode}|{dims}"
+
+
 def _recorded_key(op: str, grad: bool, parts: tuple) -> Optional[str]:
     tensors = {p[0]: p for p in parts if len(p) == 5}
     if "x" not in tensors or len(tensors["x"][3]) != 4:
         return None
     _, dtype, dev, (n, c, h, wd), stride = tensors["x"]
     co = tensors["w"][3][0] if "w" in tensors else c
-    dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype)[6:])
     # channels_last: C innermost (stride 1) and not also plain contiguous.
     fmt = "channels_last" if (c > 1 and stride[1] == 1 and stride[3] == c) else "nchw"
-    return f"{_device_name(dev)}|{op}|{dname}|{fmt}|{'fwdbwd' if grad else 'fwd'}|{n}x{c}x{h}x{wd}->{co}"
+    return table_key(_device_name(dev), op, _dtype_name(dtype), fmt, "fwdbwd" if grad else "fwd", f"{n}x{c}x{h}x{wd}->{co}")
 
 
 def _recorded(op: str, grad: bool, parts: tuple) -> Optional[str]:
@@ -292,10 +304,9 @@ def traced_choice(op: str, candidates: tuple, grad: bool, dtype: torch.dtype, de
     votes = Counter(b for sig, b in seen.items() if sig.startswith(prefix) and tag in sig and b in candidates)
     if not votes:
         _recorded(op, grad, ())  # loads the table
-        dname = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype)[6:])
-        head = f"{_device_name(device_type)}|{op}|{dname}|"
-        mode = f"|{'fwdbwd' if grad else 'fwd'}|"
-        votes = Counter(b for k, b in _recorded_table.items() if k.startswith(head) and mode in k and b in candidates)
+        mode = "fwdbwd" if grad else "fwd"
+        heads = tuple(table_key(_device_name(device_type), op, _dtype_name(dtype), fmt, mode) for fmt in ("channels_last", "nchw"))
+        votes = Counter(b for k, b in _recorded_table.items() if k.startswith(heads) and b in candidates)
     if votes:
         top = max(votes.values())
         winners = [b for b, n in votes.items() if n == top]
@@ -369,7 +380,7 @@ def table_from_results(results_dir: Path) -> dict[str, str]:
             sh = case["shape"]
             fmt = "channels_last" if case.get("fmt") == "channels_last" else "nchw"
             dims = f"{sh['n']}x{sh['c']}x{sh['h']}x{sh['w']}->{sh.get('co', sh['c'])}"
-            key = f"{gpu}|{case['op']}|{case['dtype']}|{fmt}|{case['mode']}|{dims}"
+            key = table_key(gpu, case["op"], case["dtype"], fmt, case["mode"], dims)
             table[key] = best
     return table
 
