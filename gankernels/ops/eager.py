@@ -96,8 +96,16 @@ def stock_epilogue(act: str, alpha: float, gain: float, clamp: Optional[float]) 
 
 def stock_conv_runner(op: str, act: str, alpha: float, gain: float, clamp: Optional[float]) -> Callable[..., torch.Tensor]:
     """``run(x, w, b)``: the stock composite of ``op`` (the same ops a user writes)."""
+    # torch.max_pool2d is the op F.max_pool2d calls after two Python frames of argument
+    # defaulting (stride None -> the kernel size, as the ATen op's empty default does).
+    conv2d, max_pool2d, interpolate, leaky_relu = torch.conv2d, torch.max_pool2d, F.interpolate, F.leaky_relu
+    if act == "lrelu" and gain == 1 and clamp is None:  # the GAN layer: one Python frame fewer
+        if op == "conv3x3":
+            return lambda x, w, b: leaky_relu(conv2d(x, w, b, 1, 1), alpha)
+        if op == "conv3x3_pool":
+            return lambda x, w, b: max_pool2d(leaky_relu(conv2d(x, w, b, 1, 1), alpha), 2)
+        return lambda x, w, b: leaky_relu(conv2d(interpolate(x, scale_factor=2, mode="nearest"), w, b, 1, 1), alpha)
     epi = stock_epilogue(act, alpha, gain, clamp)
-    conv2d, max_pool2d, interpolate = torch.conv2d, F.max_pool2d, F.interpolate
     if op == "conv3x3":
         return lambda x, w, b: epi(conv2d(x, w, b, 1, 1))
     if op == "conv3x3_pool":

@@ -249,32 +249,71 @@ def bias_act(
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
+_dispatch_mode = eager._get_current_dispatch_mode
 _grad_enabled = torch.is_grad_enabled
+_autocast_on = torch.is_autocast_enabled
+_autocast_dtype = torch.get_autocast_dtype
+_requested_backend = dispatch._default_backend  # a stack; its top is dispatch.default_backend()
 
 
 def _conv(op: str, x, w, b, act, alpha, gain, clamp, backend: Optional[str]) -> torch.Tensor:
-    # The hottest path of the package (every 3×3 layer, every step): eager.usable and
-    # _tsig are inlined into one flat key, which costs a third of what they cost as calls.
-    key = None
-    if type(x) in _PLAIN and type(w) in _PLAIN and (b is None or type(b) in _PLAIN) and eager.usable():
-        dev = x.device
-        ac = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-        key = (op, backend or dispatch.default_backend(), _grad_enabled(), ac,
-               x.dtype, dev, x.shape, x.stride(), x.requires_grad,
-               w.dtype, w.device, w.shape, w.stride(), w.requires_grad,
-               None if b is None else (b.dtype, b.device, b.shape, b.stride(), b.requires_grad),
-               act, type(alpha), alpha, type(gain), gain, type(clamp), clamp)  # fmt: skip
-        run = _lookup(key)
-        if run is not None:
-            if ac is not None:
-                x, w, b = _autocast(x, w, b)
-            return run(x, w, b)
+    """The checked path (first call of a signature, compile, dispatch modes, subclasses)."""
     args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
     name = dispatch.resolve(op, backend, args)
-    if key is not None:
-        run = _CALLS[key] = eager.conv_runner(op, args["act"], args["alpha"], args["gain"], args["clamp"], name)
-        return run(args["x"], args["w"], args["b"])
     return reg.OPS[op](**args, backend=name)[0]
+
+
+def _make_conv(op: str) -> Callable[..., torch.Tensor]:
+    """The public function of one fused conv op.
+
+    Its eager path is the hottest code of the package (every 3×3 layer, every step), so
+    it is written flat, in the function itself: ``eager.usable``, the tensors'
+    signatures and the autocast state are inlined into one key of the call cache. On an
+    interleaved CPU measurement every call and attribute fetch here costs 2-3× what it
+    costs in a tight loop (`benchmarks/NOTES.md`, issue 12), so each one counts."""
+
+    def fused(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: Optional[torch.Tensor] = None,
+        act: str = "linear",
+        alpha: float = 0.2,
+        gain: float = 1.0,
+        clamp: Optional[float] = None,
+        *,
+        backend: Optional[str] = None,
+    ) -> torch.Tensor:
+        if (
+            type(x) in _PLAIN
+            and type(w) in _PLAIN
+            and (b is None or type(b) in _PLAIN)
+            and not _is_compiling()
+            and _dispatch_mode() is None
+        ):
+            device_type = "cuda" if x.is_cuda else ("cpu" if x.is_cpu else x.device.type)
+            ac = _autocast_dtype(device_type) if _autocast_on(device_type) else None
+            key = (op, backend or _requested_backend[-1], _grad_enabled(), ac,
+                   x.dtype, x.device, x.shape, x.stride(), x.requires_grad,
+                   w.dtype, w.device, w.shape, w.stride(), w.requires_grad,
+                   None if b is None else (b.dtype, b.device, b.shape, b.stride(), b.requires_grad),
+                   act, alpha, gain, clamp, type(alpha), type(gain), type(clamp))  # fmt: skip
+            try:
+                run = _CALLS.get(key)
+            except TypeError:  # an unhashable argument: the checks will say what is wrong with it
+                run = None
+            if run is not None:
+                if ac is not None:
+                    x, w, b = _autocast(x, w, b)
+                return run(x, w, b)
+            args = _prepare_conv(x, w, b, act, alpha, gain, clamp)
+            name = dispatch.resolve(op, backend, args)
+            run = _CALLS[key] = eager.conv_runner(op, args["act"], args["alpha"], args["gain"], args["clamp"], name)
+            return run(args["x"], args["w"], args["b"])
+        return _conv(op, x, w, b, act, alpha, gain, clamp, backend)
+
+    fused.__name__ = fused.__qualname__ = op
+    fused.__module__ = __name__
+    return fused
 
 
 def _conv_doc(what: str) -> str:
@@ -288,48 +327,9 @@ def _conv_doc(what: str) -> str:
     """
 
 
-def conv3x3(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor] = None,
-    act: str = "linear",
-    alpha: float = 0.2,
-    gain: float = 1.0,
-    clamp: Optional[float] = None,
-    *,
-    backend: Optional[str] = None,
-) -> torch.Tensor:
-    return _conv("conv3x3", x, w, b, act, alpha, gain, clamp, backend)
-
-
-def conv3x3_pool(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor] = None,
-    act: str = "linear",
-    alpha: float = 0.2,
-    gain: float = 1.0,
-    clamp: Optional[float] = None,
-    *,
-    backend: Optional[str] = None,
-) -> torch.Tensor:
-    return _conv("conv3x3_pool", x, w, b, act, alpha, gain, clamp, backend)
-
-
-def up_conv3x3(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor] = None,
-    act: str = "linear",
-    alpha: float = 0.2,
-    gain: float = 1.0,
-    clamp: Optional[float] = None,
-    *,
-    backend: Optional[str] = None,
-) -> torch.Tensor:
-    return _conv("up_conv3x3", x, w, b, act, alpha, gain, clamp, backend)
-
-
+conv3x3 = _make_conv("conv3x3")
+conv3x3_pool = _make_conv("conv3x3_pool")
+up_conv3x3 = _make_conv("up_conv3x3")
 conv3x3.__doc__ = _conv_doc("``clip(act(conv2d(x, w, padding=1) + b) * gain)``: 3×3 convolution, bias, activation, fused.")
 conv3x3_pool.__doc__ = _conv_doc("``max_pool2d(conv3x3(x, w, b, ...), 2)``: the discriminator block, fused (odd H/W floor).")
 up_conv3x3.__doc__ = (
