@@ -482,6 +482,15 @@ def test_train_step_verdicts():
     speed, memory = T.train_verdicts(ts)
     assert speed.status == T.MET and speed.value == pytest.approx(9.4 / 4.6) and speed.against == "stock eager"
     assert memory.status == T.MET and memory.value == pytest.approx(0.65)
+    # A CUDA graph cannot exist on a CPU: no missing stock contender there.
+    from gankernels.bench.training_step import NO_CUDA_GRAPHS
+
+    ts["variants"].append({**variant("stock CUDA graph", None, None, "n/a"), "reason": NO_CUDA_GRAPHS})
+    assert T.train_verdicts(ts)[0].status == T.MET
+    # A faster stock formulation that ran is what gankernels is held against.
+    ts["variants"][-1] = variant("stock CUDA graph", 4.0, 1000.0)
+    speed = T.train_verdicts(ts)[0]
+    assert speed.status == T.MISSED and speed.against == "stock CUDA graph"
     ts["variants"][1] = variant("stock compile", None, None, "n/a")
     assert T.train_verdicts(ts)[0].status == T.INCOMPLETE
 
