@@ -604,3 +604,18 @@ def test_readme_section_is_replaced_between_its_markers(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="--readme"):
         replace_section(readme, "x")
+
+
+def test_readme_static_bound_section_is_the_recorded_report():
+    """The README's static-bound table is rendered from the recorded triton 3.8 report:
+    regenerate it (python -m gankernels.bench.readme --static ... --readme README.md)
+    whenever the report is recorded again; every forward kernel appears, labelled a bound."""
+    from gankernels.bench.readme import STATIC_BEGIN, STATIC_END, _load_static, render_static
+
+    report, source = _load_static(str(ROOT / "benchmarks" / "results" / "static-3.8.0"))
+    section = render_static(report, pathlib.Path(source).relative_to(ROOT).as_posix())
+    text = (ROOT / "README.md").read_text()
+    assert text[text.index(STATIC_BEGIN) : text.index(STATIC_END) + len(STATIC_END)] == section
+    assert "not a time" in section
+    forward = [r for r in report["rows"] if r["kernel"] == "forward" and r.get("preferred", True)]
+    assert len(forward) >= 12 and all(f"| {r['op']} | {r['shape']} |" in section for r in forward)
