@@ -5,6 +5,8 @@ name "cuda" (restored afterwards) whose backward, like the Triton one, reads the
 forward's output. Everything is compared with stock PyTorch in the same test.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +234,42 @@ def test_host_cost_is_a_bench_command(tmp_path):
     assert "python -m gankernels.bench host-cost --quick --device cpu" in md
     rows = __import__("json").loads((tmp_path / "host_cost.json").read_text())["rows"]
     assert len(rows) == 13 and all(r["stock_us"] > 0 and r["gankernels_us"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("through_custom_op", [False, True], ids=["eager", "custom-op"])
+@pytest.mark.parametrize("b_requires_grad", [False, True])
+def test_bias_act_backward_is_told_whether_the_bias_needs_a_gradient(through_custom_op, b_requires_grad):
+    """A frozen bias (a GAN's EMA copy, a fine-tuned layer) costs no bias reduction: the
+    backend's backward hears it through ``needs`` and skips it; the gradients are stock's."""
+    seen = []
+    saved = dispatch._REGISTRY["bias_act"].get("cuda")
+
+    def forward(x, b, act, alpha, gain, clamp, dim):
+        return ref.bias_act(x, b, act, alpha, gain, clamp, dim)
+
+    def backward(grad, x, b, y, act, alpha, gain, clamp, dim, needs):
+        seen.append(tuple(needs))
+        gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+        return gx, (gb if needs[1] else None)
+
+    dispatch.register("bias_act", "cuda", OpImpl(forward=forward, supports=lambda **kw: [], backward=backward))
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+        b = torch.randn(3, generator=g, requires_grad=b_requires_grad)
+        mode = _PassThrough() if through_custom_op else contextlib.nullcontext()
+        with mode:
+            y = gankernels.bias_act(x, b, act="lrelu", backend="cuda")
+        y.backward(torch.ones_like(y))
+    finally:
+        if saved is None:
+            dispatch.unregister("bias_act", "cuda")
+        else:
+            dispatch.register("bias_act", "cuda", saved)
+    assert seen == [(True, b_requires_grad)]
+    xs, bs = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_(b_requires_grad)
+    F.leaky_relu(xs + bs.view(1, -1, 1, 1), 0.2).sum().backward()
+    torch.testing.assert_close(x.grad, xs.grad)
+    assert (b.grad is None) == (not b_requires_grad)
+    if b_requires_grad:
+        torch.testing.assert_close(b.grad, bs.grad)

@@ -59,8 +59,10 @@ class OpImpl:
     ``forward`` takes the op's normalised keyword arguments and returns what the
     registered op returns. ``supports`` takes the same arguments and returns the list
     of reasons it cannot serve them (empty: it can). ``backward``, if given, computes
-    first-order gradients fast (see ``gankernels.ops.registration``); double backward
-    always uses the reference formulas. ``fake_saved``, for the 3×3 ops, gives the
+    first-order gradients fast (see ``gankernels.ops.registration``); its ``needs``
+    (one bool per differentiable input: (x, w, b) for the 3×3 ops, (x, b) for
+    ``bias_act``) says which gradients are wanted, so it may skip the others' work and
+    return None for them. Double backward always uses the reference formulas. ``fake_saved``, for the 3×3 ops, gives the
     (fake) tensor the forward saves for its backward. ``prepare``, if given, is called
     with the same arguments before ``supports`` when the backend was asked for by name
     (never under ``auto``): the place for slow one-time set-up such as building the

@@ -231,8 +231,11 @@ class _BiasAct(torch.autograd.Function):
         backend, act, alpha, gain, clamp, dim = ctx.cfg
         impl = get_impl("bias_act", backend)
         if impl.backward is not None and not torch.is_grad_enabled():
-            gx, gb = impl.backward(grad=grad, x=x, b=b, y=x.new_empty((0,)), act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
-            gb = None if b is None else gb.to(b.dtype).reshape(b.shape)
+            need_gb = b is not None and ctx.needs_input_grad[1]
+            y = x.new_empty((0,))  # not kept: every backend's bias_act backward works from x and b
+            needs = (True, need_gb)
+            gx, gb = impl.backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim, needs=needs)
+            gb = gb.to(b.dtype).reshape(b.shape) if need_gb else None
         else:
             gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
         return gx, gb, None, None, None, None, None, None

@@ -90,18 +90,22 @@ def bias_act_backward_op(
     gain: float,
     clamp: Optional[float],
     dim: int,
+    need_gb: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend's first-order backward: (gx, gb); gb is empty when there is no bias."""
-    gx, gb = get_impl("bias_act", backend).backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim)
+    """The backend's first-order backward: (gx, gb); gb is empty when there is no bias
+    or it needs no gradient (then the backend skips its reduction)."""
+    need_gb = need_gb and b is not None
+    impl = get_impl("bias_act", backend)
+    gx, gb = impl.backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim, needs=(True, need_gb))
     gx = _fresh(gx, x, (grad, x, y))
-    gb = _empty_saved(x) if b is None else gb.to(b.dtype).contiguous()
+    gb = gb.to(b.dtype).contiguous() if need_gb else _empty_saved(x)
     return gx, gb
 
 
 @bias_act_backward_op.register_fake
-def _(grad, x, b, y, act, alpha, gain, clamp, dim, backend):
-    gb = _empty_saved(x) if b is None else torch.empty_like(b, memory_format=torch.contiguous_format)
+def _(grad, x, b, y, act, alpha, gain, clamp, dim, need_gb, backend):
+    gb = torch.empty_like(b, memory_format=torch.contiguous_format) if (need_gb and b is not None) else _empty_saved(x)
     return torch.empty_like(x, memory_format=ref.memory_format_of(x)), gb
 
 
@@ -110,8 +114,9 @@ def _bias_act_backward(ctx, grad):
     act, alpha, gain, clamp, dim, backend = ctx.cfg
     impl = get_impl("bias_act", backend)
     if impl.backward is not None and not torch.is_grad_enabled():
-        gx, gb = bias_act_backward_op(grad, x, b, _empty_saved(x), act, alpha, gain, clamp, dim, backend)
-        gb = None if b is None else gb
+        need_gb = b is not None and ctx.needs_input_grad[1]
+        gx, gb = bias_act_backward_op(grad, x, b, _empty_saved(x), act, alpha, gain, clamp, dim, need_gb, backend)
+        gb = gb if need_gb else None
     else:
         gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
     return gx, gb, None, None, None, None, None, None

@@ -311,3 +311,21 @@ def test_bias_act_double_backward():
     assert_close_rel(gx, rx, what="bias_act first-order grad")
     assert_close_rel(gxx, rxx, what="bias_act double backward (x)")
     assert_close_rel(gbb, rbb, what="bias_act double backward (b)")
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_bias_act_backward_without_the_bias_gradient(dim):
+    """needs=(True, False) (a bias that needs no gradient): no reduction, gb None, gx the same."""
+    x = random_input(2, 3, 4, 5, generator=_gen(60))
+    b = random_input(x.shape[dim], generator=_gen(61))
+    grad = random_input(*x.shape, generator=_gen(62))
+    args = dict(grad=grad, x=x, b=b, y=x.new_empty((0,)), act="lrelu", alpha=0.2, gain=1.0, clamp=None, dim=dim)
+    gx_all, gb_all = tbias_act.bias_act_backward(**args)
+    gx, gb = tbias_act.bias_act_backward(**args, needs=(True, False))
+    assert gb is None and gb_all is not None
+    torch.testing.assert_close(gx, gx_all, rtol=0, atol=0)
+    shape = [1] * 4
+    shape[dim] = -1
+    x64 = x.double()
+    want = grad.double() * torch.where(x64 + b.double().view(shape) > 0, 1.0, 0.2)
+    assert_close_rel(gx, want, what="bias_act gx without gb")
