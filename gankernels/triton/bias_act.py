@@ -122,24 +122,11 @@ def _load_bias(b_ptr, rows, cols, mask, C, BIAS_ON_COLS: tl.constexpr):
 
 @triton.jit
 def _bias_act_fwd_kernel(
-    x_ptr,
-    b_ptr,
-    y_ptr,
-    R,
-    K,
-    C,
-    n_col_blocks,
-    alpha,
-    gain,
-    clamp,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BIAS_ON_COLS: tl.constexpr,
-    APPLY_GAIN: tl.constexpr,
-    HAS_CLAMP: tl.constexpr,
-    INT64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, b_ptr, y_ptr,
+    R, K, C, n_col_blocks,
+    alpha, gain, clamp,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ON_COLS: tl.constexpr, APPLY_GAIN: tl.constexpr,
+    HAS_CLAMP: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_r = pid // n_col_blocks
@@ -159,28 +146,12 @@ def _bias_act_fwd_kernel(
 
 @triton.jit
 def _bias_act_bwd_kernel(
-    g_ptr,
-    x_ptr,
-    b_ptr,
-    gx_ptr,
-    part_ptr,
-    R,
-    K,
-    C,
-    n_col_blocks,
-    alpha,
-    gain,
-    clamp,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    NEED_GB: tl.constexpr,
-    BIAS_ON_COLS: tl.constexpr,
-    APPLY_GAIN: tl.constexpr,
-    HAS_CLAMP: tl.constexpr,
-    INT64: tl.constexpr,
-    ITERS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    g_ptr, x_ptr, b_ptr, gx_ptr, part_ptr,
+    R, K, C, n_col_blocks,
+    alpha, gain, clamp,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_GB: tl.constexpr, BIAS_ON_COLS: tl.constexpr,
+    APPLY_GAIN: tl.constexpr, HAS_CLAMP: tl.constexpr, INT64: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_r = pid // n_col_blocks
@@ -298,23 +269,11 @@ def bias_act_forward(
     n_col_blocks = triton.cdiv(K, block_k)
     grid = (triton.cdiv(R, block_r) * n_col_blocks,)
     _bias_act_fwd_kernel[grid](
-        xd,
-        xd if b is None else b,
-        y,
-        R,
-        K,
-        C,
-        n_col_blocks,
-        float(alpha),
-        float(gain),
-        0.0 if clamp is None else float(clamp),
-        HAS_BIAS=b is not None,
-        BIAS_ON_COLS=on_cols,
-        INT64=xd.numel() > INT32_LIMIT,
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        num_warps=4,
-        **flags,
+        xd, xd if b is None else b, y,
+        R, K, C, n_col_blocks,
+        float(alpha), float(gain), 0.0 if clamp is None else float(clamp),
+        HAS_BIAS=b is not None, BIAS_ON_COLS=on_cols, INT64=xd.numel() > INT32_LIMIT,
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **flags,
     )
     return y
 
@@ -357,27 +316,11 @@ def bias_act_backward(
         part = gx  # unused
     grid = (n_row_groups * n_col_blocks,)
     _bias_act_bwd_kernel[grid](
-        grad,
-        xd,
-        xd if b is None else b,
-        gx,
-        part,
-        R,
-        K,
-        C,
-        n_col_blocks,
-        float(alpha),
-        float(gain),
-        0.0 if clamp is None else float(clamp),
-        HAS_BIAS=b is not None,
-        NEED_GB=need_gb,
-        BIAS_ON_COLS=on_cols,
-        INT64=xd.numel() > INT32_LIMIT,
-        ITERS=iters,
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        num_warps=4,
-        **flags,
+        grad, xd, xd if b is None else b, gx, part,
+        R, K, C, n_col_blocks,
+        float(alpha), float(gain), 0.0 if clamp is None else float(clamp),
+        HAS_BIAS=b is not None, NEED_GB=need_gb, BIAS_ON_COLS=on_cols, INT64=xd.numel() > INT32_LIMIT,
+        ITERS=iters, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4, **flags,
     )
     gb = None
     if need_gb:
