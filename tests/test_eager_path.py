@@ -154,6 +154,31 @@ def test_double_backward_through_the_fast_backend(output_reading_backend):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("through_custom_op", [False, True], ids=["eager", "custom-op"])
+def test_an_r1_penalty_alone_gives_every_parameter_stocks_gradient(output_reading_backend, through_custom_op):
+    """An R1 pass of its own (StyleGAN2's lazy regularisation steps the optimizer on it):
+    through a fast backend, the conv bias gets stock's zero second-order gradient, not
+    None (Adam skips a parameter whose grad is None), and x, w get stock's values."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 2, 5, 5), (3, 2, 3, 3), (3,)))
+    grads = {}
+    for name in ("gankernels", "stock"):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        mode = _PassThrough() if (through_custom_op and name == "gankernels") else contextlib.nullcontext()
+        with mode:
+            if name == "gankernels":
+                y = gankernels.conv3x3(xg, wg, bg, act="lrelu", backend="cuda")
+            else:
+                y = F.leaky_relu(F.conv2d(xg, wg, bg, padding=1), 0.2)
+            (gx,) = torch.autograd.grad(y.sum(), xg, create_graph=True)
+            gx.square().sum().backward()
+        grads[name] = (xg.grad, wg.grad, bg.grad)
+    for got, want, what in zip(grads["gankernels"], grads["stock"], ("x", "w", "b"), strict=True):
+        assert got is not None, f"{what}: no gradient where stock gives one"
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=what)
+    assert output_reading_backend["forward"] >= 1
+
+
 def test_no_grad_and_inference_mode_skip_autograd(output_reading_backend):
     x, w = torch.randn(1, 2, 4, 4, requires_grad=True), torch.randn(2, 2, 3, 3, requires_grad=True)
     with torch.no_grad():

@@ -186,9 +186,9 @@ class _Conv(torch.autograd.Function):
             gw = gw if needs[1] else None
             gb = gb if needs[2] else None
         else:
-            from gankernels.ops.registration import CONV_REFERENCE_BACKWARD
+            from gankernels.ops.registration import conv_reference_backward
 
-            gx, gw, gb = CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
+            gx, gw, gb = conv_reference_backward(op, grad, x, w, b, act, alpha, gain, clamp, needs)
         return gx, gw, gb, None, None, None, None, None, None
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from gankernels.ops import eager
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import get_impl
 
@@ -146,6 +147,29 @@ CONV_REFERENCE_BACKWARD = {
 }
 
 
+def conv_backward_with_graph(op: str, grad, x, w, b, act, alpha, gain, clamp, needs) -> tuple:
+    """The first-order gradients as a differentiable graph (double backward: an R1
+    penalty), taken from the stock composite's own autograd on the saved inputs: the
+    second-order terms are then stock's to the letter, including the zero gradients its
+    derivative formulas give (e.g. a conv bias under an R1 penalty through leaky ReLU,
+    which the reference formulas would leave None, and Adam would then skip)."""
+    wanted = [t for t, need in zip((x, w, b), needs, strict=False) if need and t is not None]
+    if not wanted:
+        return None, None, None
+    with torch.enable_grad():
+        y = eager.stock_conv(op, x, w, b, act, alpha, gain, clamp)
+        got = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(got) if (need and t is not None) else None for t, need in zip((x, w, b), needs, strict=False))
+
+
+def conv_reference_backward(op: str, grad, x, w, b, act, alpha, gain, clamp, needs) -> tuple:
+    """The backward without a backend kernel: a graph of stock's when one is being built
+    (double backward), else the reference formulas (what ``torch.compile`` traces)."""
+    if torch.is_grad_enabled():
+        return conv_backward_with_graph(op, grad, x, w, b, act, alpha, gain, clamp, needs)
+    return CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
+
+
 def _make_conv_op(op: str):
     @torch.library.custom_op(f"{LIB}::{op}", mutates_args=())
     def conv_op(
@@ -223,7 +247,7 @@ def _make_conv_op(op: str):
             grads = backward_op(grad, x, w, b, out, saved, act, alpha, gain, clamp, list(needs), backend)
             gx, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=False))
         else:
-            gx, gw, gb = CONV_REFERENCE_BACKWARD[op](grad, x, w, b, act, alpha, gain, clamp, needs)
+            gx, gw, gb = conv_reference_backward(op, grad, x, w, b, act, alpha, gain, clamp, needs)
         return gx, gw, gb, None, None, None, None, None
 
     conv_op.register_autograd(backward, setup_context=setup)
