@@ -298,3 +298,39 @@ def test_bias_act_backward_is_told_whether_the_bias_needs_a_gradient(through_cus
     assert (b.grad is None) == (not b_requires_grad)
     if b_requires_grad:
         torch.testing.assert_close(b.grad, bs.grad)
+
+
+@pytest.mark.parametrize("through_custom_op", [False, True], ids=["eager", "custom-op"])
+def test_bias_act_double_backward_gives_stocks_zero_bias_gradient(through_custom_op):
+    saved = dispatch._REGISTRY["bias_act"].get("cuda")
+
+    def backward(grad, x, b, y, act, alpha, gain, clamp, dim, needs):
+        gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+        return gx, gb
+
+    impl = OpImpl(forward=lambda x, b, act, alpha, gain, clamp, dim: ref.bias_act(x, b, act, alpha, gain, clamp, dim),
+                  supports=lambda **kw: [], backward=backward)  # fmt: skip
+    dispatch.register("bias_act", "cuda", impl)
+    try:
+        g = torch.Generator().manual_seed(4)
+        x, b = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+        grads = {}
+        for name in ("gankernels", "stock"):
+            xg, bg = x.clone().requires_grad_(), b.clone().requires_grad_()
+            mode = _PassThrough() if (through_custom_op and name == "gankernels") else contextlib.nullcontext()
+            with mode:
+                if name == "gankernels":
+                    y = gankernels.bias_act(xg, bg, act="lrelu", gain=1.5, backend="cuda")
+                else:
+                    y = F.leaky_relu(xg + bg.view(1, -1, 1, 1), 0.2) * 1.5
+                (gx,) = torch.autograd.grad(y.sum(), xg, create_graph=True)
+                gx.square().sum().backward()
+            grads[name] = (xg.grad, bg.grad)
+    finally:
+        if saved is None:
+            dispatch.unregister("bias_act", "cuda")
+        else:
+            dispatch.register("bias_act", "cuda", saved)
+    for got, want, what in zip(grads["gankernels"], grads["stock"], ("x", "b"), strict=True):
+        assert got is not None and want is not None, what
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=what)

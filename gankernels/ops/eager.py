@@ -237,7 +237,9 @@ class _BiasAct(torch.autograd.Function):
             gx, gb = impl.backward(grad=grad, x=x, b=b, y=y, act=act, alpha=alpha, gain=gain, clamp=clamp, dim=dim, needs=needs)
             gb = gb.to(b.dtype).reshape(b.shape) if need_gb else None
         else:
-            gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+            from gankernels.ops.registration import bias_act_reference_backward
+
+            gx, gb = bias_act_reference_backward(grad, x, b, act, alpha, gain, clamp, dim, ctx.needs_input_grad[:2])
         return gx, gb, None, None, None, None, None, None
 
 

@@ -110,6 +110,23 @@ def _(grad, x, b, y, act, alpha, gain, clamp, dim, need_gb, backend):
     return torch.empty_like(x, memory_format=ref.memory_format_of(x)), gb
 
 
+def bias_act_reference_backward(grad, x, b, act, alpha, gain, clamp, dim, needs) -> tuple:
+    """The backward without a backend kernel: while a graph is built (double backward),
+    stock's own autograd of ``x + b`` → epilogue on the saved inputs, so second-order
+    gradients are stock's (a bias under leaky ReLU gets its zero, not None); else the
+    reference formulas."""
+    if not torch.is_grad_enabled():
+        return ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+    pairs = [(t, bool(need) and t is not None) for t, need in zip((x, b), needs, strict=False)]
+    wanted = [t for t, want in pairs if want]
+    if not wanted:
+        return None, None
+    with torch.enable_grad():
+        y = eager.stock_bias_act(x, None if b is None else b.to(x.dtype), act, alpha, gain, clamp, dim)
+        got = iter(torch.autograd.grad(y, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(got) if want else None for _, want in pairs)
+
+
 def _bias_act_backward(ctx, grad):
     x, b = ctx.saved_tensors
     act, alpha, gain, clamp, dim, backend = ctx.cfg
@@ -119,7 +136,7 @@ def _bias_act_backward(ctx, grad):
         gx, gb = bias_act_backward_op(grad, x, b, _empty_saved(x), act, alpha, gain, clamp, dim, need_gb, backend)
         gb = gb if need_gb else None
     else:
-        gx, gb = ref.bias_act_backward(grad, x, b, act, alpha, gain, clamp, dim)
+        gx, gb = bias_act_reference_backward(grad, x, b, act, alpha, gain, clamp, dim, ctx.needs_input_grad[:2])
     return gx, gb, None, None, None, None, None, None
 
 
