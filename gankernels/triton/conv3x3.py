@@ -789,7 +789,12 @@ def up_conv3x3_forward(
 
     Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
     an empty tensor. The phase kernels are summed in fp32 and cast to x's dtype once
-    per weight version."""
+    per weight version. Calls with Ci >= 16 run the kernel that computes all 4 output
+    phases per program (:mod:`gankernels.triton.up_conv3x3`), the others MODE 2 here."""
+    from gankernels.triton import up_conv3x3  # imports this module: not at the top
+
+    if up_conv3x3.serves(x, w):
+        return up_conv3x3.up_conv3x3_four_phase(x, w, b, act, alpha, gain, clamp)
     return _launch(MODE_UP, x, w, b, act, alpha, gain, clamp)
 
 
