@@ -342,6 +342,8 @@ _CONFIGS_HOPPER = [
     _cfg(128, 32, 32, 4, 2),  # Co <= 32: 0.54, 208 KB
     _cfg(128, 64, 16, 8, 3),
     _cfg(64, 32, 32, 4, 3),
+    _cfg(64, 64, 16, 4, 2),  # fp32 (4-byte elements: half the tile per stage)
+    _cfg(64, 32, 16, 4, 3),
 ]
 _CONFIGS_AMPERE = [
     _cfg(64, 64, 16, 4, 3),
