@@ -15,7 +15,8 @@ activation, gain, clamp) in registers before its one store:
   of the 4 output phases (a, c), a 2×2 conv on the low-resolution input with the
   sub-pixel phase kernel (``reference.subpixel_phase_weights``), stored straight into
   pixel (2i+a, 2j+c) of the 2× output; the upsampled tensor never exists (4/9 of the
-  FLOPs).
+  FLOPs). Serves Ci < 16 only: wider inputs go to :mod:`gankernels.triton.up_conv3x3`,
+  which computes all 4 phases per program from one set of input tiles.
 
 The K loop is one flat, software-pipelined loop. For wide inputs (Ci >= 16) a step is
 (tap, BLOCK_K input channels); for narrow ones (Ci < 16, e.g. RGB) the taps and
