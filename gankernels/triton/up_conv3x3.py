@@ -72,6 +72,7 @@ def _shift_ptrs(a_rows, row_off, shift, ar_k, zero_row, tap_ok, BIT: tl.constexp
 
 @triton.jit
 def _load_chunk(ptrs, k_ok, EVEN_K: tl.constexpr):
+    """An input tile through precomputed pointers; only a partial channel chunk is masked."""
     if EVEN_K:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=k_ok[None, :], other=0.0)
@@ -226,7 +227,8 @@ def _up_conv3x3_fwd_kernel(
     ar_k = tl.arange(0, BLOCK_K)
 
     # Bit (dr + 1)·3 + (dc + 1) of a row's mask: the pixel at shift (dr, dc) is inside the
-    # image (0 for rows past M). Computed once; a step tests one bit per row and shift.
+    # image (0 for rows past M). Computed once: it picks the zero row's pointers once
+    # (channel stride 1) or masks each copy (other strides).
     tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(3):
         for c in tl.static_range(3):
