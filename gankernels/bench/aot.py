@@ -41,6 +41,7 @@ MODULES = (
     "gankernels.triton.upsample",
     "gankernels.triton.bias_act",
     "gankernels.triton.conv3x3",
+    "gankernels.triton.up_conv3x3",
     "gankernels.triton.conv3x3_backward",
 )
 
@@ -200,13 +201,21 @@ def gpu_family(arch: int) -> str:
     return "hopper" if arch >= 90 else "ampere"
 
 
+# Kernels whose module builds the autotuner on first GPU use from its _CONFIGS_HOPPER,
+# _CONFIGS_AMPERE lists, _prune_configs and _SMEM_LIMIT (no Autotuner object to read).
+_LAZY_AUTOTUNED = {
+    ("gankernels.triton.conv3x3", "_conv3x3_fwd_kernel"),
+    ("gankernels.triton.up_conv3x3", "_up_conv3x3_fwd_kernel"),
+}
+
+
 def autotune_configs(launch: Launch, arch: int) -> Optional[list[triton.Config]]:
     """The configurations the autotuner would try for ``launch`` on ``arch`` (after the
     kernel's own pruning, in list order), or None for a kernel launched as is."""
     mod = importlib.import_module(launch.module)
     obj = getattr(mod, launch.name)
-    if launch.module == "gankernels.triton.conv3x3" and launch.name == "_conv3x3_fwd_kernel":
-        # Autotuned at first GPU use per family (conv3x3._tuned_kernel); on CPU the
+    if (launch.module, launch.name) in _LAZY_AUTOTUNED:
+        # Autotuned at first GPU use per family (the module's _tuned_kernel); on CPU the
         # launcher passes the interpreter's fixed tile, which the config replaces.
         family = gpu_family(arch)
         configs = mod._CONFIGS_HOPPER if family == "hopper" else mod._CONFIGS_AMPERE

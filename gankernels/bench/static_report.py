@@ -58,7 +58,12 @@ BOUND_NOTE = (
     "and ignores every stall (memory latency, barriers, dependencies) and the prologue and epilogue."
 )
 
-DIRECTIONS = {"_conv3x3_fwd_kernel": "forward", "_dgrad_kernel": "dgrad", "_wgrad_kernel": "wgrad"}
+DIRECTIONS = {
+    "_conv3x3_fwd_kernel": "forward",
+    "_up_conv3x3_fwd_kernel": "forward",
+    "_dgrad_kernel": "dgrad",
+    "_wgrad_kernel": "wgrad",
+}
 OPS = {"conv": "conv3x3", "pool": "conv3x3_pool", "up": "up_conv3x3"}
 
 
@@ -115,10 +120,13 @@ def ctas_per_sm(num_warps: int, registers: int, smem: int) -> tuple[int, str]:
     return limits[what], what
 
 
-def k_steps(kernel: str, op: str, ci: int, co: int, blocks: dict) -> int:
-    """K-steps (main-loop iterations) of one CTA: taps × channel chunks (the forward
-    merges taps and channels into one K axis below 16 input channels). 0 for wgrad,
-    whose steps per CTA depend on the GPU's SM count (its split-K)."""
+def k_steps(kernel: str, op: str, ci: int, co: int, blocks: dict, jit_name: str = "") -> int:
+    """K-steps (BLOCK_M×BLOCK_N×BLOCK_K products) of one CTA: taps × channel chunks (the
+    forward merges taps and channels into one K axis below 16 input channels; the
+    four-phase up-conv runs 4 phases × 4 taps per chunk). 0 for wgrad, whose steps per
+    CTA depend on the GPU's SM count (its split-K)."""
+    if jit_name == "_up_conv3x3_fwd_kernel":
+        return 16 * math.ceil(ci / blocks["BLOCK_K"])
     taps = 4 if op == "up" and kernel == "forward" else 16 if op == "up" else 9
     if kernel == "forward":
         bk = blocks["BLOCK_K"]
@@ -195,7 +203,7 @@ def rows_to_measure(all_configs: bool) -> list[tuple[object, Row]]:
                 label = aot.cfg_label(cfg)
                 case = aot.bind(la, TARGET_ARCH, cfg, f"{aot.shape_label(op, ci, co, h)}-{label}")
                 row = Row(kernel, OPS[op], shape_of(ci, co, h), label, rank == 0, case.id, dict(cfg.kwargs))
-                row.k_steps = k_steps(kernel, op, ci, co, cfg.kwargs)
+                row.k_steps = k_steps(kernel, op, ci, co, cfg.kwargs, la.name)
                 todo.append((case, row))
 
     def shape_of(ci: int, co: int, h: int) -> str:

@@ -15,7 +15,8 @@ activation, gain, clamp) in registers before its one store:
   of the 4 output phases (a, c), a 2×2 conv on the low-resolution input with the
   sub-pixel phase kernel (``reference.subpixel_phase_weights``), stored straight into
   pixel (2i+a, 2j+c) of the 2× output; the upsampled tensor never exists (4/9 of the
-  FLOPs).
+  FLOPs). Serves Ci < 16 only: wider inputs go to :mod:`gankernels.triton.up_conv3x3`,
+  which computes all 4 phases per program from one set of input tiles.
 
 The K loop is one flat, software-pipelined loop. For wide inputs (Ci >= 16) a step is
 (tap, BLOCK_K input channels); for narrow ones (Ci < 16, e.g. RGB) the taps and
@@ -789,7 +790,12 @@ def up_conv3x3_forward(
 
     Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
     an empty tensor. The phase kernels are summed in fp32 and cast to x's dtype once
-    per weight version."""
+    per weight version. Calls with Ci >= 16 run the kernel that computes all 4 output
+    phases per program (:mod:`gankernels.triton.up_conv3x3`), the others MODE 2 here."""
+    from gankernels.triton import up_conv3x3  # imports this module: not at the top
+
+    if up_conv3x3.serves(x, w):
+        return up_conv3x3.up_conv3x3_four_phase(x, w, b, act, alpha, gain, clamp)
     return _launch(MODE_UP, x, w, b, act, alpha, gain, clamp)
 
 
