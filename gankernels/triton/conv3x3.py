@@ -230,13 +230,15 @@ def _conv3x3_fwd_kernel(
         # within a warp's 16 rows) keeps in a thread's registers, so dx is split off in-thread.
         BLOCK_P: tl.constexpr = BLOCK_M // 4
         tl.static_assert(BLOCK_M % 16 == 0, "the pooled conv needs BLOCK_M to be a multiple of 16")
-        r = tl.arange(0, BLOCK_M)
-        row_p = pid_m * BLOCK_P + (r // 16) * 4 + (r // 2) % 4  # the row's pooled pixel
+        # Decoded from the global row index, unsigned (shifts and masks, no signed division):
+        # tiles start at multiples of 16, so its bit fields are the in-tile ones.
+        r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.uint32)
+        row_p = (((r >> 4) << 2) | ((r >> 1) & 3)).to(tl.int32)  # the row's pooled pixel
         m_ok = row_p < M // 4
         row_p = tl.where(m_ok, row_p, 0)
         bn, bh, bw = _decode_rows(row_p, HB, WB)
-        ch = bh * 2 + r % 2  # dy: row bit 0
-        cw = bw * 2 + (r // 8) % 2  # dx: row bit 3
+        ch = bh * 2 + (r & 1).to(tl.int32)  # dy: row bit 0
+        cw = bw * 2 + ((r >> 3) & 1).to(tl.int32)  # dx: row bit 3
     else:
         # Rows are output pixels (conv) or low-resolution pixels (up-conv).
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
