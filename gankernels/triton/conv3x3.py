@@ -353,7 +353,11 @@ def _conv3x3_fwd_kernel(
         # that tie only after rounding pool as F.max_pool2d pools the rounded conv output.
         y = y.to(out_ptr.dtype.element_ty)
         # The rows of a tile are (r // 16, dx, (r // 2) % 4, dy): [BM/16, dx, 4, dy, N] ->
-        # [BM/16, 4, N, dy, dx], then split out the 4 window values.
+        # [BM/16, 4, N, dy, dx], then split out the 4 window values. dx splits in-thread;
+        # dy sits on a lane bit, so the tile (output dtype) goes through shared memory once
+        # to a layout with whole windows per thread: cheaper than a cross-lane reduction,
+        # where 2 lanes would share each window (`python -m gankernels.bench static`;
+        # benchmarks/NOTES.md, step 6).
         y5 = tl.permute(tl.reshape(y, (BLOCK_M // 16, 2, 4, 2, BLOCK_N)), (0, 2, 4, 3, 1))
         y_dx0, y_dx1 = tl.split(y5)
         y00, y10 = tl.split(y_dx0)
@@ -379,10 +383,13 @@ def _conv3x3_fwd_kernel(
             o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         o_mask = p_ok[:, None] & n_ok[None, :]
         tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
-        # Store the codes with the values' vector width (16 bytes of values per thread), so
-        # both stores take one layout and the chain above is computed once for both.
+        # Store the codes with the values' vector width (16 bytes of values per thread): with
+        # their own (16 int8 per thread) Triton gives the two stores two layouts and pulls
+        # each back through the chain above, computing it twice. Written so, the channel
+        # offsets are offs_n, but the contiguity analysis sees runs of Q_VEC (a true bound:
+        # tiles start at multiples of BLOCK_N >= Q_VEC), so both stores take one layout.
         Q_VEC: tl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
-        offs_nq = (offs_n // Q_VEC) * Q_VEC + offs_n % Q_VEC  # = offs_n, contiguous in runs of Q_VEC
+        offs_nq = (offs_n // Q_VEC) * Q_VEC + offs_n % Q_VEC
         if OUT_INT32:
             q_off = (pn * son + ph * soh + pw * sow)[:, None] + (offs_nq * soc)[None, :]
         else:
