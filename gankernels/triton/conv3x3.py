@@ -6,11 +6,12 @@ channels) into an fp32 accumulator with ``tl.dot``, then applies the epilogue (b
 activation, gain, clamp) in registers before its one store:
 
 * ``conv3x3`` (MODE 0): row = output pixel, 9 taps.
-* ``conv3x3_pool`` (MODE 1): the GEMM rows are full-resolution pixels ordered by
-  pooling window (row = pooled·4 + dy·2 + dx), so one accumulator holds every
-  window's 4 values in consecutive rows; after the epilogue the tile is reshaped to
-  [pooled, Co, dy, dx] and reduced in registers with PyTorch's rule (first max wins,
-  NaN wins); only the pooled value and the int8 position ``dy*2 + dx`` are written.
+* ``conv3x3_pool`` (MODE 1): the GEMM rows are full-resolution pixels grouped by
+  pooling window (each 16-row group holds 4 whole windows), so one accumulator holds
+  every window's 4 values; after the epilogue the tile, rounded to the output dtype,
+  is reshaped to [windows, Co, dy, dx] and reduced in registers with PyTorch's rule
+  (first max wins, NaN wins) by one compare/select chain; only the pooled value and
+  the int8 position ``dy*2 + dx`` are written.
 * ``up_conv3x3`` (MODE 2): row = low-resolution pixel; each program computes one
   of the 4 output phases (a, c), a 2×2 conv on the low-resolution input with the
   sub-pixel phase kernel (``reference.subpixel_phase_weights``), stored straight into
@@ -131,6 +132,16 @@ def _decode_rows(m, HB, WB):
 
 
 @triton.jit
+def _widen(v):
+    """``v`` (the output dtype) exactly in fp32, to pool with fp32 compares and selects.
+    For bf16 by the bit shift, which LLVM does not fold back into bf16x2 compares: those
+    need a byte permute per selected half and keep ptxas short of predicate registers."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _pool_step(best, best_q, v, q: tl.constexpr):
     # PyTorch's max-pool rule, in scan order: take v if v > best or v is NaN. Starting
     # from the first value, this makes the first max win and the last NaN win.
@@ -211,20 +222,29 @@ def _conv3x3_fwd_kernel(
         pid_m = rest
 
     # Rows in 32 bits: the host keeps M + BLOCK_M below 2^31 (utils.ROW_INDEX_LIMIT).
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < CO
-    offs_m = tl.where(m_ok, offs_m, 0)
     if MODE == 1:
-        # Rows are full-resolution pixels in pooling-window order, m = pooled·4 + dy·2 + dx,
-        # so each window's 4 values land in 4 consecutive rows of the one accumulator.
-        wq = offs_m % 4
-        bn, bh, bw = _decode_rows(offs_m // 4, HB, WB)
-        ch = bh * 2 + wq // 2  # the conv output pixel of this row
-        cw = bw * 2 + wq % 2
+        # Rows are full-resolution pixels, 4 per pooling window. In-tile row r holds window
+        # (r // 16)·4 + (r // 2) % 4 of the tile, dy = bit 0, dx = bit 3: bit 3 is the one
+        # row bit an MMA accumulator (sm_80 mma and sm_90 wgmma alike: row = lane/4 + 8·reg
+        # within a warp's 16 rows) keeps in a thread's registers, so dx is split off in-thread.
+        BLOCK_P: tl.constexpr = BLOCK_M // 4
+        tl.static_assert(BLOCK_M % 16 == 0, "the pooled conv needs BLOCK_M to be a multiple of 16")
+        # Decoded from the global row index, unsigned (shifts and masks, no signed division):
+        # tiles start at multiples of 16, so its bit fields are the in-tile ones.
+        r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.uint32)
+        row_p = (((r >> 4) << 2) | ((r >> 1) & 3)).to(tl.int32)  # the row's pooled pixel
+        m_ok = row_p < M // 4
+        row_p = tl.where(m_ok, row_p, 0)
+        bn, bh, bw = _decode_rows(row_p, HB, WB)
+        ch = bh * 2 + (r & 1).to(tl.int32)  # dy: row bit 0
+        cw = bw * 2 + ((r >> 3) & 1).to(tl.int32)  # dx: row bit 3
     else:
         # Rows are output pixels (conv) or low-resolution pixels (up-conv).
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        offs_m = tl.where(m_ok, offs_m, 0)
         bn, bh, bw = _decode_rows(offs_m, HB, WB)
         ch = bh
         cw = bw
@@ -333,15 +353,25 @@ def _conv3x3_fwd_kernel(
         # Pool the values as they are stored: rounded to the output dtype first, so values
         # that tie only after rounding pool as F.max_pool2d pools the rounded conv output.
         y = y.to(out_ptr.dtype.element_ty)
-        # Pool in registers: [P·4, N] -> [P, N, dy, dx], split out the 4 window values.
-        BLOCK_P: tl.constexpr = BLOCK_M // 4
-        y4 = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_P, 4, BLOCK_N)), (0, 2, 1)), (BLOCK_P, BLOCK_N, 2, 2))
-        y_dx0, y_dx1 = tl.split(y4)
+        # The rows of a tile are (r // 16, dx, (r // 2) % 4, dy): [BM/16, dx, 4, dy, N] ->
+        # [BM/16, 4, N, dy, dx], then split out the 4 window values. dx splits in-thread;
+        # dy sits on a lane bit, so the tile (output dtype) goes through shared memory once
+        # to a layout with whole windows per thread: cheaper than a cross-lane reduction,
+        # where 2 lanes would share each window (`python -m gankernels.bench static`;
+        # benchmarks/NOTES.md, step 6).
+        y5 = tl.permute(tl.reshape(y, (BLOCK_M // 16, 2, 4, 2, BLOCK_N)), (0, 2, 4, 3, 1))
+        y_dx0, y_dx1 = tl.split(y5)
         y00, y10 = tl.split(y_dx0)
         y01, y11 = tl.split(y_dx1)
-        best, best_q = _pool_step(y00, tl.zeros((BLOCK_P, BLOCK_N), tl.int32), y01, 1)
+        y00 = _widen(y00)
+        y01 = _widen(y01)
+        y10 = _widen(y10)
+        y11 = _widen(y11)
+        best, best_q = _pool_step(y00, tl.zeros(y00.shape, tl.int32), y01, 1)
         best, best_q = _pool_step(best, best_q, y10, 2)
         best, best_q = _pool_step(best, best_q, y11, 3)
+        best = tl.reshape(best, (BLOCK_P, BLOCK_N))
+        best_q = tl.reshape(best_q, (BLOCK_P, BLOCK_N))
 
         offs_p = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < M // 4
@@ -354,7 +384,18 @@ def _conv3x3_fwd_kernel(
             o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         o_mask = p_ok[:, None] & n_ok[None, :]
         tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
-        tl.store(idx_ptr + o_off, best_q.to(tl.int8), mask=o_mask)
+        # Store the codes with the values' vector width (16 bytes of values per thread): with
+        # their own (16 int8 per thread) Triton gives the two stores two layouts and pulls
+        # each back through the chain above, computing it twice. Written so, the channel
+        # offsets are offs_n, but the contiguity analysis sees runs of Q_VEC (a true bound:
+        # tiles start at multiples of BLOCK_N >= Q_VEC), so both stores take one layout.
+        Q_VEC: tl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
+        offs_nq = (offs_n // Q_VEC) * Q_VEC + offs_n % Q_VEC
+        if OUT_INT32:
+            q_off = (pn * son + ph * soh + pw * sow)[:, None] + (offs_nq * soc)[None, :]
+        else:
+            q_off = o_row[:, None] + (offs_nq.to(tl.int64) * soc)[None, :]
+        tl.store(idx_ptr + q_off, best_q.to(tl.int8), mask=o_mask)
 
 
 # ----------------------------------------------------------------------------------
