@@ -1,6 +1,8 @@
 // Direct 3×3 convolution (padding 1) for small channel counts (Ci <= 4 or Co <= 4: a
 // discriminator's RGB input layer, a generator's RGB output layer), where the GEMM
 // formulation wastes most of the tensor core and cuDNN is far off the memory floor.
+// The fp16 / bf16 forward with Ci <= 4 and Co > 4 runs on tensor cores instead
+// (csrc/conv3x3_rgb_mma.cu; the routing is in launch_conv3x3_small_fwd).
 //
 // Forward: a block owns a 32×32 pixel tile of one image and COB output channels; each
 // thread computes a 2×2 quad of pixels for all COB channels (every weight read from
@@ -576,6 +578,10 @@ cudaError_t wgrad(bool fused, const void* x, const void* w, const void* b, const
 
 cudaError_t launch_conv3x3_small_fwd(int dtype, const void* x, const void* w, const void* b, void* out, int8_t* argmax,
                                      ConvShape s, Epilogue e, bool pool, cudaStream_t stream) {
+  // fp16 / bf16 with Ci <= 4 and Co > 4 run on tensor cores (csrc/conv3x3_rgb_mma.cu);
+  // float32 (no 16-bit tensor-core operands without changing its precision) and Co <= 4
+  // layers (an n8 tile would be mostly padding) stay on the CUDA-core kernel below.
+  if (conv3x3_rgb_mma_serves(dtype, s)) return launch_conv3x3_rgb_mma_fwd(dtype, x, w, b, out, argmax, s, e, pool, stream);
   return GK_DISPATCH(dtype, fwd, x, w, b, out, argmax, s, e, pool, stream);
 }
 

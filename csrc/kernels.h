@@ -103,4 +103,12 @@ cudaError_t launch_conv3x3_small_wgrad(int dtype, bool fused, const void* x, con
                                        float* partial, float* gw, float* gb, ConvShape s, Epilogue e, bool pool,
                                        cudaStream_t stream);
 
+// The forward above on tensor cores (csrc/conv3x3_rgb_mma.cu) for the calls it serves:
+// fp16 / bf16, 1 <= Ci <= 4, Co > 4 (a discriminator's RGB input layer), on a GPU the
+// kernel was built for with sm_80+ code. launch_conv3x3_small_fwd routes to it by this
+// predicate; float32 and Co <= 4 layers stay on the CUDA-core kernel.
+bool conv3x3_rgb_mma_serves(int dtype, const ConvShape& s);
+cudaError_t launch_conv3x3_rgb_mma_fwd(int dtype, const void* x, const void* w, const void* b, void* out,
+                                       int8_t* argmax, ConvShape s, Epilogue e, bool pool, cudaStream_t stream);
+
 }  // namespace gk

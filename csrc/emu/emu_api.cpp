@@ -88,6 +88,8 @@ int emu_conv_gp(int dt, const void* x, const void* w, const void* b, const void*
                                  epi(act, alpha, gain, clamp, has_clamp), pool, nullptr);
 }
 
+int emu_conv_rgb_mma_serves(int dt, const int64_t* s9, int cl) { return conv3x3_rgb_mma_serves(dt, conv_shape(s9, cl)); }
+
 int64_t emu_conv_partial_numel(const int64_t* s9, int cl, int fused) {
   return conv3x3_small_wgrad_partial_numel(conv_shape(s9, cl), fused);
 }
