@@ -22,6 +22,7 @@
 // load at (pixel base + constant). K padding is zeroed with a per-lane mask (not left to the
 // zero weights: 0 · inf would be NaN).
 #include <atomic>
+#include <type_traits>
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -52,8 +53,33 @@ struct RgbParams {
   Epilogue e;
 };
 
-// KS: k16 steps (ceil(9·Ci / 16)).
-template <typename T, int KS, bool POOL>
+// Store a lane's channel pairs: pair nt (two 16-bit values, the lower channel in the low
+// half) belongs at dst + nt * 8 channels, channel stride cs; `valid` channels from dst on
+// exist. packed (channels_last: cs == 1, dst 4-byte aligned, an even channel count): one
+// 4-byte store per pair at a constant offset.
+template <typename E>
+__device__ __forceinline__ void store_pairs(E* dst, const uint32_t (&pairs)[kNTiles], int64_t cs, int valid, bool packed) {
+  static_assert(sizeof(E) == 1 || sizeof(E) == 2, "16-bit values or 8-bit argmax codes");
+  using Pair = typename std::conditional<sizeof(E) == 2, uint32_t, uint16_t>::type;
+  constexpr int kBits = 8 * sizeof(E);
+  if (packed) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+      if (nt * 8 < valid) *reinterpret_cast<Pair*>(dst + nt * 8) = (Pair)pairs[nt];
+    return;
+  }
+  const int64_t step = 8 * cs;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt, dst += step) {
+    using Bits = typename std::conditional<sizeof(E) == 2, uint16_t, uint8_t>::type;
+    if (nt * 8 < valid) *reinterpret_cast<Bits*>(dst) = (Bits)pairs[nt];
+    if (nt * 8 + 1 < valid) *reinterpret_cast<Bits*>(dst + cs) = (Bits)(pairs[nt] >> kBits);
+  }
+}
+
+// KS: k16 steps (ceil(9·Ci / 16)); ACT: the activation (a constant, so that the epilogue
+// of the 64 accumulators is that activation's code, not a switch per value).
+template <typename T, int KS, bool POOL, int ACT>
 __global__ void __launch_bounds__(kThreads) conv_rgb_mma_kernel(RgbParams<T> p) {
   constexpr int KP = 16 * KS;  // padded K
   constexpr int WS = KP + 8;   // weight row stride (elements): B fragment loads hit 32 distinct banks
@@ -71,6 +97,8 @@ __global__ void __launch_bounds__(kThreads) conv_rgb_mma_kernel(RgbParams<T> p) 
   const int64_t h0 = th * kTile, w0 = tw * kTile;
   const int64_t co0 = (int64_t)blockIdx.y * kCoBlock;
   const int Ci = p.Ci;
+  Epilogue e = p.e;
+  e.act = ACT;  // folds activate()'s switch away
 
   // The input tile with its halo, pixel-major, kSlots 2-byte slots per pixel.
   for (int px = tid; px < kXT * kXT; px += kThreads) {
@@ -136,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) conv_rgb_mma_kernel(RgbParams<T> p) 
 
   const int64_t Hd = POOL ? p.H / 2 : p.H, Wd = POOL ? p.W / 2 : p.W;  // the output's size
   const int64_t cs = p.cl ? 1 : Hd * Wd;                               // its channel stride
+  const int cvalid = (int)min((int64_t)kCoBlock, p.Co - co0);          // channels of this block
   for (int gi = warp; gi < kGroups; gi += kWarps) {
     const int pr = gi >> 1, half = gi & 1;        // the group's row pair and column half
     const int r0 = 2 * pr, c0 = 16 * half + 2 * g;  // lane's window: top-left pixel in the tile
@@ -173,82 +202,97 @@ __global__ void __launch_bounds__(kThreads) conv_rgb_mma_kernel(RgbParams<T> p) 
       }
     }
 
+    // The epilogue in place, clip(act(p) * gain): the clamp (rare) behind one uniform branch
+    // per group rather than one per value.
+#pragma unroll
+    for (int dy = 0; dy < 2; ++dy)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[dy][nt][i] = activate(acc[dy][nt][i], e) * e.gain;
+    if (e.has_clamp) {
+#pragma unroll
+      for (int dy = 0; dy < 2; ++dy)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float y = acc[dy][nt][i];  // torch.clamp keeps NaN
+            acc[dy][nt][i] = y < -e.clamp ? -e.clamp : (y > e.clamp ? e.clamp : y);
+          }
+    }
+
     if (POOL) {
       // Pool the values as PyTorch would see them: rounded to T, the first maximum of the
       // window (row-major) wins, a NaN replaces anything (the last NaN wins).
-      const int64_t hq = h0 / 2 + pr, wq = w0 / 2 + 8 * half + g;
-      if (hq >= Hd || wq >= Wd) continue;
-      const int64_t base = p.cl ? ((n * Hd + hq) * Wd + wq) * p.Co : n * p.Co * Hd * Wd + hq * Wd + wq;
+      uint32_t vals[kNTiles], args[kNTiles];  // per n8 tile: the channel pair, packed
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
-        const int64_t co = co0 + nt * 8 + 2 * t;
-        if (co >= p.Co) break;
         float best[2];
-        int arg[2];
+        uint32_t arg[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          best[j] = round_to<T>(epilogue(acc[0][nt][j], p.e));
+          best[j] = round_to<T>(acc[0][nt][j]);
           arg[j] = 0;
 #pragma unroll
           for (int q = 1; q < 4; ++q) {
-            const float y = round_to<T>(epilogue(acc[q >> 1][nt][(q & 1) * 2 + j], p.e));
-            if (y > best[j] || isnan(y)) {
-              best[j] = y;
-              arg[j] = q;
-            }
+            const float y = round_to<T>(acc[q >> 1][nt][(q & 1) * 2 + j]);
+            const bool take = y > best[j] || isnan(y);
+            best[j] = take ? y : best[j];
+            arg[j] = take ? q : arg[j];
           }
         }
-        const int64_t o = base + co * cs;
-        if (p.packed) {
-          *reinterpret_cast<uint32_t*>(p.out + o) = pack_floats<T>(best[0], best[1]);
-          *reinterpret_cast<uint16_t*>(p.argmax + o) = (uint16_t)(arg[0] | (arg[1] << 8));
-        } else {
-          p.out[o] = from_f<T>(best[0]);
-          p.argmax[o] = (int8_t)arg[0];
-          if (co + 1 < p.Co) {
-            p.out[o + cs] = from_f<T>(best[1]);
-            p.argmax[o + cs] = (int8_t)arg[1];
-          }
-        }
+        vals[nt] = pack_floats<T>(best[0], best[1]);
+        args[nt] = arg[0] | (arg[1] << 8);
       }
+      const int64_t hq = h0 / 2 + pr, wq = w0 / 2 + 8 * half + g;
+      if (hq >= Hd || wq >= Wd) continue;
+      const int64_t o = (p.cl ? ((n * Hd + hq) * Wd + wq) * p.Co : (n * p.Co * Hd + hq) * Wd + wq) + (co0 + 2 * t) * cs;
+      store_pairs(p.out + o, vals, cs, cvalid - 2 * t, p.packed);
+      store_pairs(p.argmax + o, args, cs, cvalid - 2 * t, p.packed);
     } else {
 #pragma unroll
       for (int dy = 0; dy < 2; ++dy)
 #pragma unroll
         for (int dx = 0; dx < 2; ++dx) {
+          uint32_t vals[kNTiles];
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+            vals[nt] = pack_floats<T>(acc[dy][nt][2 * dx], acc[dy][nt][2 * dx + 1]);
           const int64_t h = h0 + r0 + dy, w = w0 + c0 + dx;
           if (h >= Hd || w >= Wd) continue;
-          const int64_t base = p.cl ? ((n * Hd + h) * Wd + w) * p.Co : n * p.Co * Hd * Wd + h * Wd + w;
-#pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt) {
-            const int64_t co = co0 + nt * 8 + 2 * t;
-            if (co >= p.Co) break;
-            const float v0 = epilogue(acc[dy][nt][2 * dx], p.e), v1 = epilogue(acc[dy][nt][2 * dx + 1], p.e);
-            const int64_t o = base + co * cs;
-            if (p.packed) {
-              *reinterpret_cast<uint32_t*>(p.out + o) = pack_floats<T>(v0, v1);
-            } else {
-              p.out[o] = from_f<T>(v0);
-              if (co + 1 < p.Co) p.out[o + cs] = from_f<T>(v1);
-            }
-          }
+          const int64_t o = (p.cl ? ((n * Hd + h) * Wd + w) * p.Co : (n * p.Co * Hd + h) * Wd + w) + (co0 + 2 * t) * cs;
+          store_pairs(p.out + o, vals, cs, cvalid - 2 * t, p.packed);
         }
     }
   }
 }
 
-template <typename T, int KS, bool POOL>
+template <typename T, int KS, bool POOL, int ACT>
 cudaError_t launch_on(const RgbParams<T>& p, dim3 grid, cudaStream_t stream) {
-  conv_rgb_mma_kernel<T, KS, POOL><<<grid, kThreads, 0, stream>>>(p);
+  conv_rgb_mma_kernel<T, KS, POOL, ACT><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int KS, bool POOL>
+cudaError_t launch_act(const RgbParams<T>& p, dim3 grid, cudaStream_t stream) {
+  switch (p.e.act) {
+    case kLinear: return launch_on<T, KS, POOL, kLinear>(p, grid, stream);
+    case kRelu: return launch_on<T, KS, POOL, kRelu>(p, grid, stream);
+    case kLrelu: return launch_on<T, KS, POOL, kLrelu>(p, grid, stream);
+    case kTanh: return launch_on<T, KS, POOL, kTanh>(p, grid, stream);
+    case kSigmoid: return launch_on<T, KS, POOL, kSigmoid>(p, grid, stream);
+    case kSilu: return launch_on<T, KS, POOL, kSilu>(p, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T, bool POOL>
 cudaError_t launch_steps(const RgbParams<T>& p, dim3 grid, cudaStream_t stream) {
   switch ((9 * p.Ci + 15) / 16) {
-    case 1: return launch_on<T, 1, POOL>(p, grid, stream);
-    case 2: return launch_on<T, 2, POOL>(p, grid, stream);
-    case 3: return launch_on<T, 3, POOL>(p, grid, stream);
+    case 1: return launch_act<T, 1, POOL>(p, grid, stream);
+    case 2: return launch_act<T, 2, POOL>(p, grid, stream);
+    case 3: return launch_act<T, 3, POOL>(p, grid, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -301,7 +345,7 @@ bool built_for_sm80() {
   if (device >= 0 && device < kMaxDevices && known[device].load(std::memory_order_relaxed) != 0)
     return known[device].load(std::memory_order_relaxed) > 0;
   cudaFuncAttributes attributes{};
-  const auto probe = conv_rgb_mma_kernel<__half, 1, false>;
+  const auto probe = conv_rgb_mma_kernel<__half, 1, false, kLinear>;
   const cudaError_t err = cudaFuncGetAttributes(&attributes, probe);
   if (err != cudaSuccess) (void)cudaGetLastError();
   const bool ok = err == cudaSuccess && attributes.ptxVersion >= 80;
