@@ -73,12 +73,15 @@ gk::Epilogue make_epilogue(c10::string_view act, double alpha, double gain, std:
   return e;
 }
 
-// channels_last when x is laid out so and not also plain contiguous (as
-// gankernels.ops.reference.memory_format_of).
+// The memory format of an op's outputs for input x, the rule of
+// gankernels.ops.reference.memory_format_of (the fake kernels use it): a dense tensor is
+// channels_last when it is laid out so and not also plain contiguous (a [N, C, 1, 1]
+// tensor reads as contiguous); a strided view takes the format its strides suggest, as
+// F.conv2d, F.max_pool2d and F.interpolate do.
 at::MemoryFormat format_of(const at::Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
+  if (x.dim() != 4 || x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return x.suggest_memory_format();
 }
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0; }
