@@ -4,6 +4,12 @@ The kernels are the C++/CUDA extension's ops (``csrc/``, loaded by
 :mod:`gankernels.cuda.loader`): ``max_pool2d``, ``upsample_nearest2d``, ``bias_act``,
 and ``conv3x3``/``conv3x3_pool`` for small channel counts (Ci <= 4 or Co <= 4).
 ``up_conv3x3`` has no CUDA kernel.
+
+Which conv kernel serves a call is the extension's choice, not a reason to pass the
+backend over: fp16/bf16 with Ci <= 4 and Co > 4 (the RGB input layer) runs on tensor
+cores (``csrc/conv3x3_rgb_mma.cu``); float32 keeps the CUDA-core kernel (its 16-bit
+tensor-core operands would lose float32's precision), as do Co <= 4 layers and the
+backward (``csrc/conv3x3_small.cu``).
 """
 
 from __future__ import annotations
