@@ -117,11 +117,11 @@ def test_fake_kernels(fmt, device, dtype):
         out, saved = ops.conv3x3_small(x, w, b, "lrelu", 0.2, 1.0, None, True)
         _expect(out, (2, 16, 4, 5), dtype, fmt)
         _expect(saved, (2, 16, 4, 5), torch.int8, fmt)
-        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, b, saved, "lrelu", 0.2, 1.0, None, True, [True, True, True])
+        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, b, saved, out, "lrelu", 0.2, 1.0, None, True, [True, True, True])
         _expect(gx, x.shape, dtype, fmt)
         _expect(gw, w.shape, dtype)
         _expect(gb, b.shape, dtype)
-        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, None, saved, "lrelu", 0.2, 1.0, None, True, [False, True, True])
+        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, None, saved, None, "lrelu", 0.2, 1.0, None, True, [False, True, True])
         assert gx.numel() == 0 and gb.numel() == 0 and tuple(gw.shape) == tuple(w.shape)
 
 
@@ -179,11 +179,15 @@ BAD_CALLS = {
         r"needs H and W >= 2",
     ),
     "conv bwd grad shape": (
-        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, False, NEEDS),
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, None, "relu", 0.2, 1.0, None, False, NEEDS),
         r"grad must have the output's shape \[2, 16, 8, 8\]",
     ),
+    "conv bwd y shape": (
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, x4, "relu", 0.2, 1.0, None, True, NEEDS),
+        r"y must be the forward's output, of shape \[2, 16, 4, 4\]",
+    ),
     "conv bwd saved dtype": (
-        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), "relu", 0.2, 1.0, None, True, NEEDS),
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), None, "relu", 0.2, 1.0, None, True, NEEDS),
         r"saved must be the forward's int8 argmax",
     ),
     "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg, False), r"x must be a 4-D tensor"),
@@ -221,7 +225,7 @@ BAD_CALLS = {
 
 VALID_CPU_CALLS = {
     "conv": lambda: ops.conv3x3_small(x4, w3, b16, "relu", 0.2, 1.0, None, True),
-    "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, True, NEEDS),
+    "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, pooled, "relu", 0.2, 1.0, None, True, NEEDS),
     "pool": lambda: ops.max_pool2d(x4, *pool_cfg, False),
     "upsample": lambda: ops.upsample_nearest2d(x4, 2),
     "bias_act": lambda: ops.bias_act(x4, torch.randn(3), "silu", 0.2, 1.0, 1.0, 1),
@@ -655,7 +659,7 @@ def emu(tmp_path_factory):
         "emu_conv_fwd": [I, P, P, P, P, P, P, I, *epi, I],
         "emu_conv_gp": [I, P, P, P, P, P, P, P, I, *epi, I],
         "emu_conv_partial_numel": [P, I, I],
-        "emu_conv_wgrad": [I, I, P, P, P, P, P, P, P, P, P, P, P, I, *epi, I],
+        "emu_conv_wgrad": [I, I, P, P, P, P, P, P, P, P, P, P, P, P, I, *epi, I],
         "emu_conv_rgb_mma_serves": [I, P, I],
         "emu_mma_m16n8k16": [I, P, P, P, P],
     }
@@ -825,8 +829,9 @@ def _emu_conv(emu, x, w, b, act, gain, clamp, pool):
     return out, saved
 
 
-def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool):
-    """ops.cpp's conv3x3_small_backward (all gradients), on the emulated kernels."""
+def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool, y=None):
+    """ops.cpp's conv3x3_small_backward (all gradients), on the emulated kernels; y, the
+    forward's output, lets the fused kernel read the derivative off it."""
     n, ci, h, wd = x.shape
     co = w.shape[0]
     fmt = ref.memory_format_of(x)
@@ -849,6 +854,7 @@ def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool):
         _p(saved),
         None if fused else _p(gp),
         _p(gp) if fused else None,
+        _p(y.contiguous(memory_format=fmt)) if (fused and y is not None) else None,
         _p(partial),
         _p(gw),
         _p(gb),
@@ -886,7 +892,8 @@ def test_emulated_conv3x3_small(emu, dtype, ci, co, pool):
         want = (ref.conv3x3_pool if pool else ref.conv3x3)(x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
         assert_close_rel(out, want, dtype=dtype, what=what)
         grad = random_input(*out.shape, dtype=dtype, generator=gen)
-        gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool)
+        # Ci <= 4: lrelu and tanh read the derivative off out, silu recomputes the conv.
+        gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool, y=out)
         if pool:
             p = ref.conv3x3_preact(x.double(), w.double(), b.double())
             qh = torch.arange(h // 2).view(1, 1, -1, 1)
@@ -900,6 +907,37 @@ def test_emulated_conv3x3_small(emu, dtype, ci, co, pool):
             want_g = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
         for got, exp, name in zip((gx, gw, gb), want_g, ("x", "w", "b"), strict=True):
             assert_close_rel(got, exp, dtype=dtype, what=f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_emulated_conv3x3_small_backward_reads_the_derivative_off_y(emu, act, pool):
+    """Ci <= 4 with the forward's output y: the fused weight-gradient kernel takes the
+    activation's derivative from y (gain > 0, clamp included) instead of recomputing the
+    conv, and every gradient still matches the reference (float32)."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(50 + ACT_CODES[act])
+    x = random_input(2, 3, 9, 10, layout="channels_last", generator=gen)
+    w = torch.randn(12, 3, 3, 3, generator=gen, dtype=torch.float64).float() / 3
+    b = torch.randn(12, generator=gen, dtype=torch.float64).float() * 0.2
+    gain, clamp = 1.41, 0.7
+    out, saved = _emu_conv(emu, x, w, b, act, gain, clamp, pool)
+    grad = random_input(*out.shape, generator=gen)
+    from_y = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool, y=out)
+    recomputed = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool)
+    if pool:
+        p = ref.conv3x3_preact(x.double(), w.double(), b.double())
+        am = saved.long()
+        idx = (2 * torch.arange(4).view(1, 1, -1, 1) + am // 2) * 10 + 2 * torch.arange(5).view(1, 1, 1, -1) + am % 2
+        gp = ref._unpool(grad.double(), idx, p.shape) * ref.epilogue_derivative(p, act, 0.2, gain, clamp)
+        want = ref._conv_grads(gp, x.double(), w.double(), True, (True, True, True))
+    else:
+        want = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
+    for got, exp, name in zip(from_y, want, ("x", "w", "b"), strict=True):
+        assert_close_rel(got, exp, dtype=torch.float32, what=f"{act} pool={pool} grad {name} from y")
+    for got, exp, name in zip(recomputed, want, ("x", "w", "b"), strict=True):
+        assert_close_rel(got, exp, dtype=torch.float32, what=f"{act} pool={pool} grad {name} recomputed")
 
 
 def test_emulated_conv3x3_small_several_tiles(emu):
