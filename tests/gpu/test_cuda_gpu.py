@@ -221,7 +221,7 @@ def test_conv3x3_small_partial_gradients(needs, ci, co):
     x, wt, b = _conv_inputs(2, ci, co, 10, 12, torch.float32, "channels_last", 13)
     grad = _x((2, co, 5, 6), torch.float32, "channels_last", 14)
     _, saved = cuda_backend._ops().conv3x3_small(x, wt, b, "relu", 0.2, 1.0, None, True)
-    got = cuda_backend._ops().conv3x3_small_backward(grad, x, wt, b, saved, "relu", 0.2, 1.0, None, True, list(needs))
+    got = cuda_backend._ops().conv3x3_small_backward(grad, x, wt, b, saved, None, "relu", 0.2, 1.0, None, True, list(needs))
     want = _reference_pool_grads(grad, x, wt, b, "relu", 1.0, None, saved, needs)
     for need, g, w in zip(needs, got, want, strict=True):
         if need:
