@@ -109,6 +109,35 @@ __device__ __forceinline__ float epilogue_derivative(float p, const Epilogue& e)
   return d;
 }
 
+// d epilogue(p) / dp read off the op's output y = epilogue(p) instead of p, where that is
+// exact: gain > 0 and act linear, relu, lrelu with alpha >= 0 (y > 0 exactly where p > 0),
+// tanh (1 - (y/gain)^2) or sigmoid (s (1 - s), s = y/gain); not silu. See
+// derivative_from_output(). `clamp_y` is the clamp level as stored in y's dtype: a clamped
+// value sits exactly at it.
+__device__ __forceinline__ bool derivative_from_output(const Epilogue& e) {
+  return e.gain > 0.f && e.act != kSilu && !(e.act == kLrelu && e.alpha < 0.f);
+}
+__device__ __forceinline__ float epilogue_derivative_from_output(float y, const Epilogue& e, float clamp_y) {
+  float d;
+  switch (e.act) {
+    case kRelu: d = y > 0.f ? e.gain : 0.f; break;
+    case kLrelu: d = y > 0.f ? e.gain : e.gain * e.alpha; break;
+    case kTanh: {
+      const float t = y / e.gain;
+      d = e.gain * (1.f - t * t);
+      break;
+    }
+    case kSigmoid: {
+      const float s = y / e.gain;
+      d = e.gain * s * (1.f - s);
+      break;
+    }
+    default: d = e.gain;
+  }
+  if (e.has_clamp && !(y > -clamp_y && y < clamp_y)) d = 0.f;
+  return d;
+}
+
 // ---------------------------------------------------------------------------------
 // Division-free indexing.
 

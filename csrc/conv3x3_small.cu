@@ -1,6 +1,8 @@
 // Direct 3×3 convolution (padding 1) for small channel counts (Ci <= 4 or Co <= 4: a
 // discriminator's RGB input layer, a generator's RGB output layer), where the GEMM
 // formulation wastes most of the tensor core and cuDNN is far off the memory floor.
+// The fp16 / bf16 forward with Ci <= 4 and Co > 4 runs on tensor cores instead
+// (csrc/conv3x3_rgb_mma.cu; the routing is in launch_conv3x3_small_fwd).
 //
 // Forward: a block owns a 32×32 pixel tile of one image and COB output channels; each
 // thread computes a 2×2 quad of pixels for all COB channels (every weight read from
@@ -291,6 +293,7 @@ struct WgradParams {
   const int8_t* argmax;
   const T* gp_in;
   T* gp_out;
+  const T* y;  // fused: the forward's output (pooled when pool); the derivative is read off it
   float* partial;
   int64_t N, Ci, H, W, Co;
   int64_t xs0, xs1, xs2, xs3;
@@ -333,6 +336,10 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
     for (int k = 0; k < 10; ++k) acc[j][k] = 0.f;
 
   const int64_t Hp = p.H / 2, Wp = p.W / 2;
+  // The fused kernels take the epilogue's derivative from y where it is exact (no conv
+  // recomputed), else from the recomputed pre-activation.
+  const bool from_y = FUSED && p.y != nullptr && derivative_from_output(p.e);
+  const float clamp_y = round_to<T>(p.e.clamp);
   for (int64_t w0 = 0; w0 < p.W; w0 += kWTW) {
     __syncthreads();  // previous tile fully consumed (and wsm/bsm written)
     constexpr int XT_H = kWTH + 2, XT_W = kWTW + 2;
@@ -388,15 +395,21 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
         const int64_t co = co0 + j;
         float g = 0.f;
         if (inside && co < p.Co) {
-          float pre = bsm[j];
-#pragma unroll
-          for (int c = 0; c < kWCIC; ++c) {
-            if (c >= p.Ci) break;  // uniform: skip the zero padding channels
-#pragma unroll
-            for (int k = 0; k < 9; ++k) pre = fmaf(wsm[j][c * 9 + k], xv[c][k], pre);
-          }
           const int64_t o = dense_off(p.cl, n, co, h, w, p.Co, p.H, p.W);
-          g = to_f<T>(p.grad[o]) * epilogue_derivative(pre, p.e);
+          float d;
+          if (from_y) {
+            d = epilogue_derivative_from_output(to_f<T>(p.y[o]), p.e, clamp_y);
+          } else {
+            float pre = bsm[j];
+#pragma unroll
+            for (int c = 0; c < kWCIC; ++c) {
+              if (c >= p.Ci) break;  // uniform: skip the zero padding channels
+#pragma unroll
+              for (int k = 0; k < 9; ++k) pre = fmaf(wsm[j][c * 9 + k], xv[c][k], pre);
+            }
+            d = epilogue_derivative(pre, p.e);
+          }
+          g = to_f<T>(p.grad[o]) * d;
           if (p.gp_out != nullptr) p.gp_out[o] = from_f<T>(g);
         }
         gs[j][tid] = g;
@@ -421,15 +434,22 @@ __global__ void __launch_bounds__(kWThreads) wgrad_kernel(WgradParams<T> p) {
         if (exists && co < p.Co) {
           const int64_t po = dense_off(p.cl, n, co, hq, wq, p.Co, Hp, Wp);
           am = p.argmax[po] & 3;
-          const int r = 2 * qr + (am >> 1), cc = 2 * qc + (am & 1);
-          float pre = bsm[j];
+          float d;
+          if (from_y) {  // the pooled output is y at the argmax pixel
+            d = epilogue_derivative_from_output(to_f<T>(p.y[po]), p.e, clamp_y);
+          } else {
+            const int r = 2 * qr + (am >> 1), cc = 2 * qc + (am & 1);
+            float pre = bsm[j];
 #pragma unroll
-          for (int c = 0; c < kWCIC; ++c) {
-            if (c >= p.Ci) break;
+            for (int c = 0; c < kWCIC; ++c) {
+              if (c >= p.Ci) break;
 #pragma unroll
-            for (int k = 0; k < 9; ++k) pre = fmaf(wsm[j][c * 9 + k], xs[c * kWXS + (r + k / 3) * XT_W + cc + k % 3], pre);
+              for (int k = 0; k < 9; ++k)
+                pre = fmaf(wsm[j][c * 9 + k], xs[c * kWXS + (r + k / 3) * XT_W + cc + k % 3], pre);
+            }
+            d = epilogue_derivative(pre, p.e);
           }
-          g = to_f<T>(p.grad[po]) * epilogue_derivative(pre, p.e);
+          g = to_f<T>(p.grad[po]) * d;
         }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -523,7 +543,7 @@ void wgrad_grid(const ConvShape& s, bool fused, int64_t& bands, int64_t& nco, in
 
 template <typename T>
 cudaError_t wgrad(bool fused, const void* x, const void* w, const void* b, const void* grad, const int8_t* argmax,
-                  const void* gp_in, void* gp_out, float* partial, float* gw, float* gb, ConvShape s, Epilogue e,
+                  const void* gp_in, void* gp_out, const void* y, float* partial, float* gw, float* gb, ConvShape s, Epilogue e,
                   bool pool, cudaStream_t stream) {
   if (fused && s.Ci > kWCIC) return cudaErrorInvalidValue;
   int64_t bands, nco, nci;
@@ -539,6 +559,7 @@ cudaError_t wgrad(bool fused, const void* x, const void* w, const void* b, const
   p.argmax = argmax;
   p.gp_in = static_cast<const T*>(gp_in);
   p.gp_out = static_cast<T*>(gp_out);
+  p.y = static_cast<const T*>(y);
   p.partial = partial;
   p.N = s.N;
   p.Ci = s.Ci;
@@ -576,6 +597,10 @@ cudaError_t wgrad(bool fused, const void* x, const void* w, const void* b, const
 
 cudaError_t launch_conv3x3_small_fwd(int dtype, const void* x, const void* w, const void* b, void* out, int8_t* argmax,
                                      ConvShape s, Epilogue e, bool pool, cudaStream_t stream) {
+  // fp16 / bf16 with Ci <= 4 and Co > 4 run on tensor cores (csrc/conv3x3_rgb_mma.cu);
+  // float32 (no 16-bit tensor-core operands without changing its precision) and Co <= 4
+  // layers (an n8 tile would be mostly padding) stay on the CUDA-core kernel below.
+  if (conv3x3_rgb_mma_serves(dtype, s)) return launch_conv3x3_rgb_mma_fwd(dtype, x, w, b, out, argmax, s, e, pool, stream);
   return GK_DISPATCH(dtype, fwd, x, w, b, out, argmax, s, e, pool, stream);
 }
 
@@ -593,9 +618,10 @@ int64_t conv3x3_small_wgrad_partial_numel(ConvShape s, bool fused) {
 
 cudaError_t launch_conv3x3_small_wgrad(int dtype, bool fused, const void* x, const void* w, const void* b,
                                        const void* grad, const int8_t* argmax, const void* gp_in, void* gp_out,
-                                       float* partial, float* gw, float* gb, ConvShape s, Epilogue e, bool pool,
-                                       cudaStream_t stream) {
-  return GK_DISPATCH(dtype, wgrad, fused, x, w, b, grad, argmax, gp_in, gp_out, partial, gw, gb, s, e, pool, stream);
+                                       const void* y, float* partial, float* gw, float* gb, ConvShape s, Epilogue e,
+                                       bool pool, cudaStream_t stream) {
+  return GK_DISPATCH(dtype, wgrad, fused, x, w, b, grad, argmax, gp_in, gp_out, y, partial, gw, gb, s, e, pool,
+                     stream);
 }
 
 }  // namespace gk

@@ -96,11 +96,22 @@ cudaError_t launch_conv3x3_small_gp(int dtype, const void* x, const void* w, con
 // pixels (N == 0 or H * W == 0).
 //  fused (Ci <= 4): the pre-activation gradient is recomputed in the kernel from x, w,
 //    b, grad (and argmax when pool), and also written to gp_out when it is not null.
+//    With y (the forward's output, pooled when pool; may be null) the activation's
+//    derivative is read off y where that is exact (gain > 0; linear, relu, lrelu with
+//    alpha >= 0, tanh, sigmoid): no conv is recomputed.
 //  not fused: it is read from gp_in ([N, Co, H, W], `cl` layout, the conv dtype).
 int64_t conv3x3_small_wgrad_partial_numel(ConvShape s, bool fused);
 cudaError_t launch_conv3x3_small_wgrad(int dtype, bool fused, const void* x, const void* w, const void* b,
                                        const void* grad, const int8_t* argmax, const void* gp_in, void* gp_out,
-                                       float* partial, float* gw, float* gb, ConvShape s, Epilogue e, bool pool,
-                                       cudaStream_t stream);
+                                       const void* y, float* partial, float* gw, float* gb, ConvShape s, Epilogue e,
+                                       bool pool, cudaStream_t stream);
+
+// The forward above on tensor cores (csrc/conv3x3_rgb_mma.cu) for the calls it serves:
+// fp16 / bf16, 1 <= Ci <= 4, Co > 4 (a discriminator's RGB input layer), on a GPU the
+// kernel was built for with sm_80+ code. launch_conv3x3_small_fwd routes to it by this
+// predicate; float32 and Co <= 4 layers stay on the CUDA-core kernel.
+bool conv3x3_rgb_mma_serves(int dtype, const ConvShape& s);
+cudaError_t launch_conv3x3_rgb_mma_fwd(int dtype, const void* x, const void* w, const void* b, void* out,
+                                       int8_t* argmax, ConvShape s, Epilogue e, bool pool, cudaStream_t stream);
 
 }  // namespace gk

@@ -73,12 +73,15 @@ gk::Epilogue make_epilogue(c10::string_view act, double alpha, double gain, std:
   return e;
 }
 
-// channels_last when x is laid out so and not also plain contiguous (as
-// gankernels.ops.reference.memory_format_of).
+// The memory format of an op's outputs for input x, the rule of
+// gankernels.ops.reference.memory_format_of (the fake kernels use it): a dense tensor is
+// channels_last when it is laid out so and not also plain contiguous (a [N, C, 1, 1]
+// tensor reads as contiguous); a strided view takes the format its strides suggest, as
+// F.conv2d, F.max_pool2d and F.interpolate do.
 at::MemoryFormat format_of(const at::Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
+  if (x.dim() != 4 || x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return x.suggest_memory_format();
 }
 
 bool aligned16(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0; }
@@ -373,8 +376,8 @@ std::tuple<at::Tensor, at::Tensor> conv3x3_small(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-    const at::Tensor& saved, c10::string_view act, double alpha, double gain, std::optional<double> clamp, bool pool,
-    std::array<bool, 3> needs) {
+    const at::Tensor& saved, const std::optional<at::Tensor>& y, c10::string_view act, double alpha, double gain,
+    std::optional<double> clamp, bool pool, std::array<bool, 3> needs) {
   const char* op = "conv3x3_small_backward";
   gk::ConvShape s = conv_checks(x, w, b, pool, op);
   gk::Epilogue e = make_epilogue(act, alpha, gain, clamp, op);
@@ -389,6 +392,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
                 saved.scalar_type(), " of shape ", saved.sizes());
     TORCH_CHECK(saved.device() == x.device(), where(op), "saved is on ", saved.device(), " but x is on ", x.device());
   }
+  if (y.has_value()) {
+    check_like(*y, x, op, "y");
+    TORCH_CHECK(y->sizes() == at::IntArrayRef(out_shape), where(op), "y must be the forward's output, of shape ",
+                at::IntArrayRef(out_shape), ", got ", y->sizes());
+  }
   require_cuda(x, op);
   c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -402,6 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
   const int8_t* amptr = pool ? am.data_ptr<int8_t>() : nullptr;
   const bool fused = s.Ci <= 4;
   const bool want_gw = needs[1], want_gb = needs[2] && b.has_value();
+  // The fused kernel reads the activation's derivative off y where that is exact.
+  at::Tensor yc = (fused && y.has_value()) ? y->contiguous(fmt) : at::Tensor();
 
   at::Tensor gp;  // dL/d(pre-activation), [N, Co, H, W] in x's format
   if (needs[0] || !fused) gp = poisoned(at::empty({s.N, s.Co, s.H, s.W}, x.options().memory_format(fmt)));
@@ -421,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_small_backward(
     check_launch(gk::launch_conv3x3_small_wgrad(dt, fused, x.data_ptr(), wc.data_ptr(), bptr, g.data_ptr(), amptr,
                                                 fused ? nullptr : gp.data_ptr(),
                                                 (fused && needs[0]) ? gp.data_ptr() : nullptr,
-                                                partial.data_ptr<float>(), want_gw ? gw32.data_ptr<float>() : nullptr,
+                                                yc.defined() ? yc.data_ptr() : nullptr, partial.data_ptr<float>(), want_gw ? gw32.data_ptr<float>() : nullptr,
                                                 want_gb ? gb32.data_ptr<float>() : nullptr, s, e, pool, stream),
                  op);
   }
@@ -479,8 +489,8 @@ TORCH_LIBRARY(gankernels_cuda, m) {
       "conv3x3_small(Tensor x, Tensor w, Tensor? b, str act, float alpha, float gain, float? clamp, bool pool) "
       "-> (Tensor, Tensor)");
   m.def(
-      "conv3x3_small_backward(Tensor grad, Tensor x, Tensor w, Tensor? b, Tensor saved, str act, float alpha, "
-      "float gain, float? clamp, bool pool, bool[3] needs) -> (Tensor, Tensor, Tensor)");
+      "conv3x3_small_backward(Tensor grad, Tensor x, Tensor w, Tensor? b, Tensor saved, Tensor? y, str act, "
+      "float alpha, float gain, float? clamp, bool pool, bool[3] needs) -> (Tensor, Tensor, Tensor)");
 }
 
 #define GK_REGISTER_IMPLS(m)                                             \

@@ -117,11 +117,11 @@ def test_fake_kernels(fmt, device, dtype):
         out, saved = ops.conv3x3_small(x, w, b, "lrelu", 0.2, 1.0, None, True)
         _expect(out, (2, 16, 4, 5), dtype, fmt)
         _expect(saved, (2, 16, 4, 5), torch.int8, fmt)
-        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, b, saved, "lrelu", 0.2, 1.0, None, True, [True, True, True])
+        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, b, saved, out, "lrelu", 0.2, 1.0, None, True, [True, True, True])
         _expect(gx, x.shape, dtype, fmt)
         _expect(gw, w.shape, dtype)
         _expect(gb, b.shape, dtype)
-        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, None, saved, "lrelu", 0.2, 1.0, None, True, [False, True, True])
+        gx, gw, gb = ops.conv3x3_small_backward(out, x, w, None, saved, None, "lrelu", 0.2, 1.0, None, True, [False, True, True])
         assert gx.numel() == 0 and gb.numel() == 0 and tuple(gw.shape) == tuple(w.shape)
 
 
@@ -179,11 +179,15 @@ BAD_CALLS = {
         r"needs H and W >= 2",
     ),
     "conv bwd grad shape": (
-        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, False, NEEDS),
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, None, "relu", 0.2, 1.0, None, False, NEEDS),
         r"grad must have the output's shape \[2, 16, 8, 8\]",
     ),
+    "conv bwd y shape": (
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, x4, "relu", 0.2, 1.0, None, True, NEEDS),
+        r"y must be the forward's output, of shape \[2, 16, 4, 4\]",
+    ),
     "conv bwd saved dtype": (
-        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), "relu", 0.2, 1.0, None, True, NEEDS),
+        lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax.long(), None, "relu", 0.2, 1.0, None, True, NEEDS),
         r"saved must be the forward's int8 argmax",
     ),
     "pool x not 4-D": (lambda: ops.max_pool2d(x4[0], *pool_cfg, False), r"x must be a 4-D tensor"),
@@ -221,7 +225,7 @@ BAD_CALLS = {
 
 VALID_CPU_CALLS = {
     "conv": lambda: ops.conv3x3_small(x4, w3, b16, "relu", 0.2, 1.0, None, True),
-    "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, "relu", 0.2, 1.0, None, True, NEEDS),
+    "conv bwd": lambda: ops.conv3x3_small_backward(pooled, x4, w3, b16, argmax, pooled, "relu", 0.2, 1.0, None, True, NEEDS),
     "pool": lambda: ops.max_pool2d(x4, *pool_cfg, False),
     "upsample": lambda: ops.upsample_nearest2d(x4, 2),
     "bias_act": lambda: ops.bias_act(x4, torch.randn(3), "silu", 0.2, 1.0, 1.0, 1),
@@ -655,7 +659,9 @@ def emu(tmp_path_factory):
         "emu_conv_fwd": [I, P, P, P, P, P, P, I, *epi, I],
         "emu_conv_gp": [I, P, P, P, P, P, P, P, I, *epi, I],
         "emu_conv_partial_numel": [P, I, I],
-        "emu_conv_wgrad": [I, I, P, P, P, P, P, P, P, P, P, P, P, I, *epi, I],
+        "emu_conv_wgrad": [I, I, P, P, P, P, P, P, P, P, P, P, P, P, I, *epi, I],
+        "emu_conv_rgb_mma_serves": [I, P, I],
+        "emu_mma_m16n8k16": [I, P, P, P, P],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -823,8 +829,9 @@ def _emu_conv(emu, x, w, b, act, gain, clamp, pool):
     return out, saved
 
 
-def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool):
-    """ops.cpp's conv3x3_small_backward (all gradients), on the emulated kernels."""
+def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool, y=None):
+    """ops.cpp's conv3x3_small_backward (all gradients), on the emulated kernels; y, the
+    forward's output, lets the fused kernel read the derivative off it."""
     n, ci, h, wd = x.shape
     co = w.shape[0]
     fmt = ref.memory_format_of(x)
@@ -847,6 +854,7 @@ def _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool):
         _p(saved),
         None if fused else _p(gp),
         _p(gp) if fused else None,
+        _p(y.contiguous(memory_format=fmt)) if (fused and y is not None) else None,
         _p(partial),
         _p(gw),
         _p(gb),
@@ -884,7 +892,8 @@ def test_emulated_conv3x3_small(emu, dtype, ci, co, pool):
         want = (ref.conv3x3_pool if pool else ref.conv3x3)(x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
         assert_close_rel(out, want, dtype=dtype, what=what)
         grad = random_input(*out.shape, dtype=dtype, generator=gen)
-        gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool)
+        # Ci <= 4: lrelu and tanh read the derivative off out, silu recomputes the conv.
+        gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool, y=out)
         if pool:
             p = ref.conv3x3_preact(x.double(), w.double(), b.double())
             qh = torch.arange(h // 2).view(1, 1, -1, 1)
@@ -898,6 +907,37 @@ def test_emulated_conv3x3_small(emu, dtype, ci, co, pool):
             want_g = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
         for got, exp, name in zip((gx, gw, gb), want_g, ("x", "w", "b"), strict=True):
             assert_close_rel(got, exp, dtype=dtype, what=f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_emulated_conv3x3_small_backward_reads_the_derivative_off_y(emu, act, pool):
+    """Ci <= 4 with the forward's output y: the fused weight-gradient kernel takes the
+    activation's derivative from y (gain > 0, clamp included) instead of recomputing the
+    conv, and every gradient still matches the reference (float32)."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(50 + ACT_CODES[act])
+    x = random_input(2, 3, 9, 10, layout="channels_last", generator=gen)
+    w = torch.randn(12, 3, 3, 3, generator=gen, dtype=torch.float64).float() / 3
+    b = torch.randn(12, generator=gen, dtype=torch.float64).float() * 0.2
+    gain, clamp = 1.41, 0.7
+    out, saved = _emu_conv(emu, x, w, b, act, gain, clamp, pool)
+    grad = random_input(*out.shape, generator=gen)
+    from_y = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool, y=out)
+    recomputed = _emu_conv_backward(emu, grad, x, w, b, saved, act, gain, clamp, pool)
+    if pool:
+        p = ref.conv3x3_preact(x.double(), w.double(), b.double())
+        am = saved.long()
+        idx = (2 * torch.arange(4).view(1, 1, -1, 1) + am // 2) * 10 + 2 * torch.arange(5).view(1, 1, 1, -1) + am % 2
+        gp = ref._unpool(grad.double(), idx, p.shape) * ref.epilogue_derivative(p, act, 0.2, gain, clamp)
+        want = ref._conv_grads(gp, x.double(), w.double(), True, (True, True, True))
+    else:
+        want = ref.conv3x3_backward(grad.double(), x.double(), w.double(), b.double(), act, 0.2, gain, clamp)
+    for got, exp, name in zip(from_y, want, ("x", "w", "b"), strict=True):
+        assert_close_rel(got, exp, dtype=torch.float32, what=f"{act} pool={pool} grad {name} from y")
+    for got, exp, name in zip(recomputed, want, ("x", "w", "b"), strict=True):
+        assert_close_rel(got, exp, dtype=torch.float32, what=f"{act} pool={pool} grad {name} recomputed")
 
 
 def test_emulated_conv3x3_small_several_tiles(emu):
@@ -934,6 +974,134 @@ def test_emulated_conv3x3_small_backward_without_pixels(emu, ci, co, shape):
     gx, gw, gb = _emu_conv_backward(emu, grad, x, w, b, None, "lrelu", 1.0, None, False)
     assert gx.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+# ----------------------------------------------------------------------------------
+# The tensor-core forward of the RGB layers (csrc/conv3x3_rgb_mma.cu), through the
+# emulated mma.sync (csrc/emu/cuda_emu.h). launch_conv3x3_small_fwd routes fp16 / bf16
+# calls with 1 <= Ci <= 4 and Co > 4 to it, so the conv tests above run it too.
+
+MMA_TYPES = {torch.float16: 1, torch.bfloat16: 0}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw 16 bits of a float16 / bfloat16 tensor, as int64 in [0, 2^16)."""
+    return t.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _fragments(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
+    """A [16, 16], B [16, 8] (16-bit) and C [16, 8] (float32) as the lanes' registers, from
+    the PTX ISA's tables ("Matrix Fragments for mma.m16n8k16 with floating point type"):
+    with g = lane // 4, t = lane % 4, element a_i (i < 8) is at row g + 8 for i in {2, 3, 6, 7}
+    (else g), column 2t + i % 2 (+ 8 for i >= 4); b_i (i < 4) at row 2t + i % 2 (+ 8 for
+    i >= 2), column g; c_i at row g (+ 8 for i >= 2), column 2t + i % 2. Two 16-bit
+    elements share a register, a_{2r} in the low half."""
+    ab, bb = _bits(a), _bits(b)
+    ra, rb, rc = torch.zeros(32, 4, dtype=torch.int64), torch.zeros(32, 2, dtype=torch.int64), torch.zeros(32, 4)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(8):
+            row = g + 8 * (i in (2, 3, 6, 7))
+            col = 2 * t + i % 2 + 8 * (i >= 4)
+            ra[lane, i // 2] |= ab[row, col] << (16 * (i % 2))
+        for i in range(4):
+            rb[lane, i // 2] |= bb[2 * t + i % 2 + 8 * (i >= 2), g] << (16 * (i % 2))
+            rc[lane, i] = c[g + 8 * (i >= 2), 2 * t + i % 2]
+    to_u32 = lambda r: r.to(torch.int32).contiguous()  # noqa: E731 (the same 32 bits)
+    return to_u32(ra), to_u32(rb), rc.contiguous()
+
+
+def _unfragment(d: torch.Tensor) -> torch.Tensor:
+    """D [16, 8] from the lanes' d registers (the C table)."""
+    out = torch.full((16, 8), float("nan"))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(4):
+            out[g + 8 * (i >= 2), 2 * t + i % 2] = d[lane, i]
+    return out
+
+
+@pytest.mark.parametrize("dtype", list(MMA_TYPES))
+def test_emulated_mma_is_a_matmul(emu, dtype):
+    """The emulated mma.m16n8k16 (via csrc/mma.cuh's wrapper) on random fragments is
+    A·B + C, with every element placed by the PTX ISA's fragment layout."""
+    gen = torch.Generator().manual_seed(21)
+    for _ in range(3):
+        a = torch.randn(16, 16, generator=gen).to(dtype)
+        b = torch.randn(16, 8, generator=gen).to(dtype)
+        c = torch.randn(16, 8, generator=gen)
+        ra, rb, rc = _fragments(a, b, c)
+        d = torch.full((32, 4), float("nan"))
+        assert emu.emu_mma_m16n8k16(MMA_TYPES[dtype], _p(ra), _p(rb), _p(rc), _p(d)) == 0
+        want = a.double() @ b.double() + c.double()
+        torch.testing.assert_close(_unfragment(d).double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_rgb_mma_routing(emu):
+    """The launcher's predicate: fp16 / bf16, 1 <= Ci <= 4, Co > 4; float32, wider inputs
+    and Co <= 4 layers stay on the CUDA-core kernel."""
+
+    def serves(dtype, ci, co):
+        s9 = _i64(1, ci, 8, 8, co, ci * 64, 1, 8 * ci, ci)
+        return bool(emu.emu_conv_rgb_mma_serves(EMU_DTYPES[dtype], s9, 1))
+
+    assert serves(torch.bfloat16, 3, 64) and serves(torch.float16, 3, 64)
+    assert serves(torch.bfloat16, 1, 5) and serves(torch.bfloat16, 4, 200)
+    assert not serves(torch.float32, 3, 64)
+    assert not serves(torch.bfloat16, 5, 64) and not serves(torch.bfloat16, 0, 64)
+    assert not serves(torch.bfloat16, 3, 4) and not serves(torch.float16, 12, 3)
+
+
+RGB_CASES = (  # layout, (N, H, W), Co, act, gain, clamp, bias
+    ("channels_last", (2, 9, 11), 64, "lrelu", 1.0, None, True),  # odd H/W, packed stores
+    ("nchw", (1, 6, 35), 70, "silu", 1.41, 0.6, True),  # two column tiles, two 64-channel chunks
+    ("noncontiguous", (1, 7, 5), 13, "tanh", 1.0, None, False),  # strided x, odd Co
+    ("channels_last", (1, 5, 34), 21, "sigmoid", 1.0, None, False),  # odd Co: unpacked channels_last
+)
+
+
+@pytest.mark.parametrize("dtype", list(MMA_TYPES))
+@pytest.mark.parametrize("ci", [1, 2, 3, 4])
+@pytest.mark.parametrize("pool", [False, True])
+def test_emulated_conv3x3_rgb_mma(emu, dtype, ci, pool):
+    """Against the float64 reference: one, two and three k16 steps (Ci = 1, 2-3, 4),
+    borders, odd sizes, several tiles and channel chunks, bias or not, every layout."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(30 + ci)
+    for layout, (n, h, wd), co, act, gain, clamp, bias in RGB_CASES:
+        x = random_input(n, ci, h, wd, dtype=dtype, layout=layout, generator=gen)
+        assert emu.emu_conv_rgb_mma_serves(EMU_DTYPES[dtype], _i64(n, ci, h, wd, co, *x.stride()), int(_cl(x)))
+        w = (torch.randn(co, ci, 3, 3, generator=gen, dtype=torch.float64) / (3 * ci**0.5)).to(dtype)
+        b = (torch.randn(co, generator=gen, dtype=torch.float64) * 0.2).to(dtype) if bias else None
+        out, _ = _emu_conv(emu, x, w, b, act, gain, clamp, pool)
+        bd = b.double() if bias else None
+        want = (ref.conv3x3_pool if pool else ref.conv3x3)(x.double(), w.double(), bd, act, 0.2, gain, clamp)
+        assert out.stride() == torch.empty_like(want, dtype=dtype).contiguous(memory_format=ref.memory_format_of(x)).stride()
+        assert_close_rel(out, want, dtype=dtype, what=f"Ci={ci} Co={co} {layout} {act} pool={pool}")
+
+
+@pytest.mark.parametrize("act", list(ACT_CODES))
+@pytest.mark.parametrize("dtype", list(MMA_TYPES))
+def test_emulated_conv3x3_rgb_mma_pool_is_in_thread(emu, act, dtype):
+    """Every activation; the in-thread pool sees exactly the values the unpooled kernel
+    stores and picks PyTorch's window maximum (the first one on ties: relu's zeros)."""
+    from gankernels.testing import assert_close_rel, random_input
+
+    gen = torch.Generator().manual_seed(40 + ACT_CODES[act])
+    for layout in ("channels_last", "nchw"):
+        x = random_input(2, 3, 10, 13, dtype=dtype, layout=layout, generator=gen)
+        w = (torch.randn(64, 3, 3, 3, generator=gen, dtype=torch.float64) / 5).to(dtype)
+        b = (torch.randn(64, generator=gen, dtype=torch.float64) * 0.2).to(dtype)
+        full, _ = _emu_conv(emu, x, w, b, act, 1.0, None, False)
+        assert_close_rel(full, ref.conv3x3(x.double(), w.double(), b.double(), act), dtype=dtype, what=f"{act} {layout}")
+        pooled, argmax = _emu_conv(emu, x, w, b, act, 1.0, None, True)
+        want, widx = F.max_pool2d(full.float(), 2, return_indices=True)
+        assert torch.equal(pooled.float(), want)
+        qh = torch.arange(5).view(1, 1, -1, 1)
+        qw = torch.arange(6).view(1, 1, 1, -1)
+        am = argmax.long()
+        assert torch.equal((2 * qh + am // 2) * 13 + 2 * qw + am % 2, widx)
 
 
 # ----------------------------------------------------------------------------------

@@ -88,3 +88,28 @@ def test_every_kernel_is_analysed(kernels):
 @pytest.mark.slow
 def test_no_kernel_spills_or_divides_in_a_loop(kernels):
     assert static_cuda.problems(kernels) == []
+
+
+@pytest.mark.slow
+def test_rgb_conv_runs_on_tensor_cores(kernels):
+    """Every instance of the RGB conv (dtype × k16 steps × pool × activation) issues its
+    2 m16 tiles × 8 n8 tiles × k16 steps HMMA in one loop (the loop over 32-pixel groups),
+    with no runtime integer division inside it and no spills."""
+    rgb = [k for k in kernels if k.name.startswith("conv_rgb_mma_kernel<")]
+    assert len(rgb) == 2 * 3 * 2 * 6, [k.name for k in rgb]
+    for k in rgb:
+        steps = int(k.name.split(",")[1])
+        hot = static_cuda.hot_mma_loop(k.loops)
+        assert hot is not None, f"{k.name}: no loop holds an HMMA"
+        assert hot.hmma == k.hmma == 2 * 8 * steps, (k.name, hot.hmma, k.hmma)
+        assert hot.int_divisions == 0 and k.int_divisions_in_loops == 0, k.name
+        assert k.spill_stores == k.spill_loads == 0, k.name
+        assert k.instructions_per_mma == round(hot.instructions / hot.hmma, 1)
+
+
+@pytest.mark.slow
+def test_cuda_core_conv_has_no_tensor_core_instructions(kernels):
+    """The kernels left on CUDA cores (float32, Co <= 4, the backward) stay there: the HMMA
+    count only sees the RGB forward."""
+    others = [k for k in kernels if k.hmma and not k.name.startswith("conv_rgb_mma_kernel<")]
+    assert others == []

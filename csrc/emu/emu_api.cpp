@@ -88,14 +88,17 @@ int emu_conv_gp(int dt, const void* x, const void* w, const void* b, const void*
                                  epi(act, alpha, gain, clamp, has_clamp), pool, nullptr);
 }
 
+int emu_conv_rgb_mma_serves(int dt, const int64_t* s9, int cl) { return conv3x3_rgb_mma_serves(dt, conv_shape(s9, cl)); }
+
 int64_t emu_conv_partial_numel(const int64_t* s9, int cl, int fused) {
   return conv3x3_small_wgrad_partial_numel(conv_shape(s9, cl), fused);
 }
 
 int emu_conv_wgrad(int dt, int fused, const void* x, const void* w, const void* b, const void* grad,
-                   const int8_t* argmax, const void* gp_in, void* gp_out, float* partial, float* gw, float* gb,
-                   const int64_t* s9, int cl, int act, float alpha, float gain, float clamp, int has_clamp, int pool) {
-  return launch_conv3x3_small_wgrad(dt, fused, x, w, b, grad, argmax, gp_in, gp_out, partial, gw, gb,
+                   const int8_t* argmax, const void* gp_in, void* gp_out, const void* y, float* partial, float* gw,
+                   float* gb, const int64_t* s9, int cl, int act, float alpha, float gain, float clamp, int has_clamp,
+                   int pool) {
+  return launch_conv3x3_small_wgrad(dt, fused, x, w, b, grad, argmax, gp_in, gp_out, y, partial, gw, gb,
                                     conv_shape(s9, cl), epi(act, alpha, gain, clamp, has_clamp), pool, nullptr);
 }
 

@@ -40,7 +40,7 @@ def _split_top(s: str) -> list[str]:
 
 # Kernels that use __syncthreads or warp shuffles need every thread of a block running
 # concurrently; the others are run thread after thread (far cheaper).
-SYNCING_KERNELS = ("conv_small_kernel", "wgrad_kernel", "wgrad_reduce_kernel")
+SYNCING_KERNELS = ("conv_small_kernel", "wgrad_kernel", "wgrad_reduce_kernel", "conv_rgb_mma_kernel", "mma_probe_kernel")
 
 
 def rewrite(src: str) -> str:
@@ -55,7 +55,7 @@ def rewrite(src: str) -> str:
 
 
 def build(out_dir: Path) -> Path:
-    sources = sorted(CSRC.glob("*.cu"))
+    sources = sorted(CSRC.glob("*.cu")) + sorted(EMU.glob("*.cu"))  # + emulation-only probes
     digest = hashlib.sha256(
         b"".join(p.read_bytes() for p in [*sources, *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh")), *sorted(EMU.glob("*"))])
     ).hexdigest()[:16]

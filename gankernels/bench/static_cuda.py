@@ -10,13 +10,17 @@ For every kernel (every template instance) it records
 * from the SASS (``nvdisasm`` of the cubin): the instruction count, the loops (a loop
   is the range between a backward branch and its target) and, per loop, the number of
   instructions and of the ones that matter for these kernels: global loads and stores,
-  FFMA (the conv's work), MUFU (transcendentals), and runtime integer divisions;
+  FFMA (the CUDA-core conv's work), HMMA (tensor-core mma.sync: the RGB conv's work), MUFU
+  (transcendentals), and runtime integer divisions;
 * the instructions per element of each memory-bound kernel's main loop (the
   grid-stride loop): its static length divided by the elements one iteration handles.
   Static means every instruction of the body counted once: every branch (e.g. the
   int64 and the window-code forms where both are compiled) and every inner loop (a
   window's taps) once. For a loop-free body it bounds what one element executes; with
-  inner loops (the general max-pool kernels) it is neither a bound nor a count.
+  inner loops (the general max-pool kernels) it is neither a bound nor a count;
+* for the tensor-core kernels, the instructions per MMA of the hot loop (the loop
+  holding the most HMMA): its static length over its HMMA count, everything the loop
+  issues besides the MMAs (operand gathers, epilogue, stores) charged to them.
 
 Runtime integer division, and how it is found. A division by a value known only at run
 time compiles to one of two sequences, both recognisable in SASS:
@@ -77,6 +81,7 @@ BRANCH = re.compile(r"\bBRA\b(?:\s+!?P\d,)?\s+`\((\.L_x_\d+)\)")
 CALL = re.compile(r"CALL\.\S+\s+`\((\$__internal_\w+\$(\w+))\)")
 INT_RECIPROCAL = re.compile(r"\bI2F(?:\.[A-Z0-9]+)*\.RP\b")
 INT_DIV_ROUTINE = re.compile(r"__cuda_sm\d+_(?:div|rem)_[su]64")
+HMMA = re.compile(r"\bHMMA\.")
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Loop:
     global_loads: int = 0
     global_stores: int = 0
     ffma: int = 0
+    hmma: int = 0
     mufu: int = 0
     int_divisions: int = 0
     depth: int = 0  # 0: outermost
@@ -110,6 +116,10 @@ class Kernel:
     elements_per_iteration: Optional[int] = None
     main_loop_instructions: Optional[int] = None
     instructions_per_element: Optional[float] = None
+    hmma: int = 0  # tensor-core instructions anywhere in the kernel body
+    hot_mma_loop_instructions: Optional[int] = None
+    hot_mma_loop_hmma: Optional[int] = None
+    instructions_per_mma: Optional[float] = None
 
 
 def find_tool(name: str, cuda_home: str) -> Optional[str]:
@@ -228,6 +238,7 @@ def analyse_body(body: list[tuple[int, str, Optional[str]]]) -> tuple[list[Loop]
                 lp.global_loads += ins.split()[0].startswith("LDG") or " LDG" in ins
                 lp.global_stores += ins.split()[0].startswith("STG") or " STG" in ins
                 lp.ffma += bool(re.search(r"\bFFMA\b", ins))
+                lp.hmma += bool(HMMA.search(ins))
                 lp.mufu += "MUFU." in ins
                 lp.int_divisions += is_div
     return loops, divisions, sorted(set(routines))
@@ -296,6 +307,11 @@ def check(csrc: Path, arch: str, workdir: Path) -> tuple[list[Kernel], dict]:
             k.int_divisions_in_loops = sum(1 for addr, ins, _ in bodies[mangled] if _in_loop(addr, loops) and _is_div(ins))
             k.division_routines_called = routines
             k.elements_per_iteration = elements_per_iteration(k.name)
+            k.hmma = sum(1 for _, ins, _ in bodies[mangled] if HMMA.search(ins))
+            hot = hot_mma_loop(loops)
+            if hot is not None:
+                k.hot_mma_loop_instructions, k.hot_mma_loop_hmma = hot.instructions, hot.hmma
+                k.instructions_per_mma = round(hot.instructions / hot.hmma, 1)
             outer = [lp for lp in loops if lp.depth == 0]
             if k.elements_per_iteration and outer:
                 k.main_loop_instructions = outer[0].instructions
@@ -303,6 +319,12 @@ def check(csrc: Path, arch: str, workdir: Path) -> tuple[list[Kernel], dict]:
             kernels.append(k)
     meta = {"arch": arch, "nvcc": version, "nvcc_flags": list(NVCC_FLAGS), "nvdisasm": nvdisasm, "csrc": str(csrc)}
     return kernels, meta
+
+
+def hot_mma_loop(loops: list[Loop]) -> Optional[Loop]:
+    """The loop holding the most tensor-core instructions (the innermost on a tie), or None."""
+    with_mma = [lp for lp in loops if lp.hmma]
+    return max(with_mma, key=lambda lp: (lp.hmma, lp.depth), default=None)
 
 
 def _in_loop(addr: int, loops: list[Loop]) -> bool:
@@ -338,27 +360,33 @@ def markdown(kernels: list[Kernel], meta: dict) -> str:
         "found); for the memory-bound kernels, the static length of the main loop and that over the elements one "
         "iteration writes (each instruction counted once: a bound for loop-free bodies, not for the general max-pool "
         "kernels, whose window loops run several times); for the others, FFMA and all instructions of "
-        "the innermost loop that holds FFMAs.",
+        "the innermost loop that holds FFMAs; for the tensor-core kernels, HMMA in the kernel, and HMMA, all "
+        "instructions and instructions per HMMA of the loop holding the most HMMA (its operand gathers and "
+        "epilogue, every branch of the runtime activation switch, counted once).",
         "",
         "Template arguments: `bias_act_kernel<T, act, backward, V, layout>` (act 0 linear, 1 relu, 2 lrelu, "
         "3 tanh, 4 sigmoid, 5 silu; layout 0 no bias, 1 one channel per vector, 2 channels_last, 3 general); "
         "`max_pool_fwd_kernel<T, V, saved type, 3 for an unrolled 3×3 else 0>`; "
         "`pool2x2_{fwd,bwd}_kernel<T, outputs per item, saved type, channels_last>` (the 2×2 stride-2 path; "
         "`signed char` = 1-byte window codes, `long` = int64 indices); "
-        "`upsample_{fwd,bwd}_kernel<T, scale (0: runtime), input elements per item, channels_last>`.",
+        "`upsample_{fwd,bwd}_kernel<T, scale (0: runtime), input elements per item, channels_last>`; "
+        "`conv_small_kernel<T, output channels per block, mode (0 forward, 1 forward + pool, 2 gp, 3 gp + pool)>`; "
+        "`conv_rgb_mma_kernel<T, k16 steps (ceil(9 Ci / 16)), pool>`.",
         "",
         "| file | kernel | regs | spill st/ld | smem | instr | loops | div (all/in loops) | main loop | elem/iter "
-        "| instr/elem | FFMA / instr (hot loop) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| instr/elem | FFMA / instr (hot loop) | HMMA | HMMA / instr (hot loop) | instr/MMA |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for k in kernels:
         ffma_loops = [lp for lp in k.loops if lp.ffma]
         hot = max(ffma_loops, key=lambda lp: (lp.depth, lp.ffma), default=None)
         hot_s = f"{hot.ffma} / {hot.instructions}" if hot else ""
+        mma_s = f"{k.hot_mma_loop_hmma} / {k.hot_mma_loop_instructions}" if k.hot_mma_loop_hmma else ""
         lines.append(
             f"| {k.file} | `{k.name}` | {k.registers} | {k.spill_stores}/{k.spill_loads} | {k.smem} | {k.instructions} | "
             f"{len(k.loops)} | {k.int_divisions}/{k.int_divisions_in_loops} | {k.main_loop_instructions or ''} | "
-            f"{k.elements_per_iteration or ''} | {k.instructions_per_element or ''} | {hot_s} |"
+            f"{k.elements_per_iteration or ''} | {k.instructions_per_element or ''} | {hot_s} | {k.hmma or ''} | {mma_s} | "
+            f"{k.instructions_per_mma or ''} |"
         )
     bad = problems(kernels)
     lines += ["", "Check: " + ("no spills, no integer division inside a loop." if not bad else "; ".join(bad)), ""]
@@ -378,27 +406,30 @@ def compare(before: dict, after: dict) -> str:
     def summary(report: dict) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for k in report["kernels"]:
-            f = out.setdefault(_family(k), {"n": 0, "regs": 0, "spill": 0, "div": 0, "ipe": []})
+            f = out.setdefault(_family(k), {"n": 0, "regs": 0, "spill": 0, "div": 0, "ipe": [], "ipm": []})
             f["n"] += 1
             f["regs"] = max(f["regs"], k["registers"])
             f["spill"] += k["spill_stores"] + k["spill_loads"]
             f["div"] += k["int_divisions_in_loops"]
             if k["instructions_per_element"] is not None:
                 f["ipe"].append(k["instructions_per_element"])
+            if k.get("instructions_per_mma") is not None:  # absent from reports before issue 16
+                f["ipm"].append(k["instructions_per_mma"])
         return out
 
-    def ipe(f: Optional[dict]) -> str:
-        if f is None or not f["ipe"]:
+    def span(f: Optional[dict], key: str) -> str:
+        if f is None or not f[key]:
             return ""
-        lo, hi = min(f["ipe"]), max(f["ipe"])
+        lo, hi = min(f[key]), max(f[key])
         return f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
 
     b, a = summary(before), summary(after)
     lines = [
         f"Before: {before.get('sources', '?')}. After: {after.get('sources', '?')}.",
         "",
-        "| kernel family | instances | max regs | spill bytes (st+ld, all instances) | division marks in loops | instr/elem |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| kernel family | instances | max regs | spill bytes (st+ld, all instances) | division marks in loops | instr/elem "
+        "| instr/MMA |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def cell(x: Optional[dict], y: Optional[dict], key: str) -> str:
@@ -407,7 +438,9 @@ def compare(before: dict, after: dict) -> str:
     for fam in sorted(set(b) | set(a)):
         x, y = b.get(fam), a.get(fam)
         cells = " | ".join(cell(x, y, key) for key in ("n", "regs", "spill", "div"))
-        lines.append(f"| `{fam}` | {cells} | {ipe(x) or '–'} → {ipe(y) or '–'} |")
+        ipe = f"{span(x, 'ipe') or '–'} → {span(y, 'ipe') or '–'}"
+        ipm = f"{span(x, 'ipm') or '–'} → {span(y, 'ipm') or '–'}"
+        lines.append(f"| `{fam}` | {cells} | {ipe} | {ipm} |")
     return "\n".join(lines) + "\n"
 
 

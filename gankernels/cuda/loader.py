@@ -262,7 +262,7 @@ def _register_fakes() -> None:
         return _conv_out(x, w, pool), _conv_saved(x, w, pool)
 
     @torch.library.register_fake(f"{ns}::conv3x3_small_backward")
-    def _conv_backward(grad, x, w, b, saved, act, alpha, gain, clamp, pool, needs):
+    def _conv_backward(grad, x, w, b, saved, y, act, alpha, gain, clamp, pool, needs):
         gx = x.new_empty(x.shape).contiguous(memory_format=_fmt(x)) if needs[0] else x.new_empty((0,))
         gw = w.new_empty(w.shape) if needs[1] else x.new_empty((0,))
         gb = b.new_empty(b.shape) if (needs[2] and b is not None) else x.new_empty((0,))

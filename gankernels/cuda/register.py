@@ -4,6 +4,12 @@ The kernels are the C++/CUDA extension's ops (``csrc/``, loaded by
 :mod:`gankernels.cuda.loader`): ``max_pool2d``, ``upsample_nearest2d``, ``bias_act``,
 and ``conv3x3``/``conv3x3_pool`` for small channel counts (Ci <= 4 or Co <= 4).
 ``up_conv3x3`` has no CUDA kernel.
+
+Which conv kernel serves a call is the extension's choice, not a reason to pass the
+backend over: fp16/bf16 with Ci <= 4 and Co > 4 (the RGB input layer) runs on tensor
+cores (``csrc/conv3x3_rgb_mma.cu``); float32 keeps the CUDA-core kernel (its 16-bit
+tensor-core operands would lose float32's precision), as do Co <= 4 layers and the
+backward (``csrc/conv3x3_small.cu``).
 """
 
 from __future__ import annotations
@@ -104,6 +110,13 @@ def _upsample_backward(grad, scale_factor):
     return _ops().upsample_nearest2d_backward(grad, int(scale_factor))
 
 
+def _derivative_from_output(act: str, alpha: float, gain: float) -> bool:
+    """Whether the backward reads the activation's derivative off the forward's output
+    (exact for gain > 0 and linear, relu, lrelu with alpha >= 0, tanh, sigmoid; csrc's
+    derivative_from_output) instead of recomputing the conv: then the output is kept."""
+    return gain > 0 and act != "silu" and not (act == "lrelu" and alpha < 0)
+
+
 def _make_conv(pool: bool):
     def supports(x, w, b, act, alpha, gain, clamp) -> list[str]:
         reasons = []
@@ -119,13 +132,21 @@ def _make_conv(pool: bool):
 
     def backward(grad, x, w, b, out, saved, act, alpha, gain, clamp, needs):
         needs = [bool(n) for n in needs]
-        gx, gw, gb = _ops().conv3x3_small_backward(grad, x, w, b, saved, act, alpha, gain, clamp, pool, needs)
+        y = out if _derivative_from_output(act, alpha, gain) else None
+        gx, gw, gb = _ops().conv3x3_small_backward(grad, x, w, b, saved, y, act, alpha, gain, clamp, pool, needs)
         return (gx if needs[0] else None, gw if needs[1] else None, gb if (needs[2] and b is not None) else None)
 
     def fake_saved(x, w, b, act, alpha, gain, clamp):
         return _conv_saved(x, w, pool)
 
-    return OpImpl(forward=forward, supports=supports, backward=backward, fake_saved=fake_saved, prepare=_prepare)
+    return OpImpl(
+        forward=forward,
+        supports=supports,
+        backward=backward,
+        fake_saved=fake_saved,
+        prepare=_prepare,
+        backward_needs_output=lambda act, alpha, gain, clamp: _derivative_from_output(act, alpha, gain),
+    )
 
 
 def _register_backend() -> None:

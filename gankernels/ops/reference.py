@@ -371,9 +371,7 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     (a [N, C, 1, 1] tensor reads as contiguous). A strided view (``x_cl[:, :, ::2]``) has
     no exact format; it takes the one its strides suggest, as PyTorch's
     ``suggest_memory_format`` decides and ``F.conv2d``, ``F.max_pool2d`` and
-    ``F.interpolate`` follow.
-    (csrc/ops.cpp's ``format_of`` applies only the dense rule to the extension's own
-    buffers; the registered ops lay every result out by this one.)
+    ``F.interpolate`` follow. csrc/ops.cpp's ``format_of`` is the same rule.
     """
     if t.dim() != 4 or t.is_contiguous():
         return torch.contiguous_format

@@ -221,7 +221,7 @@ def test_conv3x3_small_partial_gradients(needs, ci, co):
     x, wt, b = _conv_inputs(2, ci, co, 10, 12, torch.float32, "channels_last", 13)
     grad = _x((2, co, 5, 6), torch.float32, "channels_last", 14)
     _, saved = cuda_backend._ops().conv3x3_small(x, wt, b, "relu", 0.2, 1.0, None, True)
-    got = cuda_backend._ops().conv3x3_small_backward(grad, x, wt, b, saved, "relu", 0.2, 1.0, None, True, list(needs))
+    got = cuda_backend._ops().conv3x3_small_backward(grad, x, wt, b, saved, None, "relu", 0.2, 1.0, None, True, list(needs))
     want = _reference_pool_grads(grad, x, wt, b, "relu", 1.0, None, saved, needs)
     for need, g, w in zip(needs, got, want, strict=True):
         if need:
@@ -288,3 +288,29 @@ def test_compiles_without_graph_breaks():
 
     compiled = torch.compile(block, fullgraph=True)
     assert torch.equal(compiled(x), block(x))
+
+
+def test_strided_views_take_the_format_their_strides_suggest():
+    """csrc/ops.cpp's format_of is the reference's memory_format_of, which the fake kernels
+    use: a strided view of a channels_last tensor gives channels_last outputs, on the GPU
+    and under FakeTensorMode alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.gankernels_cuda
+    base = _x((2, 3, 12, 16), torch.bfloat16, "channels_last", 19)
+    w = torch.randn(16, 3, 3, 3, generator=_gen(20)).to("cuda", torch.bfloat16)
+    calls = {
+        "conv": lambda x, w: ops.conv3x3_small(x, w, None, "relu", 0.2, 1.0, None, False)[0],
+        "conv pool": lambda x, w: ops.conv3x3_small(x, w, None, "relu", 0.2, 1.0, None, True)[1],
+        "max_pool2d": lambda x, w: ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False, False)[0],
+        "upsample": lambda x, w: ops.upsample_nearest2d(x, 2),
+    }
+    for view in (base[:, :, :, ::2], base[:, :, 1:-1], base[:1, :, ::3, 2:]):
+        assert not view.is_contiguous(memory_format=torch.channels_last)
+        assert ref.memory_format_of(view) == torch.channels_last
+        for name, call in calls.items():
+            out = call(view, w)
+            with FakeTensorMode() as mode:
+                fake = call(mode.from_tensor(view), mode.from_tensor(w))
+            assert out.stride() == fake.stride(), (name, view.stride(), out.stride(), fake.stride())
+            assert ref.memory_format_of(out) == torch.channels_last, name
