@@ -53,7 +53,7 @@ from digits_judge import MIN_SHARE, DigitMetrics, collapse_warning, digits_judge
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Checkpoint entries that fix the networks' shapes: a checkpoint is only loadable by a
 # run that agrees on all of them (``--layers`` may differ: the state_dicts match).
-ARCH_KEYS = ("z_dim", "width", "d_width", "d_depth", "mbstd", "resolution", "image_channels")
+ARCH_KEYS = ("z_dim", "mapping", "width", "d_width", "d_depth", "mbstd", "resolution", "image_channels")
 CHECKPOINT_KEYS = ("G", "D", "opt_G", "opt_D", "scaler_G", "scaler_D", "step", "rng", "args", "history")
 NUM_SAMPLES = 64
 METRICS_FIELDS = ("step", "recognisable", "coverage", "entropy", "frechet") + tuple(f"count_{d}" for d in range(10))
@@ -133,6 +133,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="minibatch standard deviation (StyleGAN): before its last layer the discriminator sees, as one more "
         "feature map, how much each group of GROUP images differs, so a generator that repeats itself is caught "
         "(against mode collapse); 0 = off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mapping",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N fully connected layers (z_dim wide, leaky ReLU) in front of the generator, as StyleGAN's mapping "
+        "network: the latent Gaussian is bent before the convolutions, which helps the generator split it into "
+        "separate digits; 0 = none (default: %(default)s)",
     )
     p.add_argument("--z-dim", type=int, default=128, help="latent size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, both networks (default: %(default)s)")
@@ -254,8 +263,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--betas: each must be in [0, 1), got {args.betas}")
     if args.mbstd < 0 or args.mbstd == 1:
         p.error(f"--mbstd: a group size >= 2 (0 = off), got {args.mbstd}")
-    if args.mbstd and args.forward_code:
-        p.error("--mbstd: not available with --forward-code (it adds a layer to the Sequential discriminator)")
+    if args.mapping < 0:
+        p.error(f"--mapping: must be >= 0 (0 = none), got {args.mapping}")
+    if (args.mbstd or args.mapping) and args.forward_code:
+        p.error("--mbstd, --mapping: not available with --forward-code (they add layers to the Sequential networks)")
     if args.translate < 0:
         p.error(f"--translate: must be >= 0 (0 = off), got {args.translate}")
     if not 0 <= args.ema < 1:
@@ -590,6 +601,22 @@ def _load_states(path: Path, ckpt: dict[str, Any], pairs: list[tuple[str, Any]])
             raise SystemExit(f"--resume: {path}: entry {key!r} does not fit this run: {e}") from e
 
 
+def with_mapping(G: nn.Sequential, z_dim: int, layers: int, fused: bool) -> nn.Sequential:
+    """``G`` (a :func:`dcgan_generator` Sequential) behind ``layers`` × [Linear(z_dim,
+    z_dim), leaky ReLU 0.2]: gankernels' ``BiasAct`` for the activation when ``fused``,
+    ``nn.LeakyReLU`` otherwise (the same function; the same ``state_dict`` keys).
+    Initialised as the builders do: He-normal weights, zero biases."""
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        fc = nn.Linear(z_dim, z_dim)
+        with torch.no_grad():
+            fc.weight.normal_(0.0, math.sqrt(2.0 / (1.0 + 0.2**2) / z_dim))
+            fc.bias.zero_()
+        mods += [fc, gankernels.nn.BiasAct(None, "lrelu", 0.2) if fused else nn.LeakyReLU(0.2)]
+    device = next(G.parameters()).device
+    return nn.Sequential(*mods, *G.children()).to(device)
+
+
 class MinibatchStddev(nn.Module):
     """StyleGAN's minibatch standard deviation: ``[N, C, H, W] -> [N, C + 1, H, W]``,
     the extra map of each image being the standard deviation of every feature over its
@@ -759,6 +786,8 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     style = dict(layers="stock", style="forward_code") if args.forward_code else dict(layers=args.layers)
     G = dcgan_generator(args.z_dim, g_ch, args.image_channels, channels_last=args.channels_last, **style).to(d.device)
     D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, channels_last=args.channels_last, **style).to(d.device)
+    if args.mapping:
+        G = with_mapping(G, args.z_dim, args.mapping, fused=args.layers == "gankernels").to(d.device)
     if args.mbstd:
         if args.batch_size % args.mbstd:
             raise SystemExit(f"--mbstd: the group size {args.mbstd} must divide --batch-size {args.batch_size}")

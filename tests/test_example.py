@@ -297,10 +297,10 @@ def test_a_backend_that_cannot_serve_fails_before_training(tmp_path):
 
 
 # The training recipe's options (the demo's settings use them): augmentation, minibatch
-# standard deviation, learning-rate ramp-down, a deeper discriminator.
+# standard deviation, learning-rate ramp-down, a deeper discriminator, a mapping network.
 
 RECIPE = (
-    "--d-depth", "3", "--d-width", "2", "--mbstd", "2", "--translate", "1", "--r1", "1", "--r1-every", "2",
+    "--mapping", "2", "--d-depth", "3", "--d-width", "2", "--mbstd", "2", "--translate", "1", "--r1", "1", "--r1-every", "2",
     "--lr-rampdown", "0.5", "--betas", "0", "0.99", "--lr-d", "1e-3",
 )  # fmt: skip
 
