@@ -850,9 +850,10 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         n_g = sum(p.numel() for p in G.parameters())
+        mapping = f"mapping {args.mapping}×{args.z_dim} + " if args.mapping else ""
         n_d = sum(p.numel() for p in D.parameters())
         print(
-            f"train_gan: {args.layers} layers, G {g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
+            f"train_gan: {args.layers} layers, G {mapping}{g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
             f"{len(data)} images {args.image_channels}×{args.resolution}², batch {args.batch_size}×{d.world}, "
             f"{d.device}, amp {args.amp}{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
             f", lr {args.lr}{f' (D {args.lr_d})' if args.lr_d != args.lr else ''}, betas {tuple(args.betas)}"
