@@ -34,9 +34,11 @@ bench: setup
 	$(PY) -m gankernels.bench
 
 # The demo's settings, chosen by measurement on a 2-core CPU (see the README): the digits at
-# their native 8×8, where the networks learn fastest per CPU second; about 150 CPU seconds.
+# their native 8×8, where the networks learn fastest per CPU second; a two-layer mapping
+# network in front of the generator (the step that lifted recognisable digits from about 40 %
+# to 70 %), a discriminator one block deeper, lr 1e-3, lazy R1; about 85 CPU seconds.
 # One OpenMP thread: these tensors are too small to share, and a busy machine stalls two.
-DEMO_ARGS := --resolution 8 --width 64 --lr 5e-4 --r1 1 --steps 2000
+DEMO_ARGS := --resolution 8 --width 32 --d-width 32 --d-depth 2 --mapping 2 --lr 1e-3 --r1 0.1 --r1-every 4 --steps 3000
 
 demo: setup
 	OMP_NUM_THREADS=1 $(PY) examples/train_gan.py --name demo --overwrite $(DEMO_ARGS)

@@ -81,8 +81,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     table = markdown_table(rows)
     a = settings
     described = (
-        f"{a.steps} steps, batch {a.batch_size}, width {a.width}, {a.resolution}×{a.resolution}, lr {a.lr}, r1 {a.r1}, "
-        f"seed {a.seed}, amp {a.amp}; judged on {a.eval_samples} samples from fixed noise at the last step; "
+        f"{a.steps} steps, batch {a.batch_size}, width {a.width}, {a.resolution}×{a.resolution}, "
+        f"D width {a.d_width} depth {a.d_depth}, mapping {a.mapping}, lr {a.lr} (D {a.lr_d}), betas {tuple(a.betas)}, "
+        f"r1 {a.r1} every {a.r1_every}"
+        + (f", lr ramp-down {a.lr_rampdown}" if a.lr_rampdown else "")
+        + (f", translate {a.translate}" if a.translate else "")
+        + (f", mbstd {a.mbstd}" if a.mbstd else "")
+        + f", ema {a.ema}, seed {a.seed}, amp {a.amp}; "
+        f"judged on {a.eval_samples} samples from fixed noise at the last step; "
         "losses: mean of the last 50 steps"
     )
     print(f"\nstock vs gankernels layers, same seed ({described}):\n{table}")

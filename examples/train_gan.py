@@ -53,7 +53,7 @@ from digits_judge import MIN_SHARE, DigitMetrics, collapse_warning, digits_judge
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Checkpoint entries that fix the networks' shapes: a checkpoint is only loadable by a
 # run that agrees on all of them (``--layers`` may differ: the state_dicts match).
-ARCH_KEYS = ("z_dim", "width", "resolution", "image_channels")
+ARCH_KEYS = ("z_dim", "mapping", "width", "d_width", "d_depth", "mbstd", "resolution", "image_channels")
 CHECKPOINT_KEYS = ("G", "D", "opt_G", "opt_D", "scaler_G", "scaler_D", "step", "rng", "args", "history")
 NUM_SAMPLES = 64
 METRICS_FIELDS = ("step", "recognisable", "coverage", "entropy", "frechet") + tuple(f"count_{d}" for d in range(10))
@@ -112,14 +112,81 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=None,
         help="channels of the widest-resolution layer; others double per halving, up to 512 (default: 8 on CPU, 64 on GPU)",
     )
+    p.add_argument(
+        "--d-width",
+        type=int,
+        default=None,
+        help="the discriminator's channels at full resolution, doubling per halving (default: --width)",
+    )
+    p.add_argument(
+        "--d-depth",
+        type=int,
+        default=None,
+        help="the discriminator's conv + 2×2 max-pool blocks: 1 to log2(resolution) (default: down to 4×4, "
+        "log2(resolution/4)); one more block is a deeper discriminator for the same generator",
+    )
+    p.add_argument(
+        "--mbstd",
+        type=int,
+        default=0,
+        metavar="GROUP",
+        help="minibatch standard deviation (StyleGAN): before its last layer the discriminator sees, as one more "
+        "feature map, how much each group of GROUP images differs, so a generator that repeats itself is caught "
+        "(against mode collapse); 0 = off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mapping",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N fully connected layers (z_dim wide, leaky ReLU) in front of the generator, as StyleGAN's mapping "
+        "network: the latent Gaussian is bent before the convolutions, which helps the generator split it into "
+        "separate digits; 0 = none (default: %(default)s)",
+    )
     p.add_argument("--z-dim", type=int, default=128, help="latent size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, both networks (default: %(default)s)")
+    p.add_argument(
+        "--lr-d", type=float, default=None, help="the discriminator's Adam learning rate, if not --lr (two time-scale updates)"
+    )
+    p.add_argument(
+        "--lr-rampdown",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="lower both learning rates to 0 along a half cosine over the last FRACTION of --steps, so the networks "
+        "settle instead of ending mid-oscillation; 0 = constant (default: %(default)s)",
+    )
+    p.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=(0.5, 0.999),
+        metavar=("B1", "B2"),
+        help="Adam's betas, both networks (default: 0.5 0.999)",
+    )
     p.add_argument(
         "--r1",
         type=float,
         default=0.1,
         metavar="GAMMA",
         help="R1 gradient penalty weight on real images (uses double backward); 0 = off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--r1-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="lazy R1: apply the penalty every N steps, weighted N× (StyleGAN2's lazy regularisation; "
+        "saves the double backward on the other steps) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--translate",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="differentiable augmentation: every image the discriminator sees, real or generated, is shifted "
+        "by a random -PIXELS..PIXELS in x and y (background fill), so a small data set is not memorised; "
+        "0 = off (default: %(default)s)",
     )
     p.add_argument(
         "--ema",
@@ -178,7 +245,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="(debugging) each process writes the SHA-256 of its parameters to PATH, '{rank}' replaced by its rank",
     )
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "width", "z_dim", "sample_every", "ckpt_every"):
+    for name in ("steps", "batch_size", "width", "d_width", "d_depth", "z_dim", "sample_every", "ckpt_every", "r1_every"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {v}")
@@ -188,10 +255,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--eval-samples: must be >= 2 (a Fréchet distance needs a covariance), got {args.eval_samples}")
     if args.r1 < 0:
         p.error(f"--r1: must be >= 0, got {args.r1}")
+    if args.lr <= 0 or (args.lr_d is not None and args.lr_d <= 0):
+        p.error(f"--lr, --lr-d: must be > 0, got {args.lr}, {args.lr_d}")
+    if not 0 <= args.lr_rampdown <= 1:
+        p.error(f"--lr-rampdown: a fraction of the steps in [0, 1], got {args.lr_rampdown}")
+    if not all(0 <= b < 1 for b in args.betas):
+        p.error(f"--betas: each must be in [0, 1), got {args.betas}")
+    if args.mbstd < 0 or args.mbstd == 1:
+        p.error(f"--mbstd: a group size >= 2 (0 = off), got {args.mbstd}")
+    if args.mapping < 0:
+        p.error(f"--mapping: must be >= 0 (0 = none), got {args.mapping}")
+    if (args.mbstd or args.mapping) and args.forward_code:
+        p.error("--mbstd, --mapping: not available with --forward-code (they add layers to the Sequential networks)")
+    if args.translate < 0:
+        p.error(f"--translate: must be >= 0 (0 = off), got {args.translate}")
     if not 0 <= args.ema < 1:
         p.error(f"--ema: must be in [0, 1) (0 = off), got {args.ema}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution & (args.resolution - 1)):
         p.error(f"--resolution: must be a power of two >= 8 (4·2^k), got {args.resolution}")
+    if args.d_depth is not None and args.resolution is not None and 2**args.d_depth > args.resolution:
+        p.error(f"--d-depth: {args.d_depth} blocks halve {args.resolution}² below 1×1; at most {int(math.log2(args.resolution))}")
     return args
 
 
@@ -207,6 +290,16 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
         args.batch_size = 128 if gpu else 32
     if args.width is None:
         args.width = 64 if gpu else 8
+    if args.d_width is None:
+        args.d_width = args.width
+    if args.d_depth is None:
+        args.d_depth = int(math.log2(args.resolution // 4))
+    elif 2**args.d_depth > args.resolution:
+        raise SystemExit(
+            f"--d-depth: {args.d_depth} blocks halve {args.resolution}² below 1×1; at most {int(math.log2(args.resolution))}"
+        )
+    if args.lr_d is None:
+        args.lr_d = args.lr
     if args.sample_every is None:
         args.sample_every = max(1, args.steps // 10)
     if args.ckpt_every is None:
@@ -216,13 +309,18 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
     return args
 
 
-def channel_plan(resolution: int, width: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def channel_plan(
+    resolution: int, width: int, d_width: Optional[int] = None, d_depth: Optional[int] = None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(generator channels, discriminator channels) for a ``resolution``² image: the
-    generator doubles 4×4 up to ``resolution``, the discriminator halves it back to 4×4;
-    ``width`` channels at full resolution, ×2 per halving, capped at 512."""
+    generator doubles 4×4 up to ``resolution``, the discriminator halves it ``d_depth``
+    times (default: back to 4×4); ``width`` (``d_width``) channels at full resolution,
+    ×2 per halving, capped at 512."""
     blocks = int(math.log2(resolution // 4))
+    d_width = width if d_width is None else d_width
+    d_depth = blocks if d_depth is None else d_depth
     g = tuple(min(width * 2 ** (blocks - i), 512) for i in range(blocks + 1))
-    d = tuple(min(width * 2**i, 512) for i in range(blocks))
+    d = tuple(min(d_width * 2**i, 512) for i in range(d_depth))
     return g, d
 
 
@@ -483,7 +581,10 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"--resume: {path} is not a train_gan.py checkpoint (expected keys {CHECKPOINT_KEYS}, found {have})")
-    saved = ckpt["args"]
+    saved = dict(ckpt["args"])
+    # Checkpoints from before --d-width/--d-depth had the default discriminator.
+    saved.setdefault("d_width", saved.get("width"))
+    saved.setdefault("d_depth", int(math.log2(saved["resolution"] // 4)) if saved.get("resolution") else None)
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, this run {getattr(args, k)!r}" for k in ARCH_KEYS if saved.get(k) != getattr(args, k)
     ]
@@ -498,6 +599,111 @@ def _load_states(path: Path, ckpt: dict[str, Any], pairs: list[tuple[str, Any]])
             obj.load_state_dict(ckpt[key])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise SystemExit(f"--resume: {path}: entry {key!r} does not fit this run: {e}") from e
+
+
+def with_mapping(G: nn.Sequential, z_dim: int, layers: int, fused: bool) -> nn.Sequential:
+    """``G`` (a :func:`dcgan_generator` Sequential) behind ``layers`` × [Linear(z_dim,
+    z_dim), leaky ReLU 0.2]: gankernels' ``BiasAct`` for the activation when ``fused``,
+    ``nn.LeakyReLU`` otherwise (the same function; the same ``state_dict`` keys).
+    Initialised as the builders do: He-normal weights, zero biases."""
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        fc = nn.Linear(z_dim, z_dim)
+        with torch.no_grad():
+            fc.weight.normal_(0.0, math.sqrt(2.0 / (1.0 + 0.2**2) / z_dim))
+            fc.bias.zero_()
+        mods += [fc, gankernels.nn.BiasAct(None, "lrelu", 0.2) if fused else nn.LeakyReLU(0.2)]
+    device = next(G.parameters()).device
+    return nn.Sequential(*mods, *G.children()).to(device)
+
+
+class MinibatchStddev(nn.Module):
+    """StyleGAN's minibatch standard deviation: ``[N, C, H, W] -> [N, C + 1, H, W]``,
+    the extra map of each image being the standard deviation of every feature over its
+    group of ``group_size`` consecutive images, averaged over features and positions.
+
+    A generator that gives every latent the same image makes that number small, which
+    the discriminator learns to hold against it. Groups are consecutive, so a batch of
+    reals followed by fakes (each a multiple of ``group_size``) never mixes the two.
+    """
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if n % g:
+            raise ValueError(f"MinibatchStddev: batch {n} is not a multiple of the group size {g}")
+        y = x.float().reshape(n // g, g, c, h, w)
+        std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [N/g]
+        extra = std.to(x.dtype).repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, h, w)
+        return torch.cat([x, extra], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+def with_minibatch_stddev(D: nn.Sequential, group_size: int) -> nn.Sequential:
+    """``D`` (a :func:`dcgan_discriminator` Sequential, either layer kind) with a
+    :class:`MinibatchStddev` before its ``Flatten``; its last ``Linear`` is rebuilt for
+    the extra input map (He-normal weights, zero bias, as the builder initialises)."""
+    *blocks, flatten, fc = D.children()
+    if not isinstance(flatten, nn.Flatten) or not isinstance(fc, nn.Linear):
+        raise TypeError("with_minibatch_stddev: expected a dcgan_discriminator Sequential ending in Flatten, Linear")
+    channels = next(m for m in reversed(blocks) if hasattr(m, "weight")).weight.shape[0]
+    side2 = fc.in_features // channels
+    new_fc = nn.Linear((channels + 1) * side2, 1).to(fc.weight.device)
+    with torch.no_grad():
+        new_fc.weight.normal_(0.0, math.sqrt(2.0 / (1.0 + 0.2**2) / new_fc.in_features))  # the builder's leaky-ReLU He init
+        new_fc.bias.zero_()
+    return nn.Sequential(*blocks, MinibatchStddev(group_size), flatten, new_fc)
+
+
+def lr_factor(step: int, steps: int, rampdown: float) -> float:
+    """The learning-rate multiplier at ``step`` (0-based) of ``steps``: 1, then a half
+    cosine from 1 to 0 over the last ``rampdown`` of the steps (a function of the step
+    alone, so a resumed run follows the same schedule)."""
+    start = steps * (1.0 - rampdown)
+    if rampdown <= 0 or step < start:
+        return 1.0
+    t = (step - start) / (steps - start)  # [0, 1): every step still learns a little
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def random_shifts(n: int, pixels: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``[2, n, 2]`` integer (dy, dx) shifts, uniform in ``-pixels..pixels``, from ``seed``
+    (a dedicated generator: the global RNG is untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-pixels, pixels + 1, (2, n, 2), generator=g).to(device)
+
+
+def translate(images: torch.Tensor, shifts: torch.Tensor, fill: float = -1.0) -> torch.Tensor:
+    """Shift image ``i`` of ``images`` ([N, C, H, W]) by ``shifts[i]`` = (dy, dx) pixels,
+    filling the uncovered border with ``fill`` (the digits' background, -1).
+
+    DiffAugment's translation: an index gather, so gradients flow to ``images`` (the
+    generator learns through it) and double backward works (R1 on shifted reals).
+    """
+    n, _, h, w = images.shape
+    p = int(shifts.abs().max()) if shifts.numel() else 0
+    if p == 0:
+        return images
+    padded = F.pad(images, (p, p, p, p), value=fill)
+    rows = torch.arange(h, device=images.device) + p - shifts[:, 0, None]  # [N, H]: source row of each output row
+    cols = torch.arange(w, device=images.device) + p - shifts[:, 1, None]  # [N, W]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(images))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 @torch.no_grad()
@@ -576,10 +782,16 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
 
     # Same seed on every process: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(args.seed)
-    g_ch, d_ch = channel_plan(args.resolution, args.width)
+    g_ch, d_ch = channel_plan(args.resolution, args.width, args.d_width, args.d_depth)
     style = dict(layers="stock", style="forward_code") if args.forward_code else dict(layers=args.layers)
     G = dcgan_generator(args.z_dim, g_ch, args.image_channels, channels_last=args.channels_last, **style).to(d.device)
     D = dcgan_discriminator(args.image_channels, d_ch, args.resolution, channels_last=args.channels_last, **style).to(d.device)
+    if args.mapping:
+        G = with_mapping(G, args.z_dim, args.mapping, fused=args.layers == "gankernels").to(d.device)
+    if args.mbstd:
+        if args.batch_size % args.mbstd:
+            raise SystemExit(f"--mbstd: the group size {args.mbstd} must divide --batch-size {args.batch_size}")
+        D = with_minibatch_stddev(D, args.mbstd).to(d.device)
     if args.forward_code and args.layers == "gankernels":
         G, D = gankernels.convert(G)[0], gankernels.convert(D)[0]  # fuses the forward code in place
     if args.backend not in (None, "auto") and args.layers == "gankernels":
@@ -589,8 +801,8 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
                 D(G(torch.zeros(1, args.z_dim, device=d.device)))
         except gankernels.BackendUnavailable as e:
             raise SystemExit(f"--backend {args.backend}: cannot run these networks on {d.device.type} here:\n{e}") from None
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=tuple(args.betas))
     amp_dtype = AMP_DTYPES[args.amp]
     scaler_G = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     scaler_D = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
@@ -638,12 +850,15 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         n_g = sum(p.numel() for p in G.parameters())
+        mapping = f"mapping {args.mapping}×{args.z_dim} + " if args.mapping else ""
         n_d = sum(p.numel() for p in D.parameters())
         print(
-            f"train_gan: {args.layers} layers, G {g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
+            f"train_gan: {args.layers} layers, G {mapping}{g_ch} ({n_g / 1e6:.2f} M params), D {d_ch} ({n_d / 1e6:.2f} M), "
             f"{len(data)} images {args.image_channels}×{args.resolution}², batch {args.batch_size}×{d.world}, "
             f"{d.device}, amp {args.amp}{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
-            f"{f', r1 {args.r1}' if args.r1 else ''}{f', ema {args.ema}' if args.ema else ''} -> {run_dir}/",
+            f", lr {args.lr}{f' (D {args.lr_d})' if args.lr_d != args.lr else ''}, betas {tuple(args.betas)}"
+            f"{f', r1 {args.r1}' if args.r1 else ''}{f' every {args.r1_every} steps' if args.r1 and args.r1_every > 1 else ''}"
+            f"{f', translate ±{args.translate}' if args.translate else ''}{f', ema {args.ema}' if args.ema else ''} -> {run_dir}/",
             file=sys.stderr,
         )
     fixed_z = latent(NUM_SAMPLES, args.z_dim, _mix(args.seed, 0xF1ED), d.device)
@@ -723,23 +938,35 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         real = data[batches.indices(step).to(data.device)].to(d.device, non_blocking=True)
         real = real.contiguous(memory_format=memory_format)
         z = latent(B, args.z_dim, _mix(args.seed, d.rank, step), d.device)
+        # The augmentation's shifts: [2, 2B] (D step: reals then fakes; G step: the fakes'
+        # own draw), a pure function of the step like the batch and the noise.
+        shifts = random_shifts(2 * B, args.translate, _mix(args.seed, d.rank, step, 0xA06), d.device) if args.translate else None
+        penalise = args.r1 > 0 and step % args.r1_every == 0
+        if args.lr_rampdown > 0:
+            factor = lr_factor(step, args.steps, args.lr_rampdown)
+            for opt, lr in ((opt_G, args.lr), (opt_D, args.lr_d)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * factor
 
         # Discriminator: real and (detached) fake in one batch, one forward.
         D.requires_grad_(True)
         with autocast:
             fake = G_net(z)
-        real.requires_grad_(args.r1 > 0)
+        real.requires_grad_(penalise)
         with autocast:
-            logits = D_net(torch.cat([real, fake.detach()])).float()
+            seen = torch.cat([real, fake.detach()])
+            if shifts is not None:
+                seen = translate(seen, shifts[0])
+            logits = D_net(seen).float()
             loss_d = loss_ns = F.softplus(logits[B:]).mean() + F.softplus(-logits[:B]).mean()
-        if args.r1 > 0:
+        if penalise:
             # R1 = E ||∇_x D(x)||² on reals; the gradient is taken of the scaled output
             # under fp16 (as PyTorch's AMP gradient-penalty recipe does) and unscaled.
             out = logits[:B].sum()
             (grad,) = torch.autograd.grad(scaler_D.scale(out), real, create_graph=True)
             # scale(1) is the current scale as a device tensor: no host sync, unlike get_scale().
             grad = grad.float() / scaler_D.scale(torch.ones((), device=d.device))
-            loss_d = loss_d + (args.r1 / 2) * grad.square().sum(dim=(1, 2, 3)).mean()
+            loss_d = loss_d + (args.r1 * args.r1_every / 2) * grad.square().sum(dim=(1, 2, 3)).mean()
         opt_D.zero_grad(set_to_none=True)
         scaler_D.scale(loss_d).backward()
         scaler_D.step(opt_D)
@@ -752,7 +979,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         no_sync = D_ddp.no_sync() if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
         with no_sync:
             with autocast:
-                loss_g = F.softplus(-D_net(fake).float()).mean()
+                loss_g = F.softplus(-D_net(fake if shifts is None else translate(fake, shifts[1, B:])).float()).mean()
             opt_G.zero_grad(set_to_none=True)
             scaler_G.scale(loss_g).backward()
         scaler_G.step(opt_G)

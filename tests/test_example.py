@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -293,3 +294,80 @@ def test_a_backend_that_cannot_serve_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match=r"--backend triton: cannot run these networks on cpu here:\n.*triton"):
         _run(tmp_path, "tri", "--steps", "2", "--layers", "gankernels", "--backend", "triton")
     assert not (tmp_path / "tri").exists()
+
+
+# The training recipe's options (the demo's settings use them): augmentation, minibatch
+# standard deviation, learning-rate ramp-down, a deeper discriminator, a mapping network.
+
+RECIPE = (
+    "--mapping", "2", "--d-depth", "3", "--d-width", "2", "--mbstd", "2", "--translate", "1", "--r1", "1", "--r1-every", "2",
+    "--lr-rampdown", "0.5", "--betas", "0", "0.99", "--lr-d", "1e-3",
+)  # fmt: skip
+
+
+def test_translate_against_a_loop():
+    """Each image shifted by its own (dy, dx), the border filled with -1; gradients reach
+    only the pixels that stay in view (float64 reference)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    shifts = torch.tensor([[0, 0], [1, -1], [-2, 1], [2, 2], [-1, -2]])
+    y = tg.translate(x, shifts)
+    expected = torch.full_like(x, -1.0)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        for r in range(6):
+            for c in range(7):
+                if 0 <= r - dy < 6 and 0 <= c - dx < 7:
+                    expected[i, :, r, c] = x[i, :, r - dy, c - dx]
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    assert x.grad[0].eq(1).all() and x.grad[3, :, 4:, :].eq(0).all() and x.grad[3, :, :4, :5].eq(1).all()
+    assert tg.translate(x, torch.zeros(5, 2, dtype=torch.long)) is x  # no shift: the input itself
+    s = tg.random_shifts(64, 1, seed=7, device=torch.device("cpu"))
+    assert s.shape == (2, 64, 2) and set(s.unique().tolist()) == {-1, 0, 1}
+    assert torch.equal(s, tg.random_shifts(64, 1, seed=7, device=torch.device("cpu")))
+
+
+def test_minibatch_stddev_against_float64():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, 2, 2, generator=g)
+    y = tg.MinibatchStddev(4)(x)
+    assert y.shape == (8, 4, 2, 2) and torch.equal(y[:, :3], x)
+    for k in range(2):  # groups of 4 consecutive images: reals and fakes never mix
+        group = x[4 * k : 4 * k + 4].double()
+        std = group.var(dim=0, unbiased=False).add(1e-8).sqrt().mean()
+        assert_close_rel(y[4 * k : 4 * k + 4, 3].double(), std.expand(4, 2, 2), dtype=torch.float32, what="mbstd")
+    assert tg.MinibatchStddev(4)(x[[0] * 8])[:, 3].max() < 1e-3  # one image repeated: no spread
+    with pytest.raises(ValueError, match="group size"):
+        tg.MinibatchStddev(3)(x)
+
+
+def test_lr_factor_schedule():
+    assert [tg.lr_factor(s, 10, 0.0) for s in (0, 9)] == [1.0, 1.0]
+    f = [tg.lr_factor(s, 10, 0.4) for s in range(10)]
+    assert f[:6] == [1.0] * 6 and f[6] == pytest.approx(1.0)
+    assert f[7] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4))) and f[8] == pytest.approx(0.5)
+    assert 0 < f[9] < f[8]  # the last step still learns
+
+
+def test_channel_plan_discriminator_options():
+    assert tg.channel_plan(8, 64) == ((128, 64), (64,))
+    assert tg.channel_plan(8, 64, d_width=32, d_depth=2) == ((128, 64), (32, 64))
+    assert tg.channel_plan(32, 4, d_depth=4) == ((32, 16, 8, 4), (4, 8, 16, 32))
+
+
+def test_recipe_options_stock_and_gankernels_match(tmp_path):
+    """The recipe's options train the same network in either layer kind (same losses),
+    and a resumed run repeats the uninterrupted one (shifts and lr are functions of the step)."""
+    common = ("--steps", "4", "--sample-every", "100", "--ckpt-every", "100", *RECIPE)
+    a = _run(tmp_path, "stock", "--layers", "stock", *common)["history"]
+    b = _run(tmp_path, "fused", "--layers", "gankernels", *common)["history"]
+    assert_close_rel(torch.tensor(b, dtype=torch.float64), torch.tensor(a, dtype=torch.float64), tol=1e-5, what="losses")
+    _run(tmp_path, "split", "--layers", "gankernels", *common[2:], "--steps", "2")
+    _run(tmp_path, "split", "--layers", "gankernels", *common, "--resume")
+    x = torch.load(tmp_path / "fused" / "checkpoint.pt", weights_only=True)
+    y = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    for net in ("G", "D", "G_ema"):
+        for k in x[net]:
+            assert torch.equal(x[net][k], y[net][k]), f"{net}.{k} differs after resume"
+    with pytest.raises(SystemExit, match="d_depth"):  # a different discriminator is refused on resume
+        _run(tmp_path, "split", "--layers", "gankernels", *common, "--steps", "6", "--resume", "--d-depth", "2")
