@@ -1,0 +1,441 @@
+"""Triton up-conv forward for few output channels, phase pairs along N: ``up_conv3x3``.
+
+The four-phase kernel (:mod:`gankernels.triton.up_conv3x3`) issues 16 dots of N = BLOCK_N
+per input-channel chunk. At Co <= 32 every one is an N = 32 (or narrower) Hopper MMA of
+16 tensor cycles, and each MMA costs about as many instructions to issue (its shared-memory
+descriptors, fences) whatever its N: the issue slots, not the tensor cores, bound it.
+
+Here the two phases of one output row parity a are computed as one GEMM of twice the width.
+Phase (a, c) tap (tr, tc) reads the low-resolution shift (a + tr − 1, c + tc − 1); for a
+fixed a the two phases c = 0, 1 read 2 row shifts × 3 column shifts s − 1 (s = c + tc), so
+one dot per shifted input tile with a [BLOCK_K, 2·BLOCK_N] weight tile — phase (a, 0)'s
+tap in the first BLOCK_N columns, phase (a, 1)'s in the next, zero where a phase does not
+use that column shift — accumulates both phases into one [BLOCK_M, 2·BLOCK_N] fp32 tile:
+12 dots of 2·BLOCK_N per chunk instead of 16 of BLOCK_N. It executes 1.5× the
+multiply-adds (the zero taps: 24 BLOCK_N-wide products for 16 useful) in half as many MMA
+instructions per tensor cycle. In channels_last the two phases (a, 0), (a, 1) of a pixel
+are neighbouring output pixels, so an accumulator row is one contiguous 2·Co run.
+
+The packed weight (``[12·Ci, 2·Co]``, rows ordered a, tr, s, ci; columns c, co) is
+:func:`gankernels.triton.conv3x3.packed_weight` with ``pairs=True``: the same fp32-summed
+phase taps as the four-phase layout, rounded once, cached per parameter version.
+
+Entry point: :func:`up_conv3x3_phase_pairs`; :func:`serves` says which calls
+``conv3x3.up_conv3x3_forward`` routes here.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gankernels.triton import conv3x3 as _conv
+from gankernels.triton import up_conv3x3 as _four
+from gankernels.triton.conv3x3 import _decode_rows, _epilogue
+from gankernels.triton.up_conv3x3 import _load_chunk, _load_shift, _shift_ptrs
+from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
+
+__all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
+
+MAX_CO = 32
+"""Calls with at most this many output channels (and at least ``up_conv3x3.MIN_CI`` input
+channels) run this kernel; wider ones the four-phase kernel, whose N = 64 MMAs already
+leave the issue slots free (static report, ``benchmarks/NOTES.md`` step 5b)."""
+
+
+# ----------------------------------------------------------------------------------
+# The kernel.
+
+
+@triton.jit
+def _dot_pair(
+    acc, x, w_ptrs, T: tl.constexpr, CI: tl.constexpr, CO: tl.constexpr, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr
+):
+    """acc + x @ the [BLOCK_K, 2·BLOCK_N] tile T = (a·2 + tr)·3 + s of the pair layout."""
+    ptrs = w_ptrs + T * CI * (2 * CO)
+    if EVEN_K and EVEN_N:
+        b = tl.load(ptrs)
+    elif EVEN_K:
+        b = tl.load(ptrs, mask=n_ok[None, :], other=0.0)
+    elif EVEN_N:
+        b = tl.load(ptrs, mask=k_ok[:, None], other=0.0)
+    else:
+        b = tl.load(ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.dot(x, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _twelve_dots(
+    acc0,
+    acc1,
+    x_00,
+    x_01,
+    x_02,
+    x_10,
+    x_11,
+    x_12,
+    x_20,
+    x_21,
+    x_22,
+    w_ptrs,
+    CI: tl.constexpr,
+    CO: tl.constexpr,
+    k_ok,
+    n_ok,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One K step of both phase rows: row a, tap row tr, column shift s − 1 reads
+    x_<a+tr><s> with tile (a·2 + tr)·3 + s. The two accumulators alternate."""
+    acc0 = _dot_pair(acc0, x_00, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc1 = _dot_pair(acc1, x_10, w_ptrs, 6, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc0 = _dot_pair(acc0, x_01, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc1 = _dot_pair(acc1, x_11, w_ptrs, 7, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc0 = _dot_pair(acc0, x_02, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc1 = _dot_pair(acc1, x_12, w_ptrs, 8, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc0 = _dot_pair(acc0, x_10, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc1 = _dot_pair(acc1, x_20, w_ptrs, 9, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc0 = _dot_pair(acc0, x_11, w_ptrs, 4, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc1 = _dot_pair(acc1, x_21, w_ptrs, 10, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc0 = _dot_pair(acc0, x_12, w_ptrs, 5, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    acc1 = _dot_pair(acc1, x_22, w_ptrs, 11, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    return acc0, acc1
+
+
+@triton.jit
+def _store_row_pair(
+    acc,
+    bias,
+    out_ptr,
+    o_ptrs,
+    o_mask,
+    alpha,
+    gain,
+    clamp,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+):
+    if HAS_BIAS:
+        acc = acc + bias[None, :]
+    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# As the four-phase kernel: N, H, W, M not specialised; CI, CO constexpr for the weight
+# addressing and masks, the runtime Ci for the K loop's trip count (a constant one makes
+# ptxas unroll the loop whole).
+@triton.jit(do_not_specialize=["N", "H", "W", "M"])
+def _up_conv3x3_pairs_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    z_ptr,
+    N,
+    H,
+    W,
+    Ci,
+    M,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    son,
+    soc,
+    soh,
+    sow,
+    alpha,
+    gain,
+    clamp,
+    CI: tl.constexpr,
+    CO: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    X_INT32: tl.constexpr,
+    OUT_INT32: tl.constexpr,
+    ZERO_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    EVEN_N: tl.constexpr = CO % BLOCK_N == 0
+    EVEN_K: tl.constexpr = CI % BLOCK_K == 0
+
+    pid = tl.program_id(0)
+    num_n: tl.constexpr = (CO + BLOCK_N - 1) // BLOCK_N
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_m = tl.where(m_ok, offs_m, 0)
+    bn, bh, bw = _decode_rows(offs_m, H, W)
+    ar_k = tl.arange(0, BLOCK_K)
+    # Accumulator column j: phase column c = j // BLOCK_N, output channel co.
+    ar_j = tl.arange(0, 2 * BLOCK_N)
+    col_c = ar_j // BLOCK_N
+    offs_co = pid_n * BLOCK_N + ar_j % BLOCK_N
+    n_ok = offs_co < CO
+
+    # Bit (dr + 1)·3 + (dc + 1): the pixel at shift (dr, dc) is inside the image.
+    tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for r in tl.static_range(3):
+        for c in tl.static_range(3):
+            inside = m_ok & (bh + r - 1 >= 0) & (bh + r - 1 < H) & (bw + c - 1 >= 0) & (bw + c - 1 < W)
+            tap_ok = tap_ok | (inside.to(tl.int32) << (r * 3 + c))
+    if X_INT32:
+        a_rows = x_ptr
+        row_off = bn * sxn + bh * sxh + bw * sxw
+    else:
+        a_rows = (x_ptr + bn.to(tl.int64) * sxn)[:, None]
+        row_off = bh * sxh + bw * sxw
+    up = -sxh
+    down = sxh
+    left = -sxw
+    right = sxw
+
+    acc0 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    b_off = ar_k[:, None] * (2 * CO) + (col_c * CO + offs_co)[None, :]
+    if ZERO_ROWS:
+        # Channel stride 1: rows outside the image read the zero row (see up_conv3x3).
+        zero_row = z_ptr + ar_k[None, :]
+        p_00 = _shift_ptrs(a_rows, row_off, up + left, ar_k, zero_row, tap_ok, 0)
+        p_01 = _shift_ptrs(a_rows, row_off, up, ar_k, zero_row, tap_ok, 1)
+        p_02 = _shift_ptrs(a_rows, row_off, up + right, ar_k, zero_row, tap_ok, 2)
+        p_10 = _shift_ptrs(a_rows, row_off, left, ar_k, zero_row, tap_ok, 3)
+        p_11 = _shift_ptrs(a_rows, row_off, 0, ar_k, zero_row, tap_ok, 4)
+        p_12 = _shift_ptrs(a_rows, row_off, right, ar_k, zero_row, tap_ok, 5)
+        p_20 = _shift_ptrs(a_rows, row_off, down + left, ar_k, zero_row, tap_ok, 6)
+        p_21 = _shift_ptrs(a_rows, row_off, down, ar_k, zero_row, tap_ok, 7)
+        p_22 = _shift_ptrs(a_rows, row_off, down + right, ar_k, zero_row, tap_ok, 8)
+        for s in range(tl.cdiv(Ci, BLOCK_K)):  # the runtime Ci: see above
+            ci0 = s * BLOCK_K
+            k_ok = ci0 + ar_k < CI
+            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
+            x_00 = _load_chunk(p_00 + ci0, k_ok, EVEN_K)
+            x_01 = _load_chunk(p_01 + ci0, k_ok, EVEN_K)
+            x_02 = _load_chunk(p_02 + ci0, k_ok, EVEN_K)
+            x_10 = _load_chunk(p_10 + ci0, k_ok, EVEN_K)
+            x_11 = _load_chunk(p_11 + ci0, k_ok, EVEN_K)
+            x_12 = _load_chunk(p_12 + ci0, k_ok, EVEN_K)
+            x_20 = _load_chunk(p_20 + ci0, k_ok, EVEN_K)
+            x_21 = _load_chunk(p_21 + ci0, k_ok, EVEN_K)
+            x_22 = _load_chunk(p_22 + ci0, k_ok, EVEN_K)
+            acc0, acc1 = _twelve_dots(
+                acc0, acc1, x_00, x_01, x_02, x_10, x_11, x_12, x_20, x_21, x_22,
+                w_ptrs, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION,
+            )  # fmt: skip
+    else:
+        # Any channel stride: masked copies.
+        a_ptrs0 = a_rows + (row_off[:, None] + (ar_k * sxc)[None, :])
+        for s in range(tl.cdiv(Ci, BLOCK_K)):
+            ci0 = s * BLOCK_K
+            k_ok = ci0 + ar_k < CI
+            a_ptrs = a_ptrs0 + ci0 * sxc
+            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
+            x_00 = _load_shift(a_ptrs, up + left, tap_ok, 0, k_ok, EVEN_K)
+            x_01 = _load_shift(a_ptrs, up, tap_ok, 1, k_ok, EVEN_K)
+            x_02 = _load_shift(a_ptrs, up + right, tap_ok, 2, k_ok, EVEN_K)
+            x_10 = _load_shift(a_ptrs, left, tap_ok, 3, k_ok, EVEN_K)
+            x_11 = _load_shift(a_ptrs, 0, tap_ok, 4, k_ok, EVEN_K)
+            x_12 = _load_shift(a_ptrs, right, tap_ok, 5, k_ok, EVEN_K)
+            x_20 = _load_shift(a_ptrs, down + left, tap_ok, 6, k_ok, EVEN_K)
+            x_21 = _load_shift(a_ptrs, down, tap_ok, 7, k_ok, EVEN_K)
+            x_22 = _load_shift(a_ptrs, down + right, tap_ok, 8, k_ok, EVEN_K)
+            acc0, acc1 = _twelve_dots(
+                acc0, acc1, x_00, x_01, x_02, x_10, x_11, x_12, x_20, x_21, x_22,
+                w_ptrs, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION,
+            )  # fmt: skip
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        bias = None
+    # Row a of the accumulator pair: output pixel (2i + a, 2j + c), channel co.
+    if OUT_INT32:
+        o_ptrs = out_ptr + (bn * son + (2 * bh) * soh + (2 * bw) * sow)[:, None] + (col_c * sow + offs_co * soc)[None, :]
+    else:
+        o_row = bn.to(tl.int64) * son + (2 * bh).to(tl.int64) * soh + (2 * bw).to(tl.int64) * sow
+        o_ptrs = out_ptr + o_row[:, None] + (col_c.to(tl.int64) * sow + offs_co.to(tl.int64) * soc)[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    _store_row_pair(acc0, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_row_pair(acc1, bias, out_ptr, o_ptrs + soh, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+
+
+# ----------------------------------------------------------------------------------
+# Tuning.
+
+_TUNE_KEY = ["N", "H", "W", "CI", "CO", "PRECISION"]
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# BLOCK_N is one phase's width (the accumulators and weight tiles are 2·BLOCK_N wide). Two
+# limits shape the tiles: the 2 fp32 accumulators (4·BLOCK_M·BLOCK_N / threads registers
+# per thread, <= 128) and a pipeline stage's 21 tiles (9 input shifts [BLOCK_M, BLOCK_K],
+# 12 weight tiles [BLOCK_K, 2·BLOCK_N]). Ordered by the static report's load
+# (`python -m gankernels.bench static --all-configs`; NOTES step 5b).
+_CONFIGS_HOPPER = [
+    _cfg(128, 32, 16, 4, 3),
+    _cfg(128, 32, 32, 4, 1),
+    _cfg(128, 32, 16, 4, 2),
+    _cfg(64, 32, 32, 4, 2),
+    _cfg(128, 16, 32, 4, 2),
+    _cfg(64, 32, 16, 4, 2),  # fp32
+    _cfg(64, 16, 16, 4, 3),
+]
+_CONFIGS_AMPERE = [
+    _cfg(64, 32, 16, 4, 3),
+    _cfg(64, 16, 32, 4, 2),
+    _cfg(64, 16, 16, 4, 3),
+]
+_SMEM_LIMIT = {"hopper": 227 * 1024, "ampere": 160 * 1024}
+_ACC_REGS_LIMIT = 128
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+def _smem_bytes(c: triton.Config, elsize: int) -> int:
+    kw = c.kwargs
+    return max(c.num_stages, 1) * (9 * kw["BLOCK_M"] + 24 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
+
+
+def _acc_registers(c: triton.Config) -> int:
+    kw = c.kwargs
+    return 4 * kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * c.num_warps)
+
+
+def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"], **kwargs):
+    """Drop configurations that cannot pay off: a phase's N tile beyond Co rounded up to a
+    power of two (the zero columns would be computed and thrown away), K tiles beyond Ci,
+    pipelines that overflow shared memory, accumulators over the register budget. Always
+    keeps at least one."""
+    co, ci = kwargs.get("CO", named_args.get("CO")), kwargs.get("CI", named_args.get("CI"))
+    elsize = named_args["x_ptr"].element_size()
+    max_n = max(16, triton.next_power_of_2(co))
+    max_k = max(16, triton.next_power_of_2(ci))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_N"] <= max_n
+        and c.kwargs["BLOCK_K"] <= max_k
+        and _smem_bytes(c, elsize) <= smem_limit
+        and _acc_registers(c) <= _ACC_REGS_LIMIT
+    ]
+    if not kept:
+        smallest = min(configs, key=lambda c: _smem_bytes(c, elsize))
+        kept = [triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps, num_stages=1)]
+    return kept
+
+
+_tuned: dict[str, object] = {}
+_tuned_lock = threading.Lock()
+
+
+def _tuned_kernel(family: str):
+    """The autotuned launcher for a GPU family (built on first use)."""
+    with _tuned_lock:
+        k = _tuned.get(family)
+        if k is None:
+            configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
+            prune = functools.partial(_prune_configs, smem_limit=_SMEM_LIMIT[family])
+            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
+                _up_conv3x3_pairs_fwd_kernel
+            )
+            _tuned[family] = k
+    return k
+
+
+def _heuristic_config(x: torch.Tensor, ci: int, co: int, family: str) -> triton.Config:
+    """The first configuration of the family's list that survives pruning."""
+    configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
+    return _prune_configs(configs, {"CO": co, "CI": ci, "x_ptr": x}, smem_limit=_SMEM_LIMIT[family])[0]
+
+
+# ----------------------------------------------------------------------------------
+# Launch.
+
+
+def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``conv3x3.up_conv3x3_forward`` runs this kernel for ``x``, ``w`` (a call the
+    Triton backend supports): at least ``up_conv3x3.MIN_CI`` input channels and at most
+    :data:`MAX_CO` output channels."""
+    return x.shape[1] >= _four.MIN_CI and w.shape[0] <= MAX_CO
+
+
+def up_conv3x3_phase_pairs(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    act: str = "linear",
+    alpha: float = 0.2,
+    gain: float = 1.0,
+    clamp: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv3x3(upsample_nearest(x, 2), w, b, ...)``, the two phases of each output row
+    parity as one GEMM of twice the width.
+
+    Same contract as :func:`gankernels.triton.conv3x3.up_conv3x3_forward` (it routes
+    here): ``x`` [N, Ci, H, W], ``w`` [Co, Ci, 3, 3], ``b`` [Co] or None, one dtype and
+    device, a call ``supports_up_conv3x3`` accepts. Returns ``(out, saved)``: ``out``
+    [N, Co, 2H, 2W] in x's memory format, ``saved`` an empty tensor."""
+    if act not in _conv.ACT_CODES:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(_conv.ACT_CODES)}")
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    if w.shape[1] != ci:
+        raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    out = _conv._empty_out((n, co, 2 * h, 2 * wd), x)
+    saved = x.new_empty((0,))
+    m = n * h * wd  # GEMM rows: low-resolution pixels
+    if out.numel() == 0:
+        return out, saved
+
+    wp = _conv.packed_weight(w, x.dtype, phases=True, pairs=True)
+    bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
+    zero_rows = x.stride(1) == 1
+    zeros = _four._zero_row(ci, x) if zero_rows else wp  # dummy pointer when unused
+    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, *x.stride(), *out.stride(), float(alpha), float(gain))
+    args += (float(clamp if clamp is not None else 0.0),)
+    consts = dict(
+        CI=ci,
+        CO=co,
+        ACT=_conv.ACT_CODES[act],
+        HAS_BIAS=b is not None,
+        HAS_GAIN=float(gain) != 1.0,
+        HAS_CLAMP=clamp is not None,
+        X_INT32=span(x) <= INT32_LIMIT,
+        OUT_INT32=span(out) <= INT32_LIMIT,
+        ZERO_ROWS=zero_rows,
+        PRECISION=_conv._precision(x),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]),)
+
+    if INTERPRET or x.device.type != "cuda":
+        _up_conv3x3_pairs_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
+        return out, saved
+    family = _conv._gpu_family(x.device)
+    with torch.cuda.device(x.device):
+        if _conv.AUTOTUNE:
+            _tuned_kernel(family)[grid](*args, **consts)
+        else:
+            cfg = _heuristic_config(x, ci, co, family)
+            _up_conv3x3_pairs_fwd_kernel[grid](
+                *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            )
+    return out, saved
