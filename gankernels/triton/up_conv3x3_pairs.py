@@ -37,7 +37,6 @@ import triton.language as tl
 from gankernels.triton import conv3x3 as _conv
 from gankernels.triton import up_conv3x3 as _four
 from gankernels.triton.conv3x3 import _decode_rows, _epilogue
-from gankernels.triton.up_conv3x3 import _load_chunk, _load_shift, _shift_ptrs
 from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
 
 __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
@@ -56,7 +55,8 @@ leave the issue slots free (static report, ``benchmarks/NOTES.md`` step 5b)."""
 def _dot_pair(
     acc, x, w_ptrs, T: tl.constexpr, CI: tl.constexpr, CO: tl.constexpr, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr
 ):
-    """acc + x @ the [BLOCK_K, 2·BLOCK_N] tile T = (a·2 + tr)·3 + s of the pair layout."""
+    """acc + x @ the [2·BLOCK_K, 2·BLOCK_N] weight tile of phase row a, column shift s − 1
+    (T = a·6 + s): both tap rows tr along K, both phases c along N."""
     ptrs = w_ptrs + T * CI * (2 * CO)
     if EVEN_K and EVEN_N:
         b = tl.load(ptrs)
@@ -70,42 +70,34 @@ def _dot_pair(
 
 
 @triton.jit
-def _twelve_dots(
-    acc0,
-    acc1,
-    x_00,
-    x_01,
-    x_02,
-    x_10,
-    x_11,
-    x_12,
-    x_20,
-    x_21,
-    x_22,
-    w_ptrs,
-    CI: tl.constexpr,
-    CO: tl.constexpr,
-    k_ok,
-    n_ok,
-    EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One K step of both phase rows: row a, tap row tr, column shift s − 1 reads
-    x_<a+tr><s> with tile (a·2 + tr)·3 + s. The two accumulators alternate."""
-    acc0 = _dot_pair(acc0, x_00, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc1 = _dot_pair(acc1, x_10, w_ptrs, 6, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc0 = _dot_pair(acc0, x_01, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc1 = _dot_pair(acc1, x_11, w_ptrs, 7, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc0 = _dot_pair(acc0, x_02, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc1 = _dot_pair(acc1, x_12, w_ptrs, 8, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc0 = _dot_pair(acc0, x_10, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc1 = _dot_pair(acc1, x_20, w_ptrs, 9, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc0 = _dot_pair(acc0, x_11, w_ptrs, 4, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc1 = _dot_pair(acc1, x_21, w_ptrs, 10, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc0 = _dot_pair(acc0, x_12, w_ptrs, 5, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    acc1 = _dot_pair(acc1, x_22, w_ptrs, 11, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    return acc0, acc1
+def _pair_ptrs(a_rows, row_off, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, ar_q, lo, ar_qk, z_ptr, tap_ok):
+    """[BLOCK_M, 2·BLOCK_K] pointers: columns < BLOCK_K at shift sh_lo (tap row 0), the
+    others at sh_hi (tap row 1), channels from the chunk's first; the zero row where that
+    pixel is outside the image."""
+    ok_lo = ((tap_ok >> BIT_LO) & 1) != 0
+    ok_hi = ((tap_ok >> BIT_HI) & 1) != 0
+    p_lo = tl.where(ok_lo[:, None], a_rows + (row_off + sh_lo)[:, None] + ar_qk[None, :], z_ptr + ar_qk[None, :])
+    p_hi = tl.where(ok_hi[:, None], a_rows + (row_off + sh_hi)[:, None] + ar_qk[None, :], z_ptr + ar_qk[None, :])
+    return tl.where(lo[None, :], p_lo, p_hi)
+
+
+@triton.jit
+def _load_pair(ptrs, kq_ok, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=kq_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_pair_masked(a_ptrs, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, lo, tap_ok, kq_ok, EVEN_K: tl.constexpr):
+    """[BLOCK_M, 2·BLOCK_K] input through any strides: the two tap rows' shifts, masked
+    where the shifted pixel is outside the image."""
+    bit = tl.where(lo, BIT_LO, BIT_HI)
+    ok = ((tap_ok[:, None] >> bit[None, :]) & 1) != 0
+    if not EVEN_K:
+        ok = ok & kq_ok[None, :]
+    sh = tl.where(lo, sh_lo, sh_hi)
+    return tl.load(a_ptrs + sh[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
@@ -205,59 +197,59 @@ def _up_conv3x3_pairs_fwd_kernel(
     left = -sxw
     right = sxw
 
+    # K inside a chunk: q < BLOCK_K is tap row 0, the rest tap row 1, channel q % BLOCK_K.
+    ar_q = tl.arange(0, 2 * BLOCK_K)
+    lo = ar_q < BLOCK_K
+    ar_qk = ar_q % BLOCK_K
     acc0 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    b_off = ar_k[:, None] * (2 * CO) + (col_c * CO + offs_co)[None, :]
+    # Weight rows (a, tr, s, ci) of the pair layout: tr from q, the tile's (a, s) per dot.
+    b_off = ((ar_q // BLOCK_K) * (3 * CI * 2 * CO) + ar_qk * (2 * CO))[:, None] + (col_c * CO + offs_co)[None, :]
     if ZERO_ROWS:
-        # Channel stride 1: rows outside the image read the zero row (see up_conv3x3).
-        zero_row = z_ptr + ar_k[None, :]
-        p_00 = _shift_ptrs(a_rows, row_off, up + left, ar_k, zero_row, tap_ok, 0)
-        p_01 = _shift_ptrs(a_rows, row_off, up, ar_k, zero_row, tap_ok, 1)
-        p_02 = _shift_ptrs(a_rows, row_off, up + right, ar_k, zero_row, tap_ok, 2)
-        p_10 = _shift_ptrs(a_rows, row_off, left, ar_k, zero_row, tap_ok, 3)
-        p_11 = _shift_ptrs(a_rows, row_off, 0, ar_k, zero_row, tap_ok, 4)
-        p_12 = _shift_ptrs(a_rows, row_off, right, ar_k, zero_row, tap_ok, 5)
-        p_20 = _shift_ptrs(a_rows, row_off, down + left, ar_k, zero_row, tap_ok, 6)
-        p_21 = _shift_ptrs(a_rows, row_off, down, ar_k, zero_row, tap_ok, 7)
-        p_22 = _shift_ptrs(a_rows, row_off, down + right, ar_k, zero_row, tap_ok, 8)
+        # Channel stride 1: rows outside the image read the zero row (see up_conv3x3). The
+        # 6 (phase row, column shift) tiles' pointers are computed once.
+        p_00 = _pair_ptrs(a_rows, row_off, up + left, left, 0, 3, ar_q, lo, ar_qk, z_ptr, tap_ok)
+        p_01 = _pair_ptrs(a_rows, row_off, up, 0, 1, 4, ar_q, lo, ar_qk, z_ptr, tap_ok)
+        p_02 = _pair_ptrs(a_rows, row_off, up + right, right, 2, 5, ar_q, lo, ar_qk, z_ptr, tap_ok)
+        p_10 = _pair_ptrs(a_rows, row_off, left, down + left, 3, 6, ar_q, lo, ar_qk, z_ptr, tap_ok)
+        p_11 = _pair_ptrs(a_rows, row_off, 0, down, 4, 7, ar_q, lo, ar_qk, z_ptr, tap_ok)
+        p_12 = _pair_ptrs(a_rows, row_off, right, down + right, 5, 8, ar_q, lo, ar_qk, z_ptr, tap_ok)
         for s in range(tl.cdiv(Ci, BLOCK_K)):  # the runtime Ci: see above
             ci0 = s * BLOCK_K
-            k_ok = ci0 + ar_k < CI
+            kq_ok = ci0 + ar_qk < CI
             w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
-            x_00 = _load_chunk(p_00 + ci0, k_ok, EVEN_K)
-            x_01 = _load_chunk(p_01 + ci0, k_ok, EVEN_K)
-            x_02 = _load_chunk(p_02 + ci0, k_ok, EVEN_K)
-            x_10 = _load_chunk(p_10 + ci0, k_ok, EVEN_K)
-            x_11 = _load_chunk(p_11 + ci0, k_ok, EVEN_K)
-            x_12 = _load_chunk(p_12 + ci0, k_ok, EVEN_K)
-            x_20 = _load_chunk(p_20 + ci0, k_ok, EVEN_K)
-            x_21 = _load_chunk(p_21 + ci0, k_ok, EVEN_K)
-            x_22 = _load_chunk(p_22 + ci0, k_ok, EVEN_K)
-            acc0, acc1 = _twelve_dots(
-                acc0, acc1, x_00, x_01, x_02, x_10, x_11, x_12, x_20, x_21, x_22,
-                w_ptrs, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION,
-            )  # fmt: skip
+            x_00 = _load_pair(p_00 + ci0, kq_ok, EVEN_K)
+            x_01 = _load_pair(p_01 + ci0, kq_ok, EVEN_K)
+            x_02 = _load_pair(p_02 + ci0, kq_ok, EVEN_K)
+            x_10 = _load_pair(p_10 + ci0, kq_ok, EVEN_K)
+            x_11 = _load_pair(p_11 + ci0, kq_ok, EVEN_K)
+            x_12 = _load_pair(p_12 + ci0, kq_ok, EVEN_K)
+            acc0 = _dot_pair(acc0, x_00, w_ptrs, 0, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_pair(acc1, x_10, w_ptrs, 6, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc0 = _dot_pair(acc0, x_01, w_ptrs, 1, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_pair(acc1, x_11, w_ptrs, 7, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc0 = _dot_pair(acc0, x_02, w_ptrs, 2, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_pair(acc1, x_12, w_ptrs, 8, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
     else:
         # Any channel stride: masked copies.
-        a_ptrs0 = a_rows + (row_off[:, None] + (ar_k * sxc)[None, :])
+        a_ptrs0 = a_rows + (row_off[:, None] + (ar_qk * sxc)[None, :])
         for s in range(tl.cdiv(Ci, BLOCK_K)):
             ci0 = s * BLOCK_K
-            k_ok = ci0 + ar_k < CI
+            kq_ok = ci0 + ar_qk < CI
             a_ptrs = a_ptrs0 + ci0 * sxc
             w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
-            x_00 = _load_shift(a_ptrs, up + left, tap_ok, 0, k_ok, EVEN_K)
-            x_01 = _load_shift(a_ptrs, up, tap_ok, 1, k_ok, EVEN_K)
-            x_02 = _load_shift(a_ptrs, up + right, tap_ok, 2, k_ok, EVEN_K)
-            x_10 = _load_shift(a_ptrs, left, tap_ok, 3, k_ok, EVEN_K)
-            x_11 = _load_shift(a_ptrs, 0, tap_ok, 4, k_ok, EVEN_K)
-            x_12 = _load_shift(a_ptrs, right, tap_ok, 5, k_ok, EVEN_K)
-            x_20 = _load_shift(a_ptrs, down + left, tap_ok, 6, k_ok, EVEN_K)
-            x_21 = _load_shift(a_ptrs, down, tap_ok, 7, k_ok, EVEN_K)
-            x_22 = _load_shift(a_ptrs, down + right, tap_ok, 8, k_ok, EVEN_K)
-            acc0, acc1 = _twelve_dots(
-                acc0, acc1, x_00, x_01, x_02, x_10, x_11, x_12, x_20, x_21, x_22,
-                w_ptrs, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION,
-            )  # fmt: skip
+            x_00 = _load_pair_masked(a_ptrs, up + left, left, 0, 3, lo, tap_ok, kq_ok, EVEN_K)
+            x_01 = _load_pair_masked(a_ptrs, up, 0, 1, 4, lo, tap_ok, kq_ok, EVEN_K)
+            x_02 = _load_pair_masked(a_ptrs, up + right, right, 2, 5, lo, tap_ok, kq_ok, EVEN_K)
+            x_10 = _load_pair_masked(a_ptrs, left, down + left, 3, 6, lo, tap_ok, kq_ok, EVEN_K)
+            x_11 = _load_pair_masked(a_ptrs, 0, down, 4, 7, lo, tap_ok, kq_ok, EVEN_K)
+            x_12 = _load_pair_masked(a_ptrs, right, down + right, 5, 8, lo, tap_ok, kq_ok, EVEN_K)
+            acc0 = _dot_pair(acc0, x_00, w_ptrs, 0, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_pair(acc1, x_10, w_ptrs, 6, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc0 = _dot_pair(acc0, x_01, w_ptrs, 1, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_pair(acc1, x_11, w_ptrs, 7, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc0 = _dot_pair(acc0, x_02, w_ptrs, 2, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_pair(acc1, x_12, w_ptrs, 8, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)
@@ -310,7 +302,7 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 def _smem_bytes(c: triton.Config, elsize: int) -> int:
     kw = c.kwargs
-    return max(c.num_stages, 1) * (9 * kw["BLOCK_M"] + 24 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
+    return max(c.num_stages, 1) * (12 * kw["BLOCK_M"] + 24 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
 
 
 def _acc_registers(c: triton.Config) -> int:
