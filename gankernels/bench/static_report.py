@@ -66,10 +66,16 @@ DIRECTIONS = {
     "_wgrad_kernel": "wgrad",
 }
 OPS = {"conv": "conv3x3", "pool": "conv3x3_pool", "up": "up_conv3x3"}
-# Kernels whose MMAs also multiply structural zeros: the fraction of the executed
-# multiply-adds that the convolution needs. The phase-pair up-conv runs 12 dots of
-# 2·BLOCK_N per chunk (24 BLOCK_N-wide products) for the 16 phase taps it uses.
-USEFUL_TENSOR_FRACTION = {"_up_conv3x3_pairs_fwd_kernel": 16 / 24}
+
+
+def useful_tensor_fraction(jit_name: str, h: int) -> float:
+    """Of the multiply-adds a kernel's MMAs execute, the fraction the convolution needs (1
+    unless it multiplies structural zeros). The row-pair up-conv runs 3 dots of
+    [BM, 2·BK] × [2·BK, 4·BN] per chunk (24 BM·BN·BK products) for the 16 phase taps, and
+    H + 1 row pairs for H input rows (the first and last pairs hold one output row each)."""
+    if jit_name == "_up_conv3x3_pairs_fwd_kernel":
+        return 16 / 24 * h / (h + 1)
+    return 1.0
 
 
 @dataclasses.dataclass
@@ -134,7 +140,7 @@ def k_steps(kernel: str, op: str, ci: int, co: int, blocks: dict, jit_name: str 
     CTA depend on the GPU's SM count (its split-K)."""
     if jit_name == "_up_conv3x3_fwd_kernel":
         return 16 * math.ceil(ci / blocks["BLOCK_K"])
-    if jit_name == "_up_conv3x3_pairs_fwd_kernel":  # 12 dots of 2·BLOCK_N per chunk
+    if jit_name == "_up_conv3x3_pairs_fwd_kernel":  # 3 dots of 2·BLOCK_K × 4·BLOCK_N per chunk
         return 24 * math.ceil(ci / blocks["BLOCK_K"])
     taps = 4 if op == "up" and kernel == "forward" else 16 if op == "up" else 9
     if kernel == "forward":
@@ -214,7 +220,7 @@ def rows_to_measure(all_configs: bool) -> list[tuple[object, Row]]:
                 case = aot.bind(la, TARGET_ARCH, cfg, f"{aot.shape_label(op, ci, co, h)}-{label}")
                 row = Row(kernel, OPS[op], shape_of(ci, co, h), label, rank == 0, case.id, dict(cfg.kwargs))
                 row.k_steps = k_steps(kernel, op, ci, co, cfg.kwargs, la.name)
-                row.useful_tensor_fraction = USEFUL_TENSOR_FRACTION.get(la.name, 1.0)
+                row.useful_tensor_fraction = useful_tensor_fraction(la.name, h)
                 todo.append((case, row))
 
     def shape_of(ci: int, co: int, h: int) -> str:
@@ -292,8 +298,9 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "per CTA, every branch counted). 'CTA load': the same ratio over a whole CTA, prologue and epilogue "
         "included (K-steps × the step's instructions + those outside the loop, over K-steps × tensor cycles): "
         "the tighter bound where a CTA runs few K-steps. 'useful-cycle load': the issue load against the tensor "
-        "cycles the convolution needs, without the multiply-adds a kernel spends on structural zeros (the phase-pair "
-        "up-conv executes 24 products for 16 useful: issue load ÷ 2/3); the same as the issue load elsewhere. "
+        "cycles the convolution needs, without the multiply-adds a kernel spends on structural zeros (the row-pair "
+        "up-conv for Co ≤ 32 executes 24 products for 16 useful, over H + 1 row pairs for H rows: issue load ÷ "
+        "(2/3 · H/(H+1))); the same as the issue load elsewhere. "
         "The target (≤ 0.5) is judged on it.",
         "",
         "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "

@@ -1,22 +1,25 @@
-"""Triton up-conv forward for few output channels, phase pairs along N: ``up_conv3x3``.
+"""Triton up-conv forward for few output channels, output row pairs: ``up_conv3x3``.
 
 The four-phase kernel (:mod:`gankernels.triton.up_conv3x3`) issues 16 dots of N = BLOCK_N
 per input-channel chunk. At Co <= 32 every one is an N = 32 (or narrower) Hopper MMA of
 16 tensor cycles, and each MMA costs about as many instructions to issue (its shared-memory
-descriptors, fences) whatever its N: the issue slots, not the tensor cores, bound it.
+descriptors, fences, the copies and commit of its own tiles) whatever its N: the issue
+slots, not the tensor cores, bound it (static report, ``benchmarks/NOTES.md`` step 5b).
 
-Here the two phases of one output row parity a are computed as one GEMM of twice the width.
-Phase (a, c) tap (tr, tc) reads the low-resolution shift (a + tr − 1, c + tc − 1); for a
-fixed a the two phases c = 0, 1 read 2 row shifts × 3 column shifts s − 1 (s = c + tc), so
-one dot per shifted input tile with a [BLOCK_K, 2·BLOCK_N] weight tile — phase (a, 0)'s
-tap in the first BLOCK_N columns, phase (a, 1)'s in the next, zero where a phase does not
-use that column shift — accumulates both phases into one [BLOCK_M, 2·BLOCK_N] fp32 tile:
-12 dots of 2·BLOCK_N per chunk instead of 16 of BLOCK_N. It executes 1.5× the
-multiply-adds (the zero taps: 24 BLOCK_N-wide products for 16 useful) in half as many MMA
-instructions per tensor cycle. In channels_last the two phases (a, 0), (a, 1) of a pixel
-are neighbouring output pixels, so an accumulator row is one contiguous 2·Co run.
+Here the GEMM is reshaped so that each MMA is 4× wider and 2× deeper. Output rows 2r − 1
+(phase row a = 1 of input row r − 1) and 2r (phase row a = 0 of input row r) both read
+input rows r − 1 and r only, with the same tap row tr for the same input row. So a GEMM row
+is a *row pair* (image, r, column j), r = 0 … H, holding the 2 × 2 output pixels (2r − 1 +
+h, 2j + c), h, c ∈ {0, 1}; its 4·Co outputs are one accumulator row. Per input-channel
+chunk, for each column shift s − 1 (s = 0, 1, 2), one dot multiplies the [BLOCK_M,
+2·BLOCK_K] input tile (rows r − 1 then r, at column j + s − 1, along K) with the
+[2·BLOCK_K, 4·BLOCK_N] weight tile (tap rows 0, 1 along K; the 4 phases along N, zero where
+a phase does not use that column shift): 3 dots per chunk instead of 16. It executes 1.5×
+the multiply-adds (24 BLOCK_M·BLOCK_N·BLOCK_K products for 16 useful) and (H + 1)/H rows,
+and reads 6 shifted input tiles per chunk instead of 9. The first and last row pairs hold
+one output row each (the other is masked).
 
-The packed weight (``[12·Ci, 2·Co]``, rows ordered a, tr, s, ci; columns c, co) is
+The packed weight (``[6·Ci, 4·Co]``, rows ordered s, tr, ci; columns 1 − a, c, co) is
 :func:`gankernels.triton.conv3x3.packed_weight` with ``pairs=True``: the same fp32-summed
 phase taps as the four-phase layout, rounded once, cached per parameter version.
 
@@ -43,8 +46,8 @@ __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
 
 MAX_CO = 32
 """Calls with at most this many output channels (and at least ``up_conv3x3.MIN_CI`` input
-channels) run this kernel; wider ones the four-phase kernel, whose N = 64 MMAs already
-leave the issue slots free (static report, ``benchmarks/NOTES.md`` step 5b)."""
+channels) run this kernel; wider ones the four-phase kernel, whose N >= 64 MMAs already
+leave half the issue slots free without the zero taps (``benchmarks/NOTES.md`` step 5b)."""
 
 
 # ----------------------------------------------------------------------------------
@@ -52,12 +55,12 @@ leave the issue slots free (static report, ``benchmarks/NOTES.md`` step 5b)."""
 
 
 @triton.jit
-def _dot_pair(
-    acc, x, w_ptrs, T: tl.constexpr, CI: tl.constexpr, CO: tl.constexpr, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr
-):
-    """acc + x @ the [2·BLOCK_K, 2·BLOCK_N] weight tile of phase row a, column shift s − 1
-    (T = a·6 + s): both tap rows tr along K, both phases c along N."""
-    ptrs = w_ptrs + T * CI * (2 * CO)
+def _dot_shift(
+    acc, x, w_ptrs, S: tl.constexpr, CI: tl.constexpr, CO: tl.constexpr, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc + x @ the [2·BLOCK_K, 4·BLOCK_N] weight tile of column shift S − 1."""
+    ptrs = w_ptrs + S * (2 * CI) * (4 * CO)
     if EVEN_K and EVEN_N:
         b = tl.load(ptrs)
     elif EVEN_K:
@@ -70,10 +73,10 @@ def _dot_pair(
 
 
 @triton.jit
-def _pair_ptrs(a_rows, row_off, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, ar_q, lo, ar_qk, z_ptr, tap_ok):
-    """[BLOCK_M, 2·BLOCK_K] pointers: columns < BLOCK_K at shift sh_lo (tap row 0), the
-    others at sh_hi (tap row 1), channels from the chunk's first; the zero row where that
-    pixel is outside the image."""
+def _shift_pair_ptrs(a_rows, row_off, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, lo, ar_qk, z_ptr, tap_ok):
+    """[BLOCK_M, 2·BLOCK_K] pointers: columns < BLOCK_K at shift sh_lo (the upper input
+    row), the others at sh_hi (the lower), channels from the chunk's first; the zero row
+    where that pixel is outside the image."""
     ok_lo = ((tap_ok >> BIT_LO) & 1) != 0
     ok_hi = ((tap_ok >> BIT_HI) & 1) != 0
     p_lo = tl.where(ok_lo[:, None], a_rows + (row_off + sh_lo)[:, None] + ar_qk[None, :], z_ptr + ar_qk[None, :])
@@ -82,43 +85,22 @@ def _pair_ptrs(a_rows, row_off, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.c
 
 
 @triton.jit
-def _load_pair(ptrs, kq_ok, EVEN_K: tl.constexpr):
+def _load_pair(ptrs, k_ok, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(ptrs)
-    return tl.load(ptrs, mask=kq_ok[None, :], other=0.0)
+    return tl.load(ptrs, mask=k_ok[None, :], other=0.0)
 
 
 @triton.jit
-def _load_pair_masked(a_ptrs, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, lo, tap_ok, kq_ok, EVEN_K: tl.constexpr):
-    """[BLOCK_M, 2·BLOCK_K] input through any strides: the two tap rows' shifts, masked
+def _load_pair_masked(a_ptrs, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, lo, tap_ok, k_ok, EVEN_K: tl.constexpr):
+    """[BLOCK_M, 2·BLOCK_K] input through any strides: the two input rows' shifts, masked
     where the shifted pixel is outside the image."""
     bit = tl.where(lo, BIT_LO, BIT_HI)
     ok = ((tap_ok[:, None] >> bit[None, :]) & 1) != 0
     if not EVEN_K:
-        ok = ok & kq_ok[None, :]
+        ok = ok & k_ok[None, :]
     sh = tl.where(lo, sh_lo, sh_hi)
     return tl.load(a_ptrs + sh[None, :], mask=ok, other=0.0)
-
-
-@triton.jit
-def _store_row_pair(
-    acc,
-    bias,
-    out_ptr,
-    o_ptrs,
-    o_mask,
-    alpha,
-    gain,
-    clamp,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_GAIN: tl.constexpr,
-    HAS_CLAMP: tl.constexpr,
-):
-    if HAS_BIAS:
-        acc = acc + bias[None, :]
-    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # As the four-phase kernel: N, H, W, M not specialised; CI, CO constexpr for the weight
@@ -169,101 +151,91 @@ def _up_conv3x3_pairs_fwd_kernel(
     pid_n = pid % num_n
     pid_m = pid // num_n
 
+    # Rows: (image, r, column j) on an N × (H + 1) × W grid (M of them); row r covers
+    # output rows 2r − 1 and 2r (both read input rows r − 1 and r), columns 2j, 2j + 1.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     offs_m = tl.where(m_ok, offs_m, 0)
-    bn, bh, bw = _decode_rows(offs_m, H, W)
-    ar_k = tl.arange(0, BLOCK_K)
-    # Accumulator column j: phase column c = j // BLOCK_N, output channel co.
-    ar_j = tl.arange(0, 2 * BLOCK_N)
-    col_c = ar_j // BLOCK_N
+    bn, br, bw = _decode_rows(offs_m, H + 1, W)
+    # Accumulator column j: g = j // BLOCK_N, output row 2r − 1 + g // 2, column
+    # 2j + g % 2, channel co.
+    ar_j = tl.arange(0, 4 * BLOCK_N)
+    col_g = ar_j // BLOCK_N
     offs_co = pid_n * BLOCK_N + ar_j % BLOCK_N
     n_ok = offs_co < CO
 
-    # Bit (dr + 1)·3 + (dc + 1): the pixel at shift (dr, dc) is inside the image.
+    # Bit (dr + 1)·3 + (dc + 1), dr ∈ {−1, 0}: the input pixel (r + dr, j + dc) is inside.
     tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for r in tl.static_range(3):
-        for c in tl.static_range(3):
-            inside = m_ok & (bh + r - 1 >= 0) & (bh + r - 1 < H) & (bw + c - 1 >= 0) & (bw + c - 1 < W)
-            tap_ok = tap_ok | (inside.to(tl.int32) << (r * 3 + c))
+    for dr in tl.static_range(2):
+        for dc in tl.static_range(3):
+            inside = m_ok & (br + dr - 1 >= 0) & (br + dr - 1 < H) & (bw + dc - 1 >= 0) & (bw + dc - 1 < W)
+            tap_ok = tap_ok | (inside.to(tl.int32) << (dr * 3 + dc))
     if X_INT32:
         a_rows = x_ptr
-        row_off = bn * sxn + bh * sxh + bw * sxw
+        row_off = bn * sxn + br * sxh + bw * sxw
     else:
         a_rows = (x_ptr + bn.to(tl.int64) * sxn)[:, None]
-        row_off = bh * sxh + bw * sxw
+        row_off = br * sxh + bw * sxw
     up = -sxh
-    down = sxh
     left = -sxw
     right = sxw
 
-    # K inside a chunk: q < BLOCK_K is tap row 0, the rest tap row 1, channel q % BLOCK_K.
+    # K inside a chunk: q < BLOCK_K reads input row r − 1 (tap row 0 of both output rows),
+    # the rest input row r (tap row 1), channel q % BLOCK_K.
     ar_q = tl.arange(0, 2 * BLOCK_K)
     lo = ar_q < BLOCK_K
     ar_qk = ar_q % BLOCK_K
-    acc0 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    # Weight rows (a, tr, s, ci) of the pair layout: tr from q, the tile's (a, s) per dot.
-    b_off = ((ar_q // BLOCK_K) * (3 * CI * 2 * CO) + ar_qk * (2 * CO))[:, None] + (col_c * CO + offs_co)[None, :]
+    acc = tl.zeros((BLOCK_M, 4 * BLOCK_N), dtype=tl.float32)
+    # Weight rows (s, tr, ci), columns (g, co) of the row-pair layout.
+    b_off = ((ar_q // BLOCK_K) * CI + ar_qk)[:, None] * (4 * CO) + (col_g * CO + offs_co)[None, :]
     if ZERO_ROWS:
-        # Channel stride 1: rows outside the image read the zero row (see up_conv3x3). The
-        # 6 (phase row, column shift) tiles' pointers are computed once.
-        p_00 = _pair_ptrs(a_rows, row_off, up + left, left, 0, 3, ar_q, lo, ar_qk, z_ptr, tap_ok)
-        p_01 = _pair_ptrs(a_rows, row_off, up, 0, 1, 4, ar_q, lo, ar_qk, z_ptr, tap_ok)
-        p_02 = _pair_ptrs(a_rows, row_off, up + right, right, 2, 5, ar_q, lo, ar_qk, z_ptr, tap_ok)
-        p_10 = _pair_ptrs(a_rows, row_off, left, down + left, 3, 6, ar_q, lo, ar_qk, z_ptr, tap_ok)
-        p_11 = _pair_ptrs(a_rows, row_off, 0, down, 4, 7, ar_q, lo, ar_qk, z_ptr, tap_ok)
-        p_12 = _pair_ptrs(a_rows, row_off, right, down + right, 5, 8, ar_q, lo, ar_qk, z_ptr, tap_ok)
+        # Channel stride 1: rows outside the image read the zero row (see up_conv3x3); the
+        # 3 column shifts' pointers are computed once.
+        p_0 = _shift_pair_ptrs(a_rows, row_off, up + left, left, 0, 3, lo, ar_qk, z_ptr, tap_ok)
+        p_1 = _shift_pair_ptrs(a_rows, row_off, up, 0, 1, 4, lo, ar_qk, z_ptr, tap_ok)
+        p_2 = _shift_pair_ptrs(a_rows, row_off, up + right, right, 2, 5, lo, ar_qk, z_ptr, tap_ok)
         for s in range(tl.cdiv(Ci, BLOCK_K)):  # the runtime Ci: see above
             ci0 = s * BLOCK_K
-            kq_ok = ci0 + ar_qk < CI
-            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
-            x_00 = _load_pair(p_00 + ci0, kq_ok, EVEN_K)
-            x_01 = _load_pair(p_01 + ci0, kq_ok, EVEN_K)
-            x_02 = _load_pair(p_02 + ci0, kq_ok, EVEN_K)
-            x_10 = _load_pair(p_10 + ci0, kq_ok, EVEN_K)
-            x_11 = _load_pair(p_11 + ci0, kq_ok, EVEN_K)
-            x_12 = _load_pair(p_12 + ci0, kq_ok, EVEN_K)
-            acc0 = _dot_pair(acc0, x_00, w_ptrs, 0, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_pair(acc1, x_10, w_ptrs, 6, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc0 = _dot_pair(acc0, x_01, w_ptrs, 1, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_pair(acc1, x_11, w_ptrs, 7, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc0 = _dot_pair(acc0, x_02, w_ptrs, 2, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_pair(acc1, x_12, w_ptrs, 8, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            k_ok = ci0 + ar_qk < CI
+            w_ptrs = w_ptr + ci0 * (4 * CO) + b_off
+            x_0 = _load_pair(p_0 + ci0, k_ok, EVEN_K)
+            x_1 = _load_pair(p_1 + ci0, k_ok, EVEN_K)
+            x_2 = _load_pair(p_2 + ci0, k_ok, EVEN_K)
+            acc = _dot_shift(acc, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc = _dot_shift(acc, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc = _dot_shift(acc, x_2, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
     else:
         # Any channel stride: masked copies.
         a_ptrs0 = a_rows + (row_off[:, None] + (ar_qk * sxc)[None, :])
         for s in range(tl.cdiv(Ci, BLOCK_K)):
             ci0 = s * BLOCK_K
-            kq_ok = ci0 + ar_qk < CI
+            k_ok = ci0 + ar_qk < CI
             a_ptrs = a_ptrs0 + ci0 * sxc
-            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
-            x_00 = _load_pair_masked(a_ptrs, up + left, left, 0, 3, lo, tap_ok, kq_ok, EVEN_K)
-            x_01 = _load_pair_masked(a_ptrs, up, 0, 1, 4, lo, tap_ok, kq_ok, EVEN_K)
-            x_02 = _load_pair_masked(a_ptrs, up + right, right, 2, 5, lo, tap_ok, kq_ok, EVEN_K)
-            x_10 = _load_pair_masked(a_ptrs, left, down + left, 3, 6, lo, tap_ok, kq_ok, EVEN_K)
-            x_11 = _load_pair_masked(a_ptrs, 0, down, 4, 7, lo, tap_ok, kq_ok, EVEN_K)
-            x_12 = _load_pair_masked(a_ptrs, right, down + right, 5, 8, lo, tap_ok, kq_ok, EVEN_K)
-            acc0 = _dot_pair(acc0, x_00, w_ptrs, 0, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_pair(acc1, x_10, w_ptrs, 6, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc0 = _dot_pair(acc0, x_01, w_ptrs, 1, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_pair(acc1, x_11, w_ptrs, 7, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc0 = _dot_pair(acc0, x_02, w_ptrs, 2, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_pair(acc1, x_12, w_ptrs, 8, CI, CO, kq_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            w_ptrs = w_ptr + ci0 * (4 * CO) + b_off
+            x_0 = _load_pair_masked(a_ptrs, up + left, left, 0, 3, lo, tap_ok, k_ok, EVEN_K)
+            x_1 = _load_pair_masked(a_ptrs, up, 0, 1, 4, lo, tap_ok, k_ok, EVEN_K)
+            x_2 = _load_pair_masked(a_ptrs, up + right, right, 2, 5, lo, tap_ok, k_ok, EVEN_K)
+            acc = _dot_shift(acc, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc = _dot_shift(acc, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc = _dot_shift(acc, x_2, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
 
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)
-    else:
-        bias = None
-    # Row a of the accumulator pair: output pixel (2i + a, 2j + c), channel co.
+        acc = acc + tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
+    # Output pixel (2r − 1 + g // 2, 2j + g % 2): row 2r − 1 exists from r = 1 on, row 2r
+    # up to r = H − 1.
+    g_hi = col_g // 2
+    g_c = col_g % 2
     if OUT_INT32:
-        o_ptrs = out_ptr + (bn * son + (2 * bh) * soh + (2 * bw) * sow)[:, None] + (col_c * sow + offs_co * soc)[None, :]
+        o_row = bn * son + (2 * br - 1) * soh + (2 * bw) * sow
+        o_ptrs = out_ptr + o_row[:, None] + (g_hi * soh + g_c * sow + offs_co * soc)[None, :]
     else:
-        o_row = bn.to(tl.int64) * son + (2 * bh).to(tl.int64) * soh + (2 * bw).to(tl.int64) * sow
-        o_ptrs = out_ptr + o_row[:, None] + (col_c.to(tl.int64) * sow + offs_co.to(tl.int64) * soc)[None, :]
-    o_mask = m_ok[:, None] & n_ok[None, :]
-    _store_row_pair(acc0, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
-    _store_row_pair(acc1, bias, out_ptr, o_ptrs + soh, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+        o_row = bn.to(tl.int64) * son + (2 * br - 1).to(tl.int64) * soh + (2 * bw).to(tl.int64) * sow
+        o_col = g_hi.to(tl.int64) * soh + g_c.to(tl.int64) * sow + offs_co.to(tl.int64) * soc
+        o_ptrs = out_ptr + o_row[:, None] + o_col[None, :]
+    row_ok = tl.where(g_hi[None, :] == 0, (br >= 1)[:, None], (br < H)[:, None])
+    o_mask = m_ok[:, None] & n_ok[None, :] & row_ok
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # ----------------------------------------------------------------------------------
@@ -276,18 +248,18 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# BLOCK_N is one phase's width (the accumulators and weight tiles are 2·BLOCK_N wide). Two
-# limits shape the tiles: the 2 fp32 accumulators (4·BLOCK_M·BLOCK_N / threads registers
-# per thread, <= 128) and a pipeline stage's 21 tiles (9 input shifts [BLOCK_M, BLOCK_K],
-# 12 weight tiles [BLOCK_K, 2·BLOCK_N]). Ordered by the static report's load
-# (`python -m gankernels.bench static --all-configs`; NOTES step 5b).
+# BLOCK_N is one phase's width (the accumulator and weight tiles are 4·BLOCK_N wide). Two
+# limits shape the tiles: the fp32 accumulator (4·BLOCK_M·BLOCK_N / threads registers per
+# thread, <= 128) and a pipeline stage's 6 tiles (3 input [BLOCK_M, 2·BLOCK_K], 3 weight
+# [2·BLOCK_K, 4·BLOCK_N]: (6·BLOCK_M + 24·BLOCK_N)·BLOCK_K elements). Ordered by the static
+# report (`python -m gankernels.bench static --all-configs`, NOTES step 5b); 128x32x16 w4
+# s3/s4 (useful-cycle load 0.32-0.33) spill 24 B on triton 3.6 at 255 registers: left out.
 _CONFIGS_HOPPER = [
-    _cfg(128, 32, 16, 4, 3),
-    _cfg(128, 32, 32, 4, 1),
-    _cfg(128, 32, 16, 4, 2),
+    _cfg(256, 32, 16, 8, 3),  # Co <= 32: useful-cycle load 0.30 (3.8), 0.29 (3.6); 234 registers, 216 KB
+    _cfg(128, 32, 32, 4, 2),  # 0.29, 246-254 registers, 192 KB
+    _cfg(128, 16, 32, 4, 3),  # Co <= 16
     _cfg(64, 32, 32, 4, 2),
-    _cfg(128, 16, 32, 4, 2),
-    _cfg(64, 32, 16, 4, 2),  # fp32
+    _cfg(64, 32, 16, 4, 2),  # fp32 (4-byte elements: half the tile per stage)
     _cfg(64, 16, 16, 4, 3),
 ]
 _CONFIGS_AMPERE = [
@@ -302,7 +274,7 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 def _smem_bytes(c: triton.Config, elsize: int) -> int:
     kw = c.kwargs
-    return max(c.num_stages, 1) * (12 * kw["BLOCK_M"] + 24 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
+    return max(c.num_stages, 1) * (6 * kw["BLOCK_M"] + 24 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
 
 
 def _acc_registers(c: triton.Config) -> int:
@@ -377,8 +349,8 @@ def up_conv3x3_phase_pairs(
     gain: float = 1.0,
     clamp: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv3x3(upsample_nearest(x, 2), w, b, ...)``, the two phases of each output row
-    parity as one GEMM of twice the width.
+    """``conv3x3(upsample_nearest(x, 2), w, b, ...)``, a GEMM row per output row pair
+    (2 × 2 output pixels from two input rows), all 4 phases along N.
 
     Same contract as :func:`gankernels.triton.conv3x3.up_conv3x3_forward` (it routes
     here): ``x`` [N, Ci, H, W], ``w`` [Co, Ci, 3, 3], ``b`` [Co] or None, one dtype and
@@ -392,7 +364,7 @@ def up_conv3x3_phase_pairs(
         raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
     out = _conv._empty_out((n, co, 2 * h, 2 * wd), x)
     saved = x.new_empty((0,))
-    m = n * h * wd  # GEMM rows: low-resolution pixels
+    m = n * (h + 1) * wd  # GEMM rows: output row pairs (2r − 1, 2r) × low-resolution columns
     if out.numel() == 0:
         return out, saved
 
@@ -427,7 +399,5 @@ def up_conv3x3_phase_pairs(
             _tuned_kernel(family)[grid](*args, **consts)
         else:
             cfg = _heuristic_config(x, ci, co, family)
-            _up_conv3x3_pairs_fwd_kernel[grid](
-                *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-            )
+            _up_conv3x3_pairs_fwd_kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, saved
