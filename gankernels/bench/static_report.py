@@ -70,11 +70,11 @@ OPS = {"conv": "conv3x3", "pool": "conv3x3_pool", "up": "up_conv3x3"}
 
 def useful_tensor_fraction(jit_name: str, h: int) -> float:
     """Of the multiply-adds a kernel's MMAs execute, the fraction the convolution needs (1
-    unless it multiplies structural zeros). The row-pair up-conv runs 3 dots of
-    [BM, 2·BK] × [2·BK, 4·BN] per chunk (24 BM·BN·BK products) for the 16 phase taps, and
-    H + 1 row pairs for H input rows (the first and last pairs hold one output row each)."""
+    unless some multiply zeros or rows it throws away). The row-pair up-conv runs H + 1
+    row pairs for H input rows: the first and last pairs hold one output row each, the
+    other's products are computed and masked."""
     if jit_name == "_up_conv3x3_pairs_fwd_kernel":
-        return 16 / 24 * h / (h + 1)
+        return h / (h + 1)
     return 1.0
 
 
@@ -103,7 +103,7 @@ class Row:
     warps_per_scheduler: int = 0
     issue_load: float = 0.0
     ceiling: float = 0.0  # min(1, 1/issue_load): fraction of tensor-core peak at best
-    useful_tensor_fraction: float = 1.0  # of the executed multiply-adds, those not on zero taps
+    useful_tensor_fraction: float = 1.0  # of the executed multiply-adds, those the convolution needs
     useful_issue_load: float = 0.0  # issue_load ÷ useful_tensor_fraction: against the useful tensor cycles
     registers: int = -1
     spill_bytes: int = -1
@@ -140,8 +140,8 @@ def k_steps(kernel: str, op: str, ci: int, co: int, blocks: dict, jit_name: str 
     CTA depend on the GPU's SM count (its split-K)."""
     if jit_name == "_up_conv3x3_fwd_kernel":
         return 16 * math.ceil(ci / blocks["BLOCK_K"])
-    if jit_name == "_up_conv3x3_pairs_fwd_kernel":  # 3 dots of 2·BLOCK_K × 4·BLOCK_N per chunk
-        return 24 * math.ceil(ci / blocks["BLOCK_K"])
+    if jit_name == "_up_conv3x3_pairs_fwd_kernel":  # 4 dots of 2·BLOCK_K × 2·BLOCK_N per chunk
+        return 16 * math.ceil(ci / blocks["BLOCK_K"])
     taps = 4 if op == "up" and kernel == "forward" else 16 if op == "up" else 9
     if kernel == "forward":
         bk = blocks["BLOCK_K"]
@@ -298,9 +298,9 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "per CTA, every branch counted). 'CTA load': the same ratio over a whole CTA, prologue and epilogue "
         "included (K-steps × the step's instructions + those outside the loop, over K-steps × tensor cycles): "
         "the tighter bound where a CTA runs few K-steps. 'useful-cycle load': the issue load against the tensor "
-        "cycles the convolution needs, without the multiply-adds a kernel spends on structural zeros (the row-pair "
-        "up-conv for Co ≤ 32 executes 24 products for 16 useful, over H + 1 row pairs for H rows: issue load ÷ "
-        "(2/3 · H/(H+1))); the same as the issue load elsewhere. "
+        "cycles the convolution needs, without the multiply-adds a kernel computes and throws away (the row-pair "
+        "up-conv for Co ≤ 32 runs H + 1 row pairs for H input rows, the first and last half masked: issue load ÷ "
+        "H/(H+1)); the same as the issue load elsewhere. "
         "The target (≤ 0.5) is judged on it.",
         "",
         "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "

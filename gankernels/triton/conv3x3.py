@@ -517,10 +517,9 @@ def _repack_phases_kernel(
     of ``w[co, ci, 3, 3]``, summed in ACC (fp32, fp64 for fp64 weights) and rounded once
     to out's dtype. One program per (Ci, Co) tile reads its 9 taps and writes all 16.
 
-    PAIRS: the row-pair layout instead, out[s, tr, ci, 1 − a, c, co] (``[6·Ci, 4·Co]``, s the
-    column shift + 1 = c + tc): the same 16 values, the 4 phases side by side along N
-    (phase row 1 first: output rows 2r − 1 and 2r read the same two input rows with
-    phase rows 1 and 0); out must be zero-filled (s = 0 has no c = 1 tap, s = 2 no c = 0)."""
+    PAIRS: the row-pair layout instead, out[c, tc, tr, ci, 1 − a, co] (``[8·Ci, 2·Co]``): the
+    same 16 values, the two phase rows side by side along N (phase row 1 first: output rows
+    2r − 1 and 2r read the same two input rows, with phase rows 1 and 0)."""
     offs_ci = tl.program_id(0) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask = (offs_ci < Ci)[:, None] & (offs_co < Co)[None, :]
@@ -532,9 +531,8 @@ def _repack_phases_kernel(
                 for tc in tl.static_range(2):
                     v = _phase_tap(w_ptr, base, swh, sww, mask, a, tr, c, tc, ACC)
                     if PAIRS:
-                        rows = ((c + tc) * 2 + tr) * Ci + offs_ci
-                        cols = ((1 - a) * 2 + c) * Co + offs_co
-                        o_ptrs = out_ptr + rows[:, None] * (4 * Co) + cols[None, :]
+                        rows = ((c * 2 + tc) * 2 + tr) * Ci + offs_ci
+                        o_ptrs = out_ptr + rows[:, None] * (2 * Co) + ((1 - a) * Co + offs_co)[None, :]
                     else:
                         o_ptrs = out_ptr + (((a * 2 + c) * 2 + tr) * 2 + tc) * Ci * Co + o_tile
                     tl.store(o_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -546,10 +544,8 @@ def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool, pairs: bool = False
     if phases and (w.device.type != "cpu" or INTERPRET):
         # One kernel (not the ~20 small ops of the reference formula): this repack runs
         # after every optimizer step, and on every call under autocast (a new weight copy).
-        if pairs:  # zero where a phase does not use a column shift
-            out = torch.zeros((6 * ci, 4 * co), dtype=dtype, device=w.device)
-        else:
-            out = torch.empty((16 * ci, co), dtype=dtype, device=w.device)
+        shape = (8 * ci, 2 * co) if pairs else (16 * ci, co)
+        out = torch.empty(shape, dtype=dtype, device=w.device)
         acc = tl.float64 if w.dtype == torch.float64 else tl.float32
         grid = (triton.cdiv(ci, 32), triton.cdiv(co, 32))
         _repack_phases_kernel[grid](w, out, ci, co, *w.stride(), ACC=acc, PAIRS=pairs, BLOCK_CI=32, BLOCK_CO=32)
@@ -559,13 +555,8 @@ def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool, pairs: bool = False
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         pw = ref.subpixel_phase_weights(w.to(acc_dtype))  # [a, c, Co, Ci, tr, tc]
         packed = pw.permute(0, 1, 4, 5, 3, 2)  # [a, c, tr, tc, Ci, Co]
-        if pairs:
-            pp = packed.new_zeros(3, 2, ci, 2, 2, co)  # [s, tr, Ci, 1 - a, c, Co]
-            for a in range(2):
-                for c in range(2):
-                    for tc in range(2):
-                        pp[c + tc, :, :, 1 - a, c, :] = packed[a, c, :, tc]
-            return pp.to(dtype).reshape(6 * ci, 4 * co)
+        if pairs:  # [c, tc, tr, Ci, 1 - a, Co]
+            return packed.flip(0).permute(1, 3, 2, 4, 0, 5).to(dtype).contiguous().reshape(8 * ci, 2 * co)
     else:
         packed = w.permute(2, 3, 1, 0)  # [kh, kw, Ci, Co]
     return packed.to(dtype).contiguous().reshape(-1, co)
@@ -575,9 +566,8 @@ def packed_weight(w: torch.Tensor, dtype: torch.dtype, phases: bool = False, pai
     """``w`` [Co, Ci, 3, 3] as the kernel's K-major matrix in ``dtype``:
     ``[9·Ci, Co]`` (rows ordered kh, kw, ci) or, with ``phases``, the 16 sub-pixel
     phase taps ``[16·Ci, Co]`` (rows ordered a, c, tr, tc, ci); with ``phases`` and
-    ``pairs``, the same taps as the row-pair layout ``[6·Ci, 4·Co]`` (rows ordered column
-    shift + 1, tr, ci; columns 1 − a, c, co; zero where phase (a, c) does not use the
-    column shift): what :mod:`gankernels.triton.up_conv3x3_pairs` reads.
+    ``pairs``, the same taps as the row-pair layout ``[8·Ci, 2·Co]`` (rows ordered c, tc,
+    tr, ci; columns 1 − a, co): what :mod:`gankernels.triton.up_conv3x3_pairs` reads.
 
     Cached per parameter version: the key is (data_ptr, ``_version``, dtype, device,
     shape, phases), and a hit also requires the cached entry's tensor to be this very

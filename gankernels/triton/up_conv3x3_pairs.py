@@ -1,25 +1,26 @@
 """Triton up-conv forward for few output channels, output row pairs: ``up_conv3x3``.
 
 The four-phase kernel (:mod:`gankernels.triton.up_conv3x3`) issues 16 dots of N = BLOCK_N
-per input-channel chunk. At Co <= 32 every one is an N = 32 (or narrower) Hopper MMA of
-16 tensor cycles, and each MMA costs about as many instructions to issue (its shared-memory
-descriptors, fences, the copies and commit of its own tiles) whatever its N: the issue
-slots, not the tensor cores, bound it (static report, ``benchmarks/NOTES.md`` step 5b).
+and K = BLOCK_K per input-channel chunk. At Co <= 32 every one is an N = 32 (or narrower)
+Hopper MMA of 16 tensor cycles, and each MMA costs about as many instructions to issue (its
+shared-memory descriptors, fences, the copies and commit of its own tiles) whatever its
+size: the issue slots, not the tensor cores, bound it (``benchmarks/NOTES.md`` step 5b).
 
-Here the GEMM is reshaped so that each MMA is 4× wider and 2× deeper. Output rows 2r − 1
-(phase row a = 1 of input row r − 1) and 2r (phase row a = 0 of input row r) both read
-input rows r − 1 and r only, with the same tap row tr for the same input row. So a GEMM row
-is a *row pair* (image, r, column j), r = 0 … H, holding the 2 × 2 output pixels (2r − 1 +
-h, 2j + c), h, c ∈ {0, 1}; its 4·Co outputs are one accumulator row. Per input-channel
-chunk, for each column shift s − 1 (s = 0, 1, 2), one dot multiplies the [BLOCK_M,
-2·BLOCK_K] input tile (rows r − 1 then r, at column j + s − 1, along K) with the
-[2·BLOCK_K, 4·BLOCK_N] weight tile (tap rows 0, 1 along K; the 4 phases along N, zero where
-a phase does not use that column shift): 3 dots per chunk instead of 16. It executes 1.5×
-the multiply-adds (24 BLOCK_M·BLOCK_N·BLOCK_K products for 16 useful) and (H + 1)/H rows,
-and reads 6 shifted input tiles per chunk instead of 9. The first and last row pairs hold
-one output row each (the other is masked).
+Here the GEMM is reshaped so that each MMA is 2× wider and 2× deeper, with no zero taps.
+Output rows 2r − 1 (phase row a = 1 of input row r − 1) and 2r (phase row a = 0 of input
+row r) both read input rows r − 1 and r only, each with tap row 0 on row r − 1 and tap row
+1 on row r. So a GEMM row is a *row pair* (image, r, column j), r = 0 … H, holding output
+pixels (2r − 1 + h, 2j + c), h, c ∈ {0, 1}; one accumulator per column parity c holds
+its [h, co] outputs (2·BLOCK_N wide). Per input-channel chunk, the input tile of column
+shift dc ∈ {−1, 0, 1} is [BLOCK_M, 2·BLOCK_K] (rows r − 1 then r along K), and parity c
+reads shifts c − 1 and c (tap column tc = 0, 1): 4 dots of [BLOCK_M, 2·BLOCK_K] ×
+[2·BLOCK_K, 2·BLOCK_N] per chunk instead of 16 of [BLOCK_M, BLOCK_K] × [BLOCK_K,
+BLOCK_N], the same multiply-adds, from 3 input tiles instead of 9. Every product is a real
+tap, so NaN and ±inf reach exactly the outputs they reach in PyTorch. The first and last
+row pairs (r = 0, r = H) hold one output row each (the other is masked): (H + 1)/H the
+rows of the four-phase kernel.
 
-The packed weight (``[6·Ci, 4·Co]``, rows ordered s, tr, ci; columns 1 − a, c, co) is
+The packed weight (``[8·Ci, 2·Co]``, rows ordered c, tc, tr, ci; columns 1 − a, co) is
 :func:`gankernels.triton.conv3x3.packed_weight` with ``pairs=True``: the same fp32-summed
 phase taps as the four-phase layout, rounded once, cached per parameter version.
 
@@ -47,7 +48,7 @@ __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
 MAX_CO = 32
 """Calls with at most this many output channels (and at least ``up_conv3x3.MIN_CI`` input
 channels) run this kernel; wider ones the four-phase kernel, whose N >= 64 MMAs already
-leave half the issue slots free without the zero taps (``benchmarks/NOTES.md`` step 5b)."""
+leave half the issue slots free (``benchmarks/NOTES.md`` step 5b)."""
 
 
 # ----------------------------------------------------------------------------------
@@ -55,12 +56,13 @@ leave half the issue slots free without the zero taps (``benchmarks/NOTES.md`` s
 
 
 @triton.jit
-def _dot_shift(
-    acc, x, w_ptrs, S: tl.constexpr, CI: tl.constexpr, CO: tl.constexpr, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+def _dot_tap(
+    acc, x, w_ptrs, T: tl.constexpr, CI: tl.constexpr, CO: tl.constexpr, k_ok, n_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """acc + x @ the [2·BLOCK_K, 4·BLOCK_N] weight tile of column shift S − 1."""
-    ptrs = w_ptrs + S * (2 * CI) * (4 * CO)
+    """acc + x @ weight tile T = 2·c + tc ([2·BLOCK_K, 2·BLOCK_N]: tap rows 0, 1 along K,
+    output rows 2r − 1, 2r along N) of output column parity c, tap column tc."""
+    ptrs = w_ptrs + T * (2 * CI) * (2 * CO)
     if EVEN_K and EVEN_N:
         b = tl.load(ptrs)
     elif EVEN_K:
@@ -101,6 +103,27 @@ def _load_pair_masked(a_ptrs, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.con
         ok = ok & k_ok[None, :]
     sh = tl.where(lo, sh_lo, sh_hi)
     return tl.load(a_ptrs + sh[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _store_parity(
+    acc,
+    bias,
+    out_ptr,
+    o_ptrs,
+    o_mask,
+    alpha,
+    gain,
+    clamp,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+):
+    if HAS_BIAS:
+        acc = acc + bias[None, :]
+    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # As the four-phase kernel: N, H, W, M not specialised; CI, CO constexpr for the weight
@@ -157,10 +180,10 @@ def _up_conv3x3_pairs_fwd_kernel(
     m_ok = offs_m < M
     offs_m = tl.where(m_ok, offs_m, 0)
     bn, br, bw = _decode_rows(offs_m, H + 1, W)
-    # Accumulator column j: g = j // BLOCK_N, output row 2r − 1 + g // 2, column
-    # 2j + g % 2, channel co.
-    ar_j = tl.arange(0, 4 * BLOCK_N)
-    col_g = ar_j // BLOCK_N
+    # Accumulator column j (of both, one per output column parity c): output row
+    # 2r − 1 + j // BLOCK_N, channel co.
+    ar_j = tl.arange(0, 2 * BLOCK_N)
+    col_h = ar_j // BLOCK_N
     offs_co = pid_n * BLOCK_N + ar_j % BLOCK_N
     n_ok = offs_co < CO
 
@@ -185,9 +208,10 @@ def _up_conv3x3_pairs_fwd_kernel(
     ar_q = tl.arange(0, 2 * BLOCK_K)
     lo = ar_q < BLOCK_K
     ar_qk = ar_q % BLOCK_K
-    acc = tl.zeros((BLOCK_M, 4 * BLOCK_N), dtype=tl.float32)
-    # Weight rows (s, tr, ci), columns (g, co) of the row-pair layout.
-    b_off = ((ar_q // BLOCK_K) * CI + ar_qk)[:, None] * (4 * CO) + (col_g * CO + offs_co)[None, :]
+    acc0 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    # Weight rows (c, tc, tr, ci), columns (h, co) of the row-pair layout.
+    b_off = ((ar_q // BLOCK_K) * CI + ar_qk)[:, None] * (2 * CO) + (col_h * CO + offs_co)[None, :]
     if ZERO_ROWS:
         # Channel stride 1: rows outside the image read the zero row (see up_conv3x3); the
         # 3 column shifts' pointers are computed once.
@@ -197,13 +221,15 @@ def _up_conv3x3_pairs_fwd_kernel(
         for s in range(tl.cdiv(Ci, BLOCK_K)):  # the runtime Ci: see above
             ci0 = s * BLOCK_K
             k_ok = ci0 + ar_qk < CI
-            w_ptrs = w_ptr + ci0 * (4 * CO) + b_off
+            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
             x_0 = _load_pair(p_0 + ci0, k_ok, EVEN_K)
             x_1 = _load_pair(p_1 + ci0, k_ok, EVEN_K)
             x_2 = _load_pair(p_2 + ci0, k_ok, EVEN_K)
-            acc = _dot_shift(acc, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc = _dot_shift(acc, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc = _dot_shift(acc, x_2, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            # Column parity c = 0 reads shifts −1, 0 (tc = 0, 1); c = 1 reads 0, +1.
+            acc0 = _dot_tap(acc0, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_tap(acc1, x_1, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc0 = _dot_tap(acc0, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_tap(acc1, x_2, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
     else:
         # Any channel stride: masked copies.
         a_ptrs0 = a_rows + (row_off[:, None] + (ar_qk * sxc)[None, :])
@@ -211,31 +237,32 @@ def _up_conv3x3_pairs_fwd_kernel(
             ci0 = s * BLOCK_K
             k_ok = ci0 + ar_qk < CI
             a_ptrs = a_ptrs0 + ci0 * sxc
-            w_ptrs = w_ptr + ci0 * (4 * CO) + b_off
+            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
             x_0 = _load_pair_masked(a_ptrs, up + left, left, 0, 3, lo, tap_ok, k_ok, EVEN_K)
             x_1 = _load_pair_masked(a_ptrs, up, 0, 1, 4, lo, tap_ok, k_ok, EVEN_K)
             x_2 = _load_pair_masked(a_ptrs, up + right, right, 2, 5, lo, tap_ok, k_ok, EVEN_K)
-            acc = _dot_shift(acc, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc = _dot_shift(acc, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc = _dot_shift(acc, x_2, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            # Column parity c = 0 reads shifts −1, 0 (tc = 0, 1); c = 1 reads 0, +1.
+            acc0 = _dot_tap(acc0, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_tap(acc1, x_1, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc0 = _dot_tap(acc0, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+            acc1 = _dot_tap(acc1, x_2, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
 
     if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
-    # Output pixel (2r − 1 + g // 2, 2j + g % 2): row 2r − 1 exists from r = 1 on, row 2r
-    # up to r = H − 1.
-    g_hi = col_g // 2
-    g_c = col_g % 2
+        bias = tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        bias = None
+    # Output pixel (2r − 1 + h, 2j + c): row 2r − 1 exists from r = 1 on, row 2r up to
+    # r = H − 1.
     if OUT_INT32:
         o_row = bn * son + (2 * br - 1) * soh + (2 * bw) * sow
-        o_ptrs = out_ptr + o_row[:, None] + (g_hi * soh + g_c * sow + offs_co * soc)[None, :]
+        o_ptrs = out_ptr + o_row[:, None] + (col_h * soh + offs_co * soc)[None, :]
     else:
         o_row = bn.to(tl.int64) * son + (2 * br - 1).to(tl.int64) * soh + (2 * bw).to(tl.int64) * sow
-        o_col = g_hi.to(tl.int64) * soh + g_c.to(tl.int64) * sow + offs_co.to(tl.int64) * soc
-        o_ptrs = out_ptr + o_row[:, None] + o_col[None, :]
-    row_ok = tl.where(g_hi[None, :] == 0, (br >= 1)[:, None], (br < H)[:, None])
+        o_ptrs = out_ptr + o_row[:, None] + (col_h.to(tl.int64) * soh + offs_co.to(tl.int64) * soc)[None, :]
+    row_ok = tl.where(col_h[None, :] == 0, (br >= 1)[:, None], (br < H)[:, None])
     o_mask = m_ok[:, None] & n_ok[None, :] & row_ok
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+    _store_parity(acc0, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_parity(acc1, bias, out_ptr, o_ptrs + sow, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
 
 
 # ----------------------------------------------------------------------------------
@@ -248,24 +275,27 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# BLOCK_N is one phase's width (the accumulator and weight tiles are 4·BLOCK_N wide). Two
-# limits shape the tiles: the fp32 accumulator (4·BLOCK_M·BLOCK_N / threads registers per
-# thread, <= 128) and a pipeline stage's 6 tiles (3 input [BLOCK_M, 2·BLOCK_K], 3 weight
-# [2·BLOCK_K, 4·BLOCK_N]: (6·BLOCK_M + 24·BLOCK_N)·BLOCK_K elements). Ordered by the static
-# report (`python -m gankernels.bench static --all-configs`, NOTES step 5b); 128x32x16 w4
-# s3/s4 (useful-cycle load 0.32-0.33) spill 24 B on triton 3.6 at 255 registers: left out.
+# BLOCK_N is one phase's width (the two accumulators and the weight tiles are 2·BLOCK_N
+# wide: output rows 2r − 1 and 2r). Two limits shape the tiles: the fp32 accumulators
+# (4·BLOCK_M·BLOCK_N / threads registers per thread, <= 128) and a pipeline stage's 7
+# tiles (3 input [BLOCK_M, 2·BLOCK_K], 4 weight [2·BLOCK_K, 2·BLOCK_N]: (6·BLOCK_M +
+# 16·BLOCK_N)·BLOCK_K elements). Ordered by the static report (`python -m gankernels.bench
+# static --all-configs`, NOTES step 5b): 256x32x16 w8 s3 has the lowest CTA load (0.83) at
+# a main-loop load of 0.33 (triton 3.8) / 0.31 (3.6) with 223 registers; 128x32x32 w4 s2
+# has the lowest main-loop load (0.29 / 0.28) at 255 registers.
 _CONFIGS_HOPPER = [
-    _cfg(256, 32, 16, 8, 3),  # Co <= 32: useful-cycle load 0.30 (3.8), 0.29 (3.6); 234 registers, 216 KB
-    _cfg(128, 32, 32, 4, 2),  # 0.29, 246-254 registers, 192 KB
+    _cfg(256, 32, 16, 8, 3),  # Co <= 32
+    _cfg(128, 32, 32, 4, 2),
+    _cfg(128, 32, 16, 4, 3),
     _cfg(128, 16, 32, 4, 3),  # Co <= 16
     _cfg(64, 32, 32, 4, 2),
-    _cfg(64, 32, 16, 4, 2),  # fp32 (4-byte elements: half the tile per stage)
+    _cfg(128, 32, 16, 4, 2),  # fp32 (4-byte elements: half the tile per stage)
     _cfg(64, 16, 16, 4, 3),
 ]
 _CONFIGS_AMPERE = [
-    _cfg(64, 32, 16, 4, 3),
+    _cfg(64, 32, 32, 4, 2),
     _cfg(64, 16, 32, 4, 2),
-    _cfg(64, 16, 16, 4, 3),
+    _cfg(64, 32, 16, 4, 2),
 ]
 _SMEM_LIMIT = {"hopper": 227 * 1024, "ampere": 160 * 1024}
 _ACC_REGS_LIMIT = 128
@@ -274,7 +304,7 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 def _smem_bytes(c: triton.Config, elsize: int) -> int:
     kw = c.kwargs
-    return max(c.num_stages, 1) * (6 * kw["BLOCK_M"] + 24 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
+    return max(c.num_stages, 1) * (6 * kw["BLOCK_M"] + 16 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
 
 
 def _acc_registers(c: triton.Config) -> int:
@@ -350,7 +380,7 @@ def up_conv3x3_phase_pairs(
     clamp: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``conv3x3(upsample_nearest(x, 2), w, b, ...)``, a GEMM row per output row pair
-    (2 × 2 output pixels from two input rows), all 4 phases along N.
+    (2 × 2 output pixels from two input rows), both output rows along N.
 
     Same contract as :func:`gankernels.triton.conv3x3.up_conv3x3_forward` (it routes
     here): ``x`` [N, Ci, H, W], ``w`` [Co, Ci, 3, 3], ``b`` [Co] or None, one dtype and

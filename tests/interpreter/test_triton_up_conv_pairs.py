@@ -3,8 +3,8 @@ on CPU under the Triton interpreter, against the float64 reference (upsample, th
 
 Run: ``TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/interpreter/test_triton_up_conv_pairs.py``
 
-The interpreter runs the kernel with 16×16×16 tiles (a 64-wide accumulator row: 4 phases of
-16 channels), so the shapes below give several M tiles with a partial last one, Co that fills
+The interpreter runs the kernel with 16×16×16 tiles (two accumulators 32 wide: 2 output rows
+× 16 channels), so the shapes below give several M tiles with a partial last one, Co that fills
 the tile (16, 32: two N tiles) or not (5, 8, 17, 20), Ci that does and does not divide the K
 tile (16, 32 and 17, 20, 33), 1-pixel-wide and odd images (the first and last row pairs hold
 one output row each), and both input paths: channels_last (the zero row) and any other strides
@@ -110,8 +110,8 @@ def test_case_list_covers_the_spec():
 @pytest.mark.parametrize("tap", [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2), (1, 2), (0, 1)])
 def test_each_tap_reaches_the_right_pixels(tap):
     """A 3×3 kernel with one non-zero tap: the output is x upsampled and shifted by that
-    tap, zero where it reads the padding. Exact in fp32 (one product per output; the zero
-    taps of the row-pair layout add exact zeros), in both input paths."""
+    tap, zero where it reads the padding. Exact in fp32 (one product per output), so any
+    row-pair, parity, shift or border mix-up shows, in both input paths."""
     kh, kw = tap
     for layout in ("channels_last", "nchw"):
         x, _, _ = _make(1, 16, 8, 3, 4, torch.float32, layout, False, 23)
@@ -136,7 +136,7 @@ def test_layouts_give_identical_results():
 def test_nan_propagates_like_pytorch():
     x, wt, b = _make(1, 16, 5, 4, 5, torch.float32, "channels_last", True, 31)
     x[0, 3, 0, 4] = float("nan")  # a corner pixel: its NaN reaches the first and second row pairs
-    x[0, 7, 3, 0] = float("inf")  # the last row: inf · 0-tap must not leak NaN into the others
+    x[0, 9, 1, 2] = float("nan")  # inside: exactly the 4×4 outputs PyTorch's NaN reaches, no more
     out, _ = tpair.up_conv3x3_phase_pairs(x, wt, b, "lrelu", 0.2, 1.0, None)
     expect = _reference(x, wt, b, "lrelu", 0.2, 1.0, None)
     assert torch.isnan(expect).any()
@@ -165,22 +165,22 @@ def test_routing_by_channels(monkeypatch):
 
 
 def _pairs_from_phases(phases: torch.Tensor, ci: int, co: int) -> torch.Tensor:
-    """The row-pair layout [6·Ci, 4·Co] built from the four-phase layout [16·Ci, Co] (rows
-    a, c, tr, tc, ci) by copying: s = c + tc, columns (1 − a, c, co), zero elsewhere."""
+    """The row-pair layout [8·Ci, 2·Co] built from the four-phase layout [16·Ci, Co] (rows
+    a, c, tr, tc, ci) by copying: rows (c, tc, tr, ci), columns (1 − a, co)."""
     p = phases.reshape(2, 2, 2, 2, ci, co)
-    out = torch.zeros(3, 2, ci, 2, 2, co, dtype=phases.dtype)
+    out = torch.empty(2, 2, 2, ci, 2, co, dtype=phases.dtype)
     for a in range(2):
         for c in range(2):
-            for tc in range(2):
-                out[c + tc, :, :, 1 - a, c, :] = p[a, c, :, tc]
-    return out.reshape(6 * ci, 4 * co)
+            for tr in range(2):
+                for tc in range(2):
+                    out[c, tc, tr, :, 1 - a, :] = p[a, c, tr, tc]
+    return out.reshape(8 * ci, 2 * co)
 
 
 def test_pair_layout_is_the_phase_taps_rounded_once():
     """Every value of the row-pair layout is bit-equal to the four-phase layout's (both
-    summed in fp32 and rounded once), and zero where a phase skips a column shift. With
-    taps 1, 2^-11, 2^-11 (phase (0, 0) tap (1, 1)), an fp16 sum would give 1; the fp32
-    sum rounded once gives 1 + 2^-10."""
+    summed in fp32 and rounded once). With taps 1, 2^-11, 2^-11 (phase (0, 0) tap (1, 1)),
+    an fp16 sum would give 1; the fp32 sum rounded once gives 1 + 2^-10."""
     tconv.clear_weight_cache()
     g = torch.Generator().manual_seed(43)
     w = torch.randn(5, 17, 3, 3, generator=g).to(torch.float16)
@@ -190,11 +190,11 @@ def test_pair_layout_is_the_phase_taps_rounded_once():
     w[0, 0, 1, 2] = 2.0**-11
     phases = tconv.packed_weight(w, torch.float16, phases=True)
     pairs = tconv.packed_weight(w, torch.float16, phases=True, pairs=True)
-    assert pairs.shape == (6 * 17, 4 * 5) and pairs.dtype == torch.float16
+    assert pairs.shape == (8 * 17, 2 * 5) and pairs.dtype == torch.float16
     assert torch.equal(pairs, _pairs_from_phases(phases, 17, 5))
-    # Phase (0, 0) tap (1, 1): s = 1, tr = 1, ci = 0, column (1 − a, c) = (1, 0), co = 0.
-    assert pairs.reshape(3, 2, 17, 2, 2, 5)[1, 1, 0, 1, 0, 0].item() == 1.0 + 2.0**-10
-    # The same through the CPU formula (no kernel) as through the repack kernel.
+    # Phase (0, 0) tap (1, 1): c = 0, tc = 1, tr = 1, ci = 0, column 1 − a = 1, co = 0.
+    assert pairs.reshape(2, 2, 2, 17, 2, 5)[0, 1, 1, 0, 1, 0].item() == 1.0 + 2.0**-10
+    # The CPU formula (no kernel) gives the same bits as the repack kernel.
     assert torch.equal(tconv._pack(w, torch.float16, True, True), pairs)
 
 
