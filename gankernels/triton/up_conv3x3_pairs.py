@@ -20,6 +20,10 @@ tap, so NaN and ±inf reach exactly the outputs they reach in PyTorch. The first
 row pairs (r = 0, r = H) hold one output row each (the other is masked): (H + 1)/H the
 rows of the four-phase kernel.
 
+The input must have channel stride 1 (channels_last, or a view of it): a row whose shifted
+pixel is outside the image reads a row of zeros, so no copy is masked.
+:func:`serves` sends other strides to the four-phase kernel.
+
 The packed weight (``[8·Ci, 2·Co]``, rows ordered c, tc, tr, ci; columns 1 − a, co) is
 :func:`gankernels.triton.conv3x3.packed_weight` with ``pairs=True``: the same fp32-summed
 phase taps as the four-phase layout, rounded once, cached per parameter version.
@@ -94,18 +98,6 @@ def _load_pair(ptrs, k_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_pair_masked(a_ptrs, sh_lo, sh_hi, BIT_LO: tl.constexpr, BIT_HI: tl.constexpr, lo, tap_ok, k_ok, EVEN_K: tl.constexpr):
-    """[BLOCK_M, 2·BLOCK_K] input through any strides: the two input rows' shifts, masked
-    where the shifted pixel is outside the image."""
-    bit = tl.where(lo, BIT_LO, BIT_HI)
-    ok = ((tap_ok[:, None] >> bit[None, :]) & 1) != 0
-    if not EVEN_K:
-        ok = ok & k_ok[None, :]
-    sh = tl.where(lo, sh_lo, sh_hi)
-    return tl.load(a_ptrs + sh[None, :], mask=ok, other=0.0)
-
-
-@triton.jit
 def _store_parity(
     acc,
     bias,
@@ -142,7 +134,6 @@ def _up_conv3x3_pairs_fwd_kernel(
     Ci,
     M,
     sxn,
-    sxc,
     sxh,
     sxw,
     son,
@@ -160,7 +151,6 @@ def _up_conv3x3_pairs_fwd_kernel(
     HAS_CLAMP: tl.constexpr,
     X_INT32: tl.constexpr,
     OUT_INT32: tl.constexpr,
-    ZERO_ROWS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -212,40 +202,24 @@ def _up_conv3x3_pairs_fwd_kernel(
     acc1 = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     # Weight rows (c, tc, tr, ci), columns (h, co) of the row-pair layout.
     b_off = ((ar_q // BLOCK_K) * CI + ar_qk)[:, None] * (2 * CO) + (col_h * CO + offs_co)[None, :]
-    if ZERO_ROWS:
-        # Channel stride 1: rows outside the image read the zero row (see up_conv3x3); the
-        # 3 column shifts' pointers are computed once.
-        p_0 = _shift_pair_ptrs(a_rows, row_off, up + left, left, 0, 3, lo, ar_qk, z_ptr, tap_ok)
-        p_1 = _shift_pair_ptrs(a_rows, row_off, up, 0, 1, 4, lo, ar_qk, z_ptr, tap_ok)
-        p_2 = _shift_pair_ptrs(a_rows, row_off, up + right, right, 2, 5, lo, ar_qk, z_ptr, tap_ok)
-        for s in range(tl.cdiv(Ci, BLOCK_K)):  # the runtime Ci: see above
-            ci0 = s * BLOCK_K
-            k_ok = ci0 + ar_qk < CI
-            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
-            x_0 = _load_pair(p_0 + ci0, k_ok, EVEN_K)
-            x_1 = _load_pair(p_1 + ci0, k_ok, EVEN_K)
-            x_2 = _load_pair(p_2 + ci0, k_ok, EVEN_K)
-            # Column parity c = 0 reads shifts −1, 0 (tc = 0, 1); c = 1 reads 0, +1.
-            acc0 = _dot_tap(acc0, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_tap(acc1, x_1, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc0 = _dot_tap(acc0, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_tap(acc1, x_2, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-    else:
-        # Any channel stride: masked copies.
-        a_ptrs0 = a_rows + (row_off[:, None] + (ar_qk * sxc)[None, :])
-        for s in range(tl.cdiv(Ci, BLOCK_K)):
-            ci0 = s * BLOCK_K
-            k_ok = ci0 + ar_qk < CI
-            a_ptrs = a_ptrs0 + ci0 * sxc
-            w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
-            x_0 = _load_pair_masked(a_ptrs, up + left, left, 0, 3, lo, tap_ok, k_ok, EVEN_K)
-            x_1 = _load_pair_masked(a_ptrs, up, 0, 1, 4, lo, tap_ok, k_ok, EVEN_K)
-            x_2 = _load_pair_masked(a_ptrs, up + right, right, 2, 5, lo, tap_ok, k_ok, EVEN_K)
-            # Column parity c = 0 reads shifts −1, 0 (tc = 0, 1); c = 1 reads 0, +1.
-            acc0 = _dot_tap(acc0, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_tap(acc1, x_1, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc0 = _dot_tap(acc0, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
-            acc1 = _dot_tap(acc1, x_2, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+    # The channel stride is 1 (the host routes only such inputs here): a row whose shifted
+    # pixel is outside the image reads the zero row (z_ptr, >= Ci zeros; see up_conv3x3),
+    # so the copies need no mask; the 3 column shifts' pointers are computed once.
+    p_0 = _shift_pair_ptrs(a_rows, row_off, up + left, left, 0, 3, lo, ar_qk, z_ptr, tap_ok)
+    p_1 = _shift_pair_ptrs(a_rows, row_off, up, 0, 1, 4, lo, ar_qk, z_ptr, tap_ok)
+    p_2 = _shift_pair_ptrs(a_rows, row_off, up + right, right, 2, 5, lo, ar_qk, z_ptr, tap_ok)
+    for s in range(tl.cdiv(Ci, BLOCK_K)):  # the runtime Ci: see above
+        ci0 = s * BLOCK_K
+        k_ok = ci0 + ar_qk < CI
+        w_ptrs = w_ptr + ci0 * (2 * CO) + b_off
+        x_0 = _load_pair(p_0 + ci0, k_ok, EVEN_K)
+        x_1 = _load_pair(p_1 + ci0, k_ok, EVEN_K)
+        x_2 = _load_pair(p_2 + ci0, k_ok, EVEN_K)
+        # Column parity c = 0 reads shifts −1, 0 (tc = 0, 1); c = 1 reads 0, +1.
+        acc0 = _dot_tap(acc0, x_0, w_ptrs, 0, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+        acc1 = _dot_tap(acc1, x_1, w_ptrs, 2, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+        acc0 = _dot_tap(acc0, x_1, w_ptrs, 1, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
+        acc1 = _dot_tap(acc1, x_2, w_ptrs, 3, CI, CO, k_ok, n_ok, EVEN_K, EVEN_N, PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_co, mask=n_ok, other=0.0).to(tl.float32)
@@ -365,9 +339,11 @@ def _heuristic_config(x: torch.Tensor, ci: int, co: int, family: str) -> triton.
 
 def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``conv3x3.up_conv3x3_forward`` runs this kernel for ``x``, ``w`` (a call the
-    Triton backend supports): at least ``up_conv3x3.MIN_CI`` input channels and at most
-    :data:`MAX_CO` output channels."""
-    return x.shape[1] >= _four.MIN_CI and w.shape[0] <= MAX_CO
+    Triton backend supports): at least ``up_conv3x3.MIN_CI`` input channels, at most
+    :data:`MAX_CO` output channels, and a channel stride of 1 (channels_last; the
+    four-phase kernel serves other strides: gathering [BLOCK_M, 2·BLOCK_K] tiles element
+    by element here spills 688 B on sm_90)."""
+    return x.shape[1] >= _four.MIN_CI and w.shape[0] <= MAX_CO and x.stride(1) == 1
 
 
 def up_conv3x3_phase_pairs(
@@ -384,7 +360,7 @@ def up_conv3x3_phase_pairs(
 
     Same contract as :func:`gankernels.triton.conv3x3.up_conv3x3_forward` (it routes
     here): ``x`` [N, Ci, H, W], ``w`` [Co, Ci, 3, 3], ``b`` [Co] or None, one dtype and
-    device, a call ``supports_up_conv3x3`` accepts. Returns ``(out, saved)``: ``out``
+    device, a call ``supports_up_conv3x3`` accepts, ``x`` with channel stride 1. Returns ``(out, saved)``: ``out``
     [N, Co, 2H, 2W] in x's memory format, ``saved`` an empty tensor."""
     if act not in _conv.ACT_CODES:
         raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(_conv.ACT_CODES)}")
@@ -392,6 +368,11 @@ def up_conv3x3_phase_pairs(
     co = w.shape[0]
     if w.shape[1] != ci:
         raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    if x.stride(1) != 1 and ci > 1:
+        raise ValueError(
+            f"x: channel stride {x.stride(1)}; this kernel reads channels_last inputs (channel stride 1): "
+            "pass x.contiguous(memory_format=torch.channels_last), or call up_conv3x3_forward, which routes other strides"
+        )
     out = _conv._empty_out((n, co, 2 * h, 2 * wd), x)
     saved = x.new_empty((0,))
     m = n * (h + 1) * wd  # GEMM rows: output row pairs (2r − 1, 2r) × low-resolution columns
@@ -400,9 +381,9 @@ def up_conv3x3_phase_pairs(
 
     wp = _conv.packed_weight(w, x.dtype, phases=True, pairs=True)
     bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
-    zero_rows = x.stride(1) == 1
-    zeros = _four._zero_row(ci, x) if zero_rows else wp  # dummy pointer when unused
-    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, *x.stride(), *out.stride(), float(alpha), float(gain))
+    zeros = _four._zero_row(ci, x)
+    sxn, _, sxh, sxw = x.stride()
+    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, sxn, sxh, sxw, *out.stride(), float(alpha), float(gain))
     args += (float(clamp if clamp is not None else 0.0),)
     consts = dict(
         CI=ci,
@@ -413,7 +394,6 @@ def up_conv3x3_phase_pairs(
         HAS_CLAMP=clamp is not None,
         X_INT32=span(x) <= INT32_LIMIT,
         OUT_INT32=span(out) <= INT32_LIMIT,
-        ZERO_ROWS=zero_rows,
         PRECISION=_conv._precision(x),
     )
 

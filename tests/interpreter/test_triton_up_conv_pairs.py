@@ -7,8 +7,8 @@ The interpreter runs the kernel with 16×16×16 tiles (two accumulators 32 wide:
 × 16 channels), so the shapes below give several M tiles with a partial last one, Co that fills
 the tile (16, 32: two N tiles) or not (5, 8, 17, 20), Ci that does and does not divide the K
 tile (16, 32 and 17, 20, 33), 1-pixel-wide and odd images (the first and last row pairs hold
-one output row each), and both input paths: channels_last (the zero row) and any other strides
-(masked copies).
+one output row each), and the two layouts it serves (channel stride 1): channels_last and a
+strided view of a channels_last tensor.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import torch
 
 import gankernels
 from gankernels.ops import reference as ref
-from gankernels.testing import LAYOUTS, assert_close_rel, random_input
+from gankernels.testing import assert_close_rel, random_input
 from gankernels.triton import conv3x3 as tconv
 from gankernels.triton import up_conv3x3 as tup
 from gankernels.triton import up_conv3x3_pairs as tpair
 
 DTYPES = (torch.float32, torch.float16)
+LAYOUTS = ("channels_last", "channels_last_view")  # what the kernel serves: channel stride 1
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,11 @@ def _poison_outputs(monkeypatch):
 
 def _make(n, ci, co, h, w, dtype, layout, bias, seed):
     g = torch.Generator().manual_seed(seed)
-    x = random_input(n, ci, h, w, dtype=dtype, layout=layout, generator=g)
+    if layout == "channels_last_view":  # every other column of a channels_last tensor
+        x = random_input(n, ci, h, 2 * w, dtype=dtype, layout="channels_last", generator=g)[..., ::2]
+        assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = random_input(n, ci, h, w, dtype=dtype, layout=layout, generator=g)
     wt = (torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (3 * ci**0.5)).to(dtype)
     b = (torch.randn(co, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
     return x, wt, b
@@ -57,7 +62,7 @@ def _cases():
             ci, co = channels[k % 6]
             h, w = spatial[(k + 3 * di) % 6]
             n = 2 if k % 2 else 1
-            layout = LAYOUTS[(i + 2 * di) % 3]
+            layout = LAYOUTS[(i + di) % 2]
             bias = k % 3 != 1
             gain = 1.7 if k % 4 == 1 else 1.0
             clamp = 0.6 if k % 5 == 2 else None
@@ -111,9 +116,9 @@ def test_case_list_covers_the_spec():
 def test_each_tap_reaches_the_right_pixels(tap):
     """A 3×3 kernel with one non-zero tap: the output is x upsampled and shifted by that
     tap, zero where it reads the padding. Exact in fp32 (one product per output), so any
-    row-pair, parity, shift or border mix-up shows, in both input paths."""
+    row-pair, parity, shift or border mix-up shows, in both layouts."""
     kh, kw = tap
-    for layout in ("channels_last", "nchw"):
+    for layout in LAYOUTS:
         x, _, _ = _make(1, 16, 8, 3, 4, torch.float32, layout, False, 23)
         wt = torch.zeros(8, 16, 3, 3)
         wt[torch.arange(8), torch.arange(8), kh, kw] = 1.0  # channel co reads channel co
@@ -124,13 +129,20 @@ def test_each_tap_reaches_the_right_pixels(tap):
 
 
 def test_layouts_give_identical_results():
-    """The zero-row path (channels_last) and the masked path (other strides) load the same
-    values and reduce in the same order: bit-identical outputs."""
-    x, wt, b = _make(2, 20, 17, 3, 5, torch.float32, "nchw", True, 29)
+    """A channels_last tensor and a strided view with the same values load the same values
+    and reduce in the same order: bit-identical outputs."""
+    x, wt, b = _make(2, 20, 17, 3, 5, torch.float32, "channels_last_view", True, 29)
     base, _ = tpair.up_conv3x3_phase_pairs(x, wt, b, "lrelu", 0.2, 1.0, None)
-    for x2 in (x.contiguous(memory_format=torch.channels_last), torch.cat([x, x], dim=3)[..., : x.shape[3]]):
-        other, _ = tpair.up_conv3x3_phase_pairs(x2, wt, b, "lrelu", 0.2, 1.0, None)
-        assert torch.equal(base, other)
+    other, _ = tpair.up_conv3x3_phase_pairs(x.contiguous(memory_format=torch.channels_last), wt, b, "lrelu", 0.2, 1.0, None)
+    assert torch.equal(base, other)
+
+
+def test_refuses_other_channel_strides():
+    x, wt, b = _make(1, 16, 4, 2, 3, torch.float32, "channels_last", True, 30)
+    x = x.contiguous()  # NCHW: channel stride H·W
+    assert not tpair.serves(x, wt)
+    with pytest.raises(ValueError, match="x: channel stride"):
+        tpair.up_conv3x3_phase_pairs(x, wt, b)
 
 
 def test_nan_propagates_like_pytorch():
@@ -145,18 +157,26 @@ def test_nan_propagates_like_pytorch():
 
 def test_routing_by_channels(monkeypatch):
     """``conv3x3.up_conv3x3_forward`` (what the registered op calls) runs this kernel for
-    Ci >= MIN_CI and Co <= MAX_CO, the four-phase kernel for wider Co, MODE 2 below MIN_CI."""
+    Ci >= MIN_CI, Co <= MAX_CO and channel stride 1; the four-phase kernel for wider Co or
+    other strides, MODE 2 below MIN_CI."""
     calls = []
     for mod, fn in ((tpair, "up_conv3x3_phase_pairs"), (tup, "up_conv3x3_four_phase")):
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, real=real, fn=fn: calls.append((fn, a[0].shape[1], a[1].shape[0])) or real(*a))
-    for ci, co in ((tup.MIN_CI - 1, 3), (tup.MIN_CI, tpair.MAX_CO), (tup.MIN_CI, tpair.MAX_CO + 1)):
+    for ci, co, nchw in (
+        (tup.MIN_CI - 1, 3, False),
+        (tup.MIN_CI, tpair.MAX_CO, False),
+        (tup.MIN_CI, tpair.MAX_CO + 1, False),
+        (tup.MIN_CI, 8, True),
+    ):
         x, wt, b = _make(1, ci, co, 2, 3, torch.float32, "channels_last", True, 37)
+        x = x.contiguous() if nchw else x
         out = gankernels.up_conv3x3(x, wt, b, act="relu", backend="triton")
         assert_close_rel(out, _reference(x, wt, b, "relu", 0.2, 1.0, None), dtype=torch.float32)
     assert calls == [
         ("up_conv3x3_phase_pairs", tup.MIN_CI, tpair.MAX_CO),
         ("up_conv3x3_four_phase", tup.MIN_CI, tpair.MAX_CO + 1),
+        ("up_conv3x3_four_phase", tup.MIN_CI, 8),  # channel stride != 1
     ]
 
 
