@@ -299,7 +299,7 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "included (K-steps × the step's instructions + those outside the loop, over K-steps × tensor cycles): "
         "the tighter bound where a CTA runs few K-steps. 'useful-cycle load': the issue load against the tensor "
         "cycles the convolution needs, without the multiply-adds a kernel computes and throws away (the row-pair "
-        "up-conv for Co ≤ 32 runs H + 1 row pairs for H input rows, the first and last half masked: issue load ÷ "
+        "up-conv for Co ≤ 64 runs H + 1 row pairs for H input rows, the first and last half masked: issue load ÷ "
         "H/(H+1)); the same as the issue load elsewhere. "
         "The target (≤ 0.5) is judged on it.",
         "",

@@ -806,10 +806,11 @@ def up_conv3x3_forward(
 
     Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
     an empty tensor. The phase kernels are summed in fp32 and cast to x's dtype once
-    per weight version. Calls with Ci >= 16 run the kernel that computes all 4 output
-    phases per program (:mod:`gankernels.triton.up_conv3x3`), or with Co <= 32 the one
-    that computes each row parity's two phases as one GEMM
-    (:mod:`gankernels.triton.up_conv3x3_pairs`); the others MODE 2 here."""
+    per weight version. Calls with Ci >= 16 run, for channels_last inputs with Co <= 64,
+    the kernel with a GEMM row per output row pair
+    (:mod:`gankernels.triton.up_conv3x3_pairs`), otherwise the one that computes all 4
+    output phases per program (:mod:`gankernels.triton.up_conv3x3`); the others MODE 2
+    here."""
     from gankernels.triton import up_conv3x3, up_conv3x3_pairs  # they import this module
 
     if up_conv3x3_pairs.serves(x, w):

@@ -49,10 +49,11 @@ from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
 
 __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
 
-MAX_CO = 32
+MAX_CO = 64
 """Calls with at most this many output channels (and at least ``up_conv3x3.MIN_CI`` input
-channels) run this kernel; wider ones the four-phase kernel, whose N >= 64 MMAs already
-leave half the issue slots free (``benchmarks/NOTES.md`` step 5b)."""
+channels, channel stride 1) run this kernel, the others the four-phase kernel. On the
+static report (``benchmarks/NOTES.md`` step 5b) this kernel's main loop is also the lighter
+one at Co = 128 and 256; those stay on the four-phase kernel until a GPU has timed both."""
 
 
 # ----------------------------------------------------------------------------------
@@ -255,9 +256,12 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 # tiles (3 input [BLOCK_M, 2·BLOCK_K], 4 weight [2·BLOCK_K, 2·BLOCK_N]: (6·BLOCK_M +
 # 16·BLOCK_N)·BLOCK_K elements). Ordered by the static report (`python -m gankernels.bench
 # static --all-configs`, NOTES step 5b): 256x32x16 w8 s3 has the lowest CTA load (0.83) at
-# a main-loop load of 0.33 (triton 3.8) / 0.31 (3.6) with 223 registers; 128x32x32 w4 s2
-# has the lowest main-loop load (0.29 / 0.28) at 255 registers.
+# a main-loop load of 0.33 (triton 3.8) / 0.31 (3.6) with 223 registers at Co = 32; 128x32x32
+# w4 s2 has the lowest main-loop load (0.29 / 0.28) at 255 registers. Co = 64: 128x64x16 w8 s3,
+# 0.28 / 0.27 (CTA load 0.62 / 0.61).
 _CONFIGS_HOPPER = [
+    _cfg(128, 64, 16, 8, 3),  # Co > 32
+    _cfg(64, 64, 32, 4, 2),
     _cfg(256, 32, 16, 8, 3),  # Co <= 32
     _cfg(128, 32, 32, 4, 2),
     _cfg(128, 32, 16, 4, 3),
