@@ -87,6 +87,21 @@ def test_issue_load_arithmetic():
     assert row.issue_load == pytest.approx(2.5 * 2 / 128)
     assert row.ceiling == 1.0
     assert row.global_bytes_per_step == 32 * 16 * 8 / 2
+    assert row.useful_issue_load == row.issue_load  # no masked rows or zero products
+
+
+def test_useful_cycle_load_of_the_row_pair_up_conv():
+    """The row-pair up-conv computes H + 1 row pairs for H input rows: the useful-cycle load
+    is the issue load ÷ H/(H+1); its K-steps are 4 dots of 2·BK × 2·BN (16 tiles) per chunk."""
+    name = "_up_conv3x3_pairs_fwd_kernel"
+    assert static_report.useful_tensor_fraction(name, 64) == 64 / 65
+    assert static_report.useful_tensor_fraction("_up_conv3x3_fwd_kernel", 64) == 1.0
+    assert static_report.k_steps("forward", "up", 64, 32, {"BLOCK_K": 16}, name) == 16 * 4
+    row = static_report.Row("forward", "up_conv3x3", "t", "c", True, "id", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16})
+    row.num_warps = 8
+    row.useful_tensor_fraction = 0.5
+    static_report.analyse_sass(row, _SASS, "toy_kernel", row.blocks)
+    assert row.useful_issue_load == pytest.approx(2 * row.issue_load)
 
 
 def test_ctas_per_sm():
@@ -158,7 +173,8 @@ def test_recorded_forward_rows_meet_the_target():
     forward = {k: r for k, r in rows.items() if r["kernel"] == "forward"}
     assert len(forward) == 12, sorted(forward)
     assert all(r["spill_bytes"] == 0 and not r["error"] for r in forward.values())
-    above = sorted(k for k, r in forward.items() if r["issue_load"] > FORWARD_TARGET)
+    # Judged on the useful-cycle load (the issue load where a report predates it).
+    above = sorted(k for k, r in forward.items() if (r.get("useful_issue_load") or r["issue_load"]) > FORWARD_TARGET)
     assert above == sorted(FORWARD_ABOVE_TARGET)
 
 

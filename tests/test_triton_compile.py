@@ -234,6 +234,11 @@ def build_cases(slow: bool) -> list[Case]:
             add(conv_fwd_launches(op, ci, co, h, "bf16", False), 90, f"bf16-nchw-{shape_label(op, ci, co, h)}")
             add(conv_fwd_launches(op, ci, co, h, "fp32", True), 90, f"fp32-cl-{shape_label(op, ci, co, h)}")
             add(conv_fwd_launches(op, ci, co, h, "bf16", True), 80, f"bf16-cl-{shape_label(op, ci, co, h)}")
+        # The row-pair up-conv (Co <= 32, channels_last; the loop above reaches it on the last
+        # GEN row only): fp32 on sm_90, bf16 on sm_80.
+        ci, co, h = GEN[-1]
+        add(conv_fwd_launches("up", ci, co, h, "fp32", True), 90, f"fp32-cl-{shape_label('up', ci, co, h)}")
+        add(conv_fwd_launches("up", ci, co, h, "bf16", True), 80, f"bf16-cl-{shape_label('up', ci, co, h)}")
         ci, co, h = TORGB
         add(conv_fwd_launches("conv", ci, co, h, "bf16", True, act="tanh"), 90, f"bf16-cl-torgb-{ci}to{co}h{h}-tanh")
         # Every epilogue variant (activation, gain, clamp) once, and fp16.
@@ -475,9 +480,14 @@ def test_every_kernel_is_covered() -> None:
 def test_conv_configs_cover_both_lists() -> None:
     """The default set compiles at least one configuration of each forward kernel's Hopper
     list for sm_90 and of its Ampere list for sm_80."""
-    from gankernels.triton import conv3x3, up_conv3x3
+    from gankernels.triton import conv3x3, up_conv3x3, up_conv3x3_pairs
 
-    for mod, kernel in ((conv3x3, "_conv3x3_fwd_kernel"), (up_conv3x3, "_up_conv3x3_fwd_kernel")):
+    kernels = (
+        (conv3x3, "_conv3x3_fwd_kernel"),
+        (up_conv3x3, "_up_conv3x3_fwd_kernel"),
+        (up_conv3x3_pairs, "_up_conv3x3_pairs_fwd_kernel"),
+    )
+    for mod, kernel in kernels:
         for arch, configs in ((90, mod._CONFIGS_HOPPER), (80, mod._CONFIGS_AMPERE)):
             labels = {cfg_label(c) for c in configs}
             used = {c.id.rsplit("-", 1)[-1] for c in _cases(False) if c.kernel == kernel and c.arch == arch}

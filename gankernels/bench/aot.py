@@ -42,6 +42,7 @@ MODULES = (
     "gankernels.triton.bias_act",
     "gankernels.triton.conv3x3",
     "gankernels.triton.up_conv3x3",
+    "gankernels.triton.up_conv3x3_pairs",
     "gankernels.triton.conv3x3_backward",
 )
 
@@ -206,6 +207,7 @@ def gpu_family(arch: int) -> str:
 _LAZY_AUTOTUNED = {
     ("gankernels.triton.conv3x3", "_conv3x3_fwd_kernel"),
     ("gankernels.triton.up_conv3x3", "_up_conv3x3_fwd_kernel"),
+    ("gankernels.triton.up_conv3x3_pairs", "_up_conv3x3_pairs_fwd_kernel"),
 }
 
 

@@ -61,10 +61,21 @@ BOUND_NOTE = (
 DIRECTIONS = {
     "_conv3x3_fwd_kernel": "forward",
     "_up_conv3x3_fwd_kernel": "forward",
+    "_up_conv3x3_pairs_fwd_kernel": "forward",
     "_dgrad_kernel": "dgrad",
     "_wgrad_kernel": "wgrad",
 }
 OPS = {"conv": "conv3x3", "pool": "conv3x3_pool", "up": "up_conv3x3"}
+
+
+def useful_tensor_fraction(jit_name: str, h: int) -> float:
+    """Of the multiply-adds a kernel's MMAs execute, the fraction the convolution needs (1
+    unless some multiply zeros or rows it throws away). The row-pair up-conv runs H + 1
+    row pairs for H input rows: the first and last pairs hold one output row each, the
+    other's products are computed and masked."""
+    if jit_name == "_up_conv3x3_pairs_fwd_kernel":
+        return h / (h + 1)
+    return 1.0
 
 
 @dataclasses.dataclass
@@ -92,6 +103,8 @@ class Row:
     warps_per_scheduler: int = 0
     issue_load: float = 0.0
     ceiling: float = 0.0  # min(1, 1/issue_load): fraction of tensor-core peak at best
+    useful_tensor_fraction: float = 1.0  # of the executed multiply-adds, those the convolution needs
+    useful_issue_load: float = 0.0  # issue_load ÷ useful_tensor_fraction: against the useful tensor cycles
     registers: int = -1
     spill_bytes: int = -1
     smem_bytes: int = 0
@@ -127,6 +140,8 @@ def k_steps(kernel: str, op: str, ci: int, co: int, blocks: dict, jit_name: str 
     CTA depend on the GPU's SM count (its split-K)."""
     if jit_name == "_up_conv3x3_fwd_kernel":
         return 16 * math.ceil(ci / blocks["BLOCK_K"])
+    if jit_name == "_up_conv3x3_pairs_fwd_kernel":  # 4 dots of 2·BLOCK_K × 2·BLOCK_N per chunk
+        return 16 * math.ceil(ci / blocks["BLOCK_K"])
     taps = 4 if op == "up" and kernel == "forward" else 16 if op == "up" else 9
     if kernel == "forward":
         bk = blocks["BLOCK_K"]
@@ -161,6 +176,7 @@ def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row
     row.warps_per_scheduler = math.ceil(row.num_warps / SCHEDULERS_PER_SM)
     row.issue_load = row.instructions_per_step * row.warps_per_scheduler / row.tensor_cycles_per_step
     row.ceiling = min(1.0, 1.0 / row.issue_load)
+    row.useful_issue_load = row.issue_load / row.useful_tensor_fraction
     bytes_per_warp = sum(sass.global_bytes_per_warp(i) for i in loop.body)
     row.global_bytes_per_step = bytes_per_warp * row.num_warps / steps
     row.top_opcodes = dict(loop.opcodes().most_common(12))
@@ -204,6 +220,7 @@ def rows_to_measure(all_configs: bool) -> list[tuple[object, Row]]:
                 case = aot.bind(la, TARGET_ARCH, cfg, f"{aot.shape_label(op, ci, co, h)}-{label}")
                 row = Row(kernel, OPS[op], shape_of(ci, co, h), label, rank == 0, case.id, dict(cfg.kwargs))
                 row.k_steps = k_steps(kernel, op, ci, co, cfg.kwargs, la.name)
+                row.useful_tensor_fraction = useful_tensor_fraction(la.name, h)
                 todo.append((case, row))
 
     def shape_of(ci: int, co: int, h: int) -> str:
@@ -280,22 +297,28 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "'outside loop': instructions per warp before and after the main loop (prologue, epilogue; issued once "
         "per CTA, every branch counted). 'CTA load': the same ratio over a whole CTA, prologue and epilogue "
         "included (K-steps × the step's instructions + those outside the loop, over K-steps × tensor cycles): "
-        "the tighter bound where a CTA runs few K-steps.",
+        "the tighter bound where a CTA runs few K-steps. 'useful-cycle load': the issue load against the tensor "
+        "cycles the convolution needs, without the multiply-adds a kernel computes and throws away (the row-pair "
+        "up-conv for Co ≤ 64 runs H + 1 row pairs for H input rows, the first and last half masked: issue load ÷ "
+        "H/(H+1)); the same as the issue load elsewhere. "
+        "The target (≤ 0.5) is judged on it.",
         "",
         "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "
-        "| issue load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA | outside loop | CTA load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| issue load | useful-cycle load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA "
+        "| outside loop | CTA load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         cfg = r.config + (" ★" if all_configs and r.preferred else "")
         if r.error:
-            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 13)
+            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 14)
             continue
         cls = "·".join(f"{r.by_class[k]:.0f}" for k in sass.CLASSES)
         branch = " (whole kernel)" if r.whole_kernel else " (branches)" if r.inner_branches else ""
         lines.append(
             f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | {r.instructions_per_step:.0f}{branch} | {cls} "
-            f"| {r.tensor_cycles_per_step:.0f} | {r.warps_per_scheduler} | {r.issue_load:.2f} | {100 * r.ceiling:.0f} % "
+            f"| {r.tensor_cycles_per_step:.0f} | {r.warps_per_scheduler} | {r.issue_load:.2f} | {r.useful_issue_load:.2f} "
+            f"| {100 * r.ceiling:.0f} % "
             f"| {r.registers} | {r.spill_bytes} | {r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} ({r.cta_limit}) "
             f"| {r.global_bytes_per_step / 1024:.0f} K | {r.k_steps or 'split-K'} | {r.outside_loop_instructions or '—'} "
             f"| {f'{r.cta_issue_load:.2f}' if r.cta_issue_load else '—'} |"

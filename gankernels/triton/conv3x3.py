@@ -550,12 +550,17 @@ def _repack_phases_kernel(
     swh,
     sww,
     ACC: tl.constexpr,
+    PAIRS: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
     """out[a, c, tr, tc, ci, co] (contiguous ``[16·Ci, Co]``) = phase (a, c)'s tap (tr, tc)
     of ``w[co, ci, 3, 3]``, summed in ACC (fp32, fp64 for fp64 weights) and rounded once
-    to out's dtype. One program per (Ci, Co) tile reads its 9 taps and writes all 16."""
+    to out's dtype. One program per (Ci, Co) tile reads its 9 taps and writes all 16.
+
+    PAIRS: the row-pair layout instead, out[c, tc, tr, ci, 1 − a, co] (``[8·Ci, 2·Co]``): the
+    same 16 values, the two phase rows side by side along N (phase row 1 first: output rows
+    2r − 1 and 2r read the same two input rows, with phase rows 1 and 0)."""
     offs_ci = tl.program_id(0) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask = (offs_ci < Ci)[:, None] & (offs_co < Co)[None, :]
@@ -566,35 +571,44 @@ def _repack_phases_kernel(
             for tr in tl.static_range(2):
                 for tc in tl.static_range(2):
                     v = _phase_tap(w_ptr, base, swh, sww, mask, a, tr, c, tc, ACC)
-                    row0 = ((a * 2 + c) * 2 + tr) * 2 + tc
-                    tl.store(out_ptr + row0 * Ci * Co + o_tile, v.to(out_ptr.dtype.element_ty), mask=mask)
+                    if PAIRS:
+                        rows = ((c * 2 + tc) * 2 + tr) * Ci + offs_ci
+                        o_ptrs = out_ptr + rows[:, None] * (2 * Co) + ((1 - a) * Co + offs_co)[None, :]
+                    else:
+                        o_ptrs = out_ptr + (((a * 2 + c) * 2 + tr) * 2 + tc) * Ci * Co + o_tile
+                    tl.store(o_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool) -> torch.Tensor:
+def _pack(w: torch.Tensor, dtype: torch.dtype, phases: bool, pairs: bool = False) -> torch.Tensor:
     w = w.detach()
     co, ci = w.shape[0], w.shape[1]
     if phases and (w.device.type != "cpu" or INTERPRET):
         # One kernel (not the ~20 small ops of the reference formula): this repack runs
         # after every optimizer step, and on every call under autocast (a new weight copy).
-        out = torch.empty((16 * ci, co), dtype=dtype, device=w.device)
+        shape = (8 * ci, 2 * co) if pairs else (16 * ci, co)
+        out = torch.empty(shape, dtype=dtype, device=w.device)
         acc = tl.float64 if w.dtype == torch.float64 else tl.float32
         grid = (triton.cdiv(ci, 32), triton.cdiv(co, 32))
-        _repack_phases_kernel[grid](w, out, ci, co, *w.stride(), ACC=acc, BLOCK_CI=32, BLOCK_CO=32)
+        _repack_phases_kernel[grid](w, out, ci, co, *w.stride(), ACC=acc, PAIRS=pairs, BLOCK_CI=32, BLOCK_CO=32)
         return out
     if phases:
         # Phase kernels summed in fp32 (fp64 if w is fp64), then cast once.
         acc_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         pw = ref.subpixel_phase_weights(w.to(acc_dtype))  # [a, c, Co, Ci, tr, tc]
         packed = pw.permute(0, 1, 4, 5, 3, 2)  # [a, c, tr, tc, Ci, Co]
+        if pairs:  # [c, tc, tr, Ci, 1 - a, Co]
+            return packed.flip(0).permute(1, 3, 2, 4, 0, 5).to(dtype).contiguous().reshape(8 * ci, 2 * co)
     else:
         packed = w.permute(2, 3, 1, 0)  # [kh, kw, Ci, Co]
     return packed.to(dtype).contiguous().reshape(-1, co)
 
 
-def packed_weight(w: torch.Tensor, dtype: torch.dtype, phases: bool = False) -> torch.Tensor:
+def packed_weight(w: torch.Tensor, dtype: torch.dtype, phases: bool = False, pairs: bool = False) -> torch.Tensor:
     """``w`` [Co, Ci, 3, 3] as the kernel's K-major matrix in ``dtype``:
     ``[9·Ci, Co]`` (rows ordered kh, kw, ci) or, with ``phases``, the 16 sub-pixel
-    phase taps ``[16·Ci, Co]`` (rows ordered a, c, tr, tc, ci).
+    phase taps ``[16·Ci, Co]`` (rows ordered a, c, tr, tc, ci); with ``phases`` and
+    ``pairs``, the same taps as the row-pair layout ``[8·Ci, 2·Co]`` (rows ordered c, tc,
+    tr, ci; columns 1 − a, co): what :mod:`gankernels.triton.up_conv3x3_pairs` reads.
 
     Cached per parameter version: the key is (data_ptr, ``_version``, dtype, device,
     shape, phases), and a hit also requires the cached entry's tensor to be this very
@@ -605,15 +619,17 @@ def packed_weight(w: torch.Tensor, dtype: torch.dtype, phases: bool = False) -> 
     Never cached during CUDA-graph capture: the repack must be recorded in the graph,
     or every replay would run on the weights as they were when captured (an optimizer
     step between replays changes them in place without the host seeing it)."""
+    if pairs and not phases:
+        raise ValueError("pairs: the phase-pair layout is a layout of the phase taps; pass phases=True with it")
     if w.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _pack(w, dtype, phases)
-    key = (w.data_ptr(), w._version, dtype, w.dtype, w.device, tuple(w.shape), bool(phases))
+        return _pack(w, dtype, phases, pairs)
+    key = (w.data_ptr(), w._version, dtype, w.dtype, w.device, tuple(w.shape), bool(phases), bool(pairs))
     with _pack_lock:
         hit = _pack_cache.get(key)
         if hit is not None and hit[0]() is w:
             _pack_cache.move_to_end(key)
             return hit[1]
-    packed = _pack(w, dtype, phases)
+    packed = _pack(w, dtype, phases, pairs)
     try:
         wref = weakref.ref(w)
     except TypeError:  # some tensor subclasses are not weak-referenceable: no caching
@@ -831,10 +847,15 @@ def up_conv3x3_forward(
 
     Returns ``(out, saved)``: ``out`` [N, Co, 2H, 2W] in x's memory format, ``saved``
     an empty tensor. The phase kernels are summed in fp32 and cast to x's dtype once
-    per weight version. Calls with Ci >= 16 run the kernel that computes all 4 output
-    phases per program (:mod:`gankernels.triton.up_conv3x3`), the others MODE 2 here."""
-    from gankernels.triton import up_conv3x3  # imports this module: not at the top
+    per weight version. Calls with Ci >= 16 run, for channels_last inputs with Co <= 64,
+    the kernel with a GEMM row per output row pair
+    (:mod:`gankernels.triton.up_conv3x3_pairs`), otherwise the one that computes all 4
+    output phases per program (:mod:`gankernels.triton.up_conv3x3`); the others MODE 2
+    here."""
+    from gankernels.triton import up_conv3x3, up_conv3x3_pairs  # they import this module
 
+    if up_conv3x3_pairs.serves(x, w):
+        return up_conv3x3_pairs.up_conv3x3_phase_pairs(x, w, b, act, alpha, gain, clamp)
     if up_conv3x3.serves(x, w):
         return up_conv3x3.up_conv3x3_four_phase(x, w, b, act, alpha, gain, clamp)
     return _launch(MODE_UP, x, w, b, act, alpha, gain, clamp)

@@ -141,12 +141,13 @@ def test_nan_propagates_like_pytorch():
 
 def test_up_conv3x3_forward_routes_by_input_channels(monkeypatch):
     """``conv3x3.up_conv3x3_forward`` (what the registered op calls) runs this kernel from
-    MIN_CI input channels on, MODE 2 of the conv kernel below."""
+    MIN_CI input channels on, MODE 2 of the conv kernel below (Co = 65: above the row-pair
+    kernel's Co, tests/interpreter/test_triton_up_conv_pairs.py)."""
     calls = []
     real = tup.up_conv3x3_four_phase
     monkeypatch.setattr(tup, "up_conv3x3_four_phase", lambda *a: calls.append(a[0].shape[1]) or real(*a))
     for ci in (tup.MIN_CI - 1, tup.MIN_CI):
-        x, wt, b = _make(1, ci, 3, 2, 3, torch.float32, "channels_last", True, 37)
+        x, wt, b = _make(1, ci, 65, 2, 3, torch.float32, "channels_last", True, 37)
         out = gankernels.up_conv3x3(x, wt, b, act="relu", backend="triton")
         assert_close_rel(out, _reference(x, wt, b, "relu", 0.2, 1.0, None), dtype=torch.float32)
     assert calls == [tup.MIN_CI]
