@@ -84,17 +84,21 @@ def render_static(report: dict, source: str) -> str:
         f"**{report['note']}** No GPU ran: this is read from the compiled {report['target']} machine code "
         f"(`python -m gankernels.bench static`; {report['shapes']}; {report['configs']}). Issue load = a scheduler's "
         "cycles to issue one main-loop step ÷ the tensor-core cycles of that step (target ≤ 0.5); the ceiling is "
-        "min(1, 1/load) of the tensor-core peak. CTA load counts the prologue and epilogue too. "
+        "min(1, 1/load) of the tensor-core peak. The useful-cycle load counts only the multiply-adds the convolution "
+        "needs (the up-conv's row-pair kernel also multiplies one padding row pair). "
+        "CTA load counts the prologue and epilogue too. "
         f"Source: `{source}`; method and history: `benchmarks/NOTES.md`.",
         "",
-        "| op | shape | config | instr/step/warp | issue load | ceiling | CTA load | regs | spill B | CTAs/SM |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | shape | config | instr/step/warp | issue load | useful-cycle load | ceiling | CTA load | regs | spill B "
+        "| CTAs/SM |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         instr = f"{r['instructions_per_step']:.0f}" + (" (whole kernel)" if r["whole_kernel"] else "")
         cta = None if r["whole_kernel"] else r.get("cta_issue_load")  # one whole-kernel step: the load column says it
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['config']} | {instr} | {r['issue_load']:.2f} | {100 * r['ceiling']:.0f} % | "
+            f"| {r['op']} | {r['shape']} | {r['config']} | {instr} | {r['issue_load']:.2f} | "
+            f"{r.get('useful_issue_load') or r['issue_load']:.2f} | {100 * r['ceiling']:.0f} % | "
             f"{'—' if cta is None else f'{cta:.2f}'} | {r['registers']} | {r['spill_bytes']} | {r['ctas_per_sm']} |"
         )
     lines.append(STATIC_END)
