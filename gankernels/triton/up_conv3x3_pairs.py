@@ -44,7 +44,8 @@ import triton.language as tl
 
 from gankernels.triton import conv3x3 as _conv
 from gankernels.triton import up_conv3x3 as _four
-from gankernels.triton.conv3x3 import _decode_rows, _epilogue
+from gankernels.triton.conv3x3 import _decode_rows
+from gankernels.triton.up_conv3x3 import _store_phase
 from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
 
 __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
@@ -96,27 +97,6 @@ def _load_pair(ptrs, k_ok, EVEN_K: tl.constexpr):
     if EVEN_K:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=k_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _store_parity(
-    acc,
-    bias,
-    out_ptr,
-    o_ptrs,
-    o_mask,
-    alpha,
-    gain,
-    clamp,
-    ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_GAIN: tl.constexpr,
-    HAS_CLAMP: tl.constexpr,
-):
-    if HAS_BIAS:
-        acc = acc + bias[None, :]
-    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
-    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 # As the four-phase kernel: N, H, W, M not specialised; CI, CO constexpr for the weight
@@ -236,18 +216,17 @@ def _up_conv3x3_pairs_fwd_kernel(
         o_ptrs = out_ptr + o_row[:, None] + (col_h.to(tl.int64) * soh + offs_co.to(tl.int64) * soc)[None, :]
     row_ok = tl.where(col_h[None, :] == 0, (br >= 1)[:, None], (br < H)[:, None])
     o_mask = m_ok[:, None] & n_ok[None, :] & row_ok
-    _store_parity(acc0, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
-    _store_parity(acc1, bias, out_ptr, o_ptrs + sow, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_phase(acc0, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_phase(acc1, bias, out_ptr, o_ptrs + sow, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
 
 
 # ----------------------------------------------------------------------------------
 # Tuning.
 
-_TUNE_KEY = ["N", "H", "W", "CI", "CO", "PRECISION"]
-
-
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+# The four-phase kernel's tuning key, config maker, limits and accumulator count (both keep
+# four BLOCK_M x BLOCK_N fp32 accumulators per program).
+_TUNE_KEY, _cfg, _acc_registers = _four._TUNE_KEY, _four._cfg, _four._acc_registers
+_SMEM_LIMIT, _ACC_REGS_LIMIT, _INTERPRETER_CONFIG = _four._SMEM_LIMIT, _four._ACC_REGS_LIMIT, _four._INTERPRETER_CONFIG
 
 
 # BLOCK_N is one phase's width (the two accumulators and the weight tiles are 2·BLOCK_N
@@ -275,19 +254,9 @@ _CONFIGS_AMPERE = [
     _cfg(64, 16, 32, 4, 2),
     _cfg(64, 32, 16, 4, 2),
 ]
-_SMEM_LIMIT = {"hopper": 227 * 1024, "ampere": 160 * 1024}
-_ACC_REGS_LIMIT = 128
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-
-
 def _smem_bytes(c: triton.Config, elsize: int) -> int:
     kw = c.kwargs
     return max(c.num_stages, 1) * (6 * kw["BLOCK_M"] + 16 * kw["BLOCK_N"]) * kw["BLOCK_K"] * elsize
-
-
-def _acc_registers(c: triton.Config) -> int:
-    kw = c.kwargs
-    return 4 * kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * c.num_warps)
 
 
 def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"], **kwargs):
