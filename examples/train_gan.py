@@ -201,6 +201,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for images, weights and activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the whole training step (both networks, both optimizer updates, the moving average) into "
+        "CUDA graphs and replay them: no host cost per layer (CUDA only; not with --compile, --amp fp16 or "
+        "several processes)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and noise (default: %(default)s)")
     p.add_argument(
         "--device",
@@ -679,15 +686,18 @@ def random_shifts(n: int, pixels: int, seed: int, device: torch.device) -> torch
     return torch.randint(-pixels, pixels + 1, (2, n, 2), generator=g).to(device)
 
 
-def translate(images: torch.Tensor, shifts: torch.Tensor, fill: float = -1.0) -> torch.Tensor:
+def translate(images: torch.Tensor, shifts: torch.Tensor, fill: float = -1.0, pad: Optional[int] = None) -> torch.Tensor:
     """Shift image ``i`` of ``images`` ([N, C, H, W]) by ``shifts[i]`` = (dy, dx) pixels,
     filling the uncovered border with ``fill`` (the digits' background, -1).
 
     DiffAugment's translation: an index gather, so gradients flow to ``images`` (the
     generator learns through it) and double backward works (R1 on shifted reals).
+    ``pad``: a bound on ``|shifts|`` known in advance (the ``--translate`` range); without
+    it the bound is read from ``shifts``, a host synchronisation (and no CUDA graph can
+    hold it). Any bound gives the same result.
     """
     n, _, h, w = images.shape
-    p = int(shifts.abs().max()) if shifts.numel() else 0
+    p = pad if pad is not None else (int(shifts.abs().max()) if shifts.numel() else 0)
     if p == 0:
         return images
     padded = F.pad(images, (p, p, p, p), value=fill)
@@ -707,9 +717,9 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 @torch.no_grad()
-def ema_update(average: nn.Module, model: nn.Module, beta: float) -> None:
+def ema_update(average: nn.Module, model: nn.Module, beta: float | torch.Tensor) -> None:
     """``average ← beta · average + (1 − beta) · model``, parameter by parameter; buffers
-    are copied."""
+    are copied. ``beta`` may be a 0-dim device tensor (a captured step reads it there)."""
     for a, p in zip(average.parameters(), model.parameters(), strict=True):
         a.lerp_(p.detach(), 1.0 - beta)
     for a, b in zip(average.buffers(), model.buffers(), strict=True):
@@ -728,6 +738,181 @@ def params_checksum(*models: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------------
 # Training.
+
+
+class TrainStep:
+    """The body of the training loop: one discriminator step (reals and detached fakes in
+    one batch, R1 on the reals when ``penalise``), one generator step through the updated
+    discriminator, then the generator's moving average. Returns the step's
+    non-saturating D loss and G loss as device tensors (no host synchronisation, so the
+    step can be captured whole into a CUDA graph: :class:`CapturedTrainStep`)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        nets: tuple[nn.Module, nn.Module, nn.Module, nn.Module],  # G, D and what runs them (DDP / compiled)
+        optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],  # G's, D's
+        scalers: tuple[torch.amp.GradScaler, torch.amp.GradScaler],  # G's, D's
+        G_ema: Optional[nn.Module],
+        autocast: torch.autocast,
+    ) -> None:
+        self.G, self.D, self.G_net, self.D_net = nets
+        self.opt_G, self.opt_D = optimizers
+        self.scaler_G, self.scaler_D = scalers
+        self.G_ema, self.autocast = G_ema, autocast
+        self.batch, self.r1, self.r1_every, self.translate = args.batch_size, args.r1, args.r1_every, args.translate
+
+    def __call__(
+        self,
+        real: torch.Tensor,
+        z: torch.Tensor,
+        shifts: Optional[torch.Tensor],
+        penalise: bool,
+        ema_beta: float | torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, D, D_net = self.batch, self.D, self.D_net
+        # Discriminator: real and (detached) fake in one batch, one forward.
+        D.requires_grad_(True)
+        with self.autocast:
+            fake = self.G_net(z)
+        real.requires_grad_(penalise)
+        with self.autocast:
+            seen = torch.cat([real, fake.detach()])
+            if shifts is not None:
+                seen = translate(seen, shifts[0], pad=self.translate)
+            logits = D_net(seen).float()
+            loss_d = loss_ns = F.softplus(logits[B:]).mean() + F.softplus(-logits[:B]).mean()
+        if penalise:
+            # R1 = E ||∇_x D(x)||² on reals; the gradient is taken of the scaled output
+            # under fp16 (as PyTorch's AMP gradient-penalty recipe does) and unscaled.
+            out = logits[:B].sum()
+            (grad,) = torch.autograd.grad(self.scaler_D.scale(out), real, create_graph=True)
+            # scale(1) is the current scale as a device tensor: no host sync, unlike get_scale().
+            grad = grad.float() / self.scaler_D.scale(torch.ones((), device=real.device))
+            loss_d = loss_d + (self.r1 * self.r1_every / 2) * grad.square().sum(dim=(1, 2, 3)).mean()
+        self.opt_D.zero_grad(set_to_none=True)
+        self.scaler_D.scale(loss_d).backward()
+        self.scaler_D.step(self.opt_D)
+        self.scaler_D.update()
+
+        # Generator: non-saturating loss through the updated D; D's weights need no
+        # gradient (and under DDP no all-reduce) here.
+        D.requires_grad_(False)
+        D_ddp = getattr(D_net, "_orig_mod", D_net)
+        no_sync = D_ddp.no_sync() if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with no_sync:
+            with self.autocast:
+                seen = fake if shifts is None else translate(fake, shifts[1, B:], pad=self.translate)
+                loss_g = F.softplus(-D_net(seen).float()).mean()
+            self.opt_G.zero_grad(set_to_none=True)
+            self.scaler_G.scale(loss_g).backward()
+        self.scaler_G.step(self.opt_G)
+        self.scaler_G.update()
+        if self.G_ema is not None:
+            ema_update(self.G_ema, self.G, ema_beta)
+        return loss_ns.detach(), loss_g.detach()
+
+
+def cuda_graph_refusals(args: argparse.Namespace, device: torch.device, world: int) -> list[str]:
+    """Every reason ``--cuda-graphs`` cannot capture this run (empty: it can)."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"--device {device}: CUDA graphs need a CUDA device")
+    if args.compile:
+        reasons.append(
+            "--compile: torch.compile brings its own CUDA graphs (mode='reduce-overhead'); "
+            "a hand-captured step around compiled code is not supported here: pass one of the two"
+        )
+    if args.amp == "fp16":
+        reasons.append(
+            "--amp fp16: the gradient scaler reads its inf/NaN check on the host every step, a synchronisation "
+            "that a capture forbids: use --amp bf16 (no scaling) or none"
+        )
+    if world > 1:
+        reasons.append(f"{world} processes: DistributedDataParallel's all-reduce is not captured here; run one process")
+    return reasons
+
+
+class CapturedTrainStep:
+    """A :class:`TrainStep` captured into CUDA graphs and replayed: the whole step —
+    both networks' forward and backward, both Adam updates, the moving average — is
+    one graph launch, with no host cost per layer.
+
+    PyTorch's whole-network capture recipe: each kind of step (with R1, without:
+    lazy R1 makes two) first runs ``warmup`` times eagerly on a side stream, which fills
+    every first-call cache that must not run inside a capture (``auto``'s timed backend
+    choice, Triton's autotuner, cuDNN's algorithm search, Adam's state); its next call
+    captures it, and every later one replays it. The inputs of every step are copied
+    into static tensors the graphs read; the step-dependent scalars (the learning rates,
+    the average's decay) live in device tensors the host refills before each replay.
+    The optimizers must be capturable, with tensor learning rates (:func:`set_capturable`).
+    """
+
+    def __init__(self, step: TrainStep, real: torch.Tensor, z: torch.Tensor, shifts: Optional[torch.Tensor], warmup: int = 3):
+        self.step, self.warmup = step, warmup
+        self.real = torch.empty_like(real)  # keeps real's memory format
+        self.z = torch.empty_like(z)
+        self.shifts = None if shifts is None else torch.empty_like(shifts)
+        self.ema_beta = torch.zeros((), device=real.device)
+        self.runs: dict[bool, int] = {False: 0, True: 0}  # eager warm-up runs per kind
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def __call__(
+        self, real: torch.Tensor, z: torch.Tensor, shifts: Optional[torch.Tensor], penalise: bool, ema_beta: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():  # self.real requires grad when R1 was captured last
+            self.real.copy_(real)
+            self.z.copy_(z)
+            if shifts is not None:
+                self.shifts.copy_(shifts)
+            self.ema_beta.fill_(ema_beta)
+        if penalise in self.graphs:
+            graph, losses = self.graphs[penalise]
+            graph.replay()
+            return losses
+        args = (self.real, self.z, self.shifts, penalise, self.ema_beta)
+        if self.runs[penalise] < self.warmup:
+            self.runs[penalise] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                losses = self.step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            return losses
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = self.step(*args)  # recorded, not run: the replay runs it
+        self.graphs[penalise] = (graph, losses)
+        graph.replay()
+        return losses
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Switch an Adam optimizer (and its loaded state) between the eager form (float
+    learning rate, step counts on the host) and the capturable one (learning rate and
+    step counts in device tensors, so a CUDA graph can hold the update and the host can
+    change the rate between replays). Used after construction and after loading a
+    checkpoint written in the other form."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if capturable else lr
+        group["capturable"] = capturable
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                step = state["step"]
+                state["step"] = step.to(p.device if capturable else "cpu", torch.float32)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate to ``lr``, in place where it is a device tensor (a
+    captured step reads it there)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -750,7 +935,7 @@ def _maybe_backend(name: Optional[str]) -> Iterator[None]:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by ``args`` (see :func:`parse_args`); returns a summary
     dict (``steps``, ``seconds``, ``images_per_s``, ``loss_D``, ``loss_G``, ``history``,
-    ``run_dir``)."""
+    ``run_dir``, ``graphs``: the CUDA graphs captured)."""
     d = setup_distributed(args.device)
     try:
         with _maybe_backend(args.backend):
@@ -764,6 +949,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
     if args.data is not None and args.eval_every and d.main:
         print("--eval-every: the digits judge scores only the built-in digits; skipped with --data", file=sys.stderr)
     fill_defaults(args, d.device)
+    refusals = cuda_graph_refusals(args, d.device, d.world) if args.cuda_graphs else []
+    if refusals:
+        raise SystemExit("--cuda-graphs: cannot capture this run:\n" + "\n".join(f"  - {r}" for r in refusals))
     judging = args.data is None and args.eval_every > 0
     run_dir = Path(args.runs_dir) / args.name
     ckpt_path = run_dir / "checkpoint.pt"
@@ -803,6 +991,9 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             raise SystemExit(f"--backend {args.backend}: cannot run these networks on {d.device.type} here:\n{e}") from None
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=tuple(args.betas))
+    if args.cuda_graphs:
+        for opt in (opt_G, opt_D):
+            set_capturable(opt, True)
     amp_dtype = AMP_DTYPES[args.amp]
     scaler_G = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
     scaler_D = torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16")
@@ -819,6 +1010,8 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         _load_states(
             path, ckpt, [("G", G), ("D", D), ("opt_G", opt_G), ("opt_D", opt_D), ("scaler_G", scaler_G), ("scaler_D", scaler_D)]
         )
+        for opt in (opt_G, opt_D):  # the checkpoint may hold the other form (see set_capturable)
+            set_capturable(opt, args.cuda_graphs)
         start, history = int(ckpt["step"]), [list(h) for h in ckpt["history"]]
         judged = [_metrics_from_state(entry) for entry in ckpt.get("metrics", [])]
         if G_ema is not None:
@@ -873,7 +1066,10 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
             file=sys.stderr,
         )
     judge_seconds = 0.0  # time spent judging, left out of images/s
-    autocast = torch.autocast(d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    # A capture must not see autocast's weight-cast cache (torch.cuda.graphs' AMP note).
+    autocast = torch.autocast(
+        d.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=not args.cuda_graphs
+    )
     B = args.batch_size
     log_every = 10
     pending: list[torch.Tensor] = []  # per-step [loss_D, loss_G], read back every log_every steps
@@ -932,6 +1128,17 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         }
         save_checkpoint(ckpt_path, state)
 
+    train_step: TrainStep | CapturedTrainStep = TrainStep(
+        args, (G, D, G_net, D_net), (opt_G, opt_D), (scaler_G, scaler_D), G_ema, autocast
+    )
+    if args.cuda_graphs:
+        real_shape = (B, args.image_channels, args.resolution, args.resolution)
+        train_step = CapturedTrainStep(
+            train_step,
+            real=torch.empty(real_shape, dtype=data.dtype, device=d.device).contiguous(memory_format=memory_format),
+            z=torch.empty(B, args.z_dim, device=d.device),
+            shifts=torch.empty((2, 2 * B, 2), dtype=torch.long, device=d.device) if args.translate else None,
+        )
     if judge is not None and start == 0:
         evaluate(0)  # the untrained generator: where the curves start
     for step in range(start, args.steps):
@@ -944,52 +1151,13 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         penalise = args.r1 > 0 and step % args.r1_every == 0
         if args.lr_rampdown > 0:
             factor = lr_factor(step, args.steps, args.lr_rampdown)
-            for opt, lr in ((opt_G, args.lr), (opt_D, args.lr_d)):
-                for group in opt.param_groups:
-                    group["lr"] = lr * factor
-
-        # Discriminator: real and (detached) fake in one batch, one forward.
-        D.requires_grad_(True)
-        with autocast:
-            fake = G_net(z)
-        real.requires_grad_(penalise)
-        with autocast:
-            seen = torch.cat([real, fake.detach()])
-            if shifts is not None:
-                seen = translate(seen, shifts[0])
-            logits = D_net(seen).float()
-            loss_d = loss_ns = F.softplus(logits[B:]).mean() + F.softplus(-logits[:B]).mean()
-        if penalise:
-            # R1 = E ||∇_x D(x)||² on reals; the gradient is taken of the scaled output
-            # under fp16 (as PyTorch's AMP gradient-penalty recipe does) and unscaled.
-            out = logits[:B].sum()
-            (grad,) = torch.autograd.grad(scaler_D.scale(out), real, create_graph=True)
-            # scale(1) is the current scale as a device tensor: no host sync, unlike get_scale().
-            grad = grad.float() / scaler_D.scale(torch.ones((), device=d.device))
-            loss_d = loss_d + (args.r1 * args.r1_every / 2) * grad.square().sum(dim=(1, 2, 3)).mean()
-        opt_D.zero_grad(set_to_none=True)
-        scaler_D.scale(loss_d).backward()
-        scaler_D.step(opt_D)
-        scaler_D.update()
-
-        # Generator: non-saturating loss through the updated D; D's weights need no
-        # gradient (and under DDP no all-reduce) here.
-        D.requires_grad_(False)
-        D_ddp = getattr(D_net, "_orig_mod", D_net)
-        no_sync = D_ddp.no_sync() if isinstance(D_ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-        with no_sync:
-            with autocast:
-                loss_g = F.softplus(-D_net(fake if shifts is None else translate(fake, shifts[1, B:])).float()).mean()
-            opt_G.zero_grad(set_to_none=True)
-            scaler_G.scale(loss_g).backward()
-        scaler_G.step(opt_G)
-        scaler_G.update()
-        if G_ema is not None:
-            # Decay ramped up as (1 + s) / (10 + s): the average forgets the random initial weights.
-            ema_update(G_ema, G, min(args.ema, (1 + step) / (10 + step)))
+            set_learning_rate(opt_G, args.lr * factor)
+            set_learning_rate(opt_D, args.lr_d * factor)
+        # The average's decay ramps up as (1 + s) / (10 + s): it forgets the random initial weights.
+        loss_ns, loss_g = train_step(real, z, shifts, penalise, min(args.ema, (1 + step) / (10 + step)))
 
         # The logged D loss is the non-saturating part alone (comparable with and without R1).
-        pending.append(torch.stack([loss_ns.detach(), loss_g.detach()]))
+        pending.append(torch.stack([loss_ns, loss_g]))  # a copy: a replay overwrites the graph's outputs
         done = step + 1
         if done % log_every == 0 or done == args.steps:
             flush()
@@ -1054,6 +1222,7 @@ def _train(args: argparse.Namespace, d: Dist) -> dict[str, Any]:
         loss_G=loss_g_final,
         history=history,
         run_dir=run_dir,
+        graphs=len(train_step.graphs) if isinstance(train_step, CapturedTrainStep) else 0,
     )
 
 

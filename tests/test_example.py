@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import importlib.util
@@ -13,29 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_script import ROOT, SCRIPT, load_train_gan
 
 import gankernels
 from gankernels.models import dcgan_discriminator, dcgan_generator
 from gankernels.testing import assert_close_rel
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train_gan.py"
-sys.path.insert(0, str(SCRIPT.parent))  # train_gan imports digits_judge from its folder
-
 # Width 4 (G 32→16→8→4 channels, D 4→8→16), batch 8, at the digits' 32×32; the digits
 # judge scores 50 samples.
 TINY = ["--width", "4", "--batch-size", "8", "--z-dim", "16", "--no-progress", "--device", "cpu", "--eval-samples", "50"]
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_gan", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_gan"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tg = _load_script()
+tg = load_train_gan()
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
@@ -371,3 +360,125 @@ def test_recipe_options_stock_and_gankernels_match(tmp_path):
             assert torch.equal(x[net][k], y[net][k]), f"{net}.{k} differs after resume"
     with pytest.raises(SystemExit, match="d_depth"):  # a different discriminator is refused on resume
         _run(tmp_path, "split", "--layers", "gankernels", *common, "--steps", "6", "--resume", "--d-depth", "2")
+
+
+# --cuda-graphs: the whole step captured (the GPU comparison with eager is in
+# tests/gpu/test_train_gan_cuda_graphs.py).
+
+
+def test_cuda_graphs_are_refused_with_every_reason(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, "graphs", "--steps", "2", "--cuda-graphs", "--compile", "--amp", "fp16")
+    message = str(e.value)
+    assert message.startswith("--cuda-graphs: cannot capture this run:")
+    for reason in ("--device cpu: CUDA graphs need a CUDA device", "--compile: torch.compile brings its own", "--amp fp16: "):
+        assert reason in message
+    assert not (tmp_path / "graphs").exists()  # refused before anything is written
+    args = tg.fill_defaults(tg.parse_args(["--cuda-graphs", "--device", "cuda"]), torch.device("cuda"))
+    assert tg.cuda_graph_refusals(args, torch.device("cuda"), world=1) == []
+    assert "2 processes" in tg.cuda_graph_refusals(args, torch.device("cuda"), world=2)[0]
+
+
+def test_translate_with_a_static_bound_is_the_same():
+    """The bound given in advance (a capture cannot read it from the shifts) changes nothing."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    shifts = torch.tensor([[0, 0], [1, -1], [-1, 1], [1, 0]])
+    w = torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64)
+    (grad_read,) = torch.autograd.grad((tg.translate(x, shifts) * w).sum(), x)
+    for pad in (1, 3):
+        y = tg.translate(x, shifts, pad=pad)
+        assert torch.equal(y, tg.translate(x, shifts))
+        assert torch.equal(torch.autograd.grad((y * w).sum(), x)[0], grad_read)
+    assert torch.equal(tg.translate(x, torch.zeros(4, 2, dtype=torch.long), pad=2), x)
+
+
+def test_ema_update_with_a_device_tensor_beta():
+    torch.manual_seed(2)
+    model, average = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    other = copy.deepcopy(average)
+    tg.ema_update(average, model, 0.75)
+    tg.ema_update(other, model, torch.tensor(0.75))
+    for a, b in zip(average.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_an_optimizer_switches_between_eager_and_capturable_forms():
+    """A checkpoint written by a --cuda-graphs run (tensor learning rate, capturable
+    state) resumes eagerly and steps exactly as the optimizer that never switched, and
+    back; set_learning_rate writes into the tensor a captured step reads."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2, 3))]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = (torch.optim.Adam(ps, lr=1e-2, betas=(0.5, 0.9)) for ps in (params, twin))
+
+    def step(o, ps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        o.step()
+
+    step(opt, params, 0)
+    step(ref, twin, 0)
+    tg.set_capturable(opt, True)
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and opt.param_groups[0]["capturable"]
+    tg.set_learning_rate(opt, 5e-3)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(5e-3, rel=1e-7)  # in place, float32
+    tg.set_learning_rate(ref, float(lr))
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = torch.optim.Adam(params, lr=1.0)
+    resumed.load_state_dict(saved)
+    tg.set_capturable(resumed, False)
+    assert resumed.param_groups[0]["lr"] == float(lr) and not resumed.param_groups[0]["capturable"]
+    step(resumed, params, 1)
+    step(ref, twin, 1)
+    for p, q in zip(params, twin, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_captured_step_warms_up_each_kind_then_captures_once_and_replays(monkeypatch):
+    """CapturedTrainStep's schedule, with CUDA's graph API replaced by a recorder (the
+    real capture runs in tests/gpu/test_train_gan_cuda_graphs.py): 3 eager runs of each
+    kind of step on a side stream, one capture per kind, then replays of it; the inputs
+    are copied into the static tensors the graphs read."""
+    events = []
+
+    class Graph:
+        def replay(self):
+            events.append(("replay", self))
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append(("capture", graph))
+        yield
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        yield
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+
+    def step(real, z, shifts, penalise, ema_beta):
+        events.append(("run", penalise, float(real.sum()), float(ema_beta)))
+        return real.sum(), z.sum()
+
+    like = torch.zeros(2, 1, 4, 4)
+    captured = tg.CapturedTrainStep(step, like, torch.zeros(2, 3), shifts=None)
+    for i in range(12):
+        losses = captured(torch.full((2, 1, 4, 4), float(i)), torch.ones(2, 3), None, penalise=i % 2 == 0, ema_beta=0.5 + i / 100)
+        assert losses[0] is captured.graphs[i % 2 == 0][1][0] if i >= 6 else float(losses[0]) == 32.0 * i
+    kinds = [e[0] if e[0] != "run" else f"run R1={e[1]}" for e in events]
+    assert kinds[:6] == ["run R1=True", "run R1=False"] * 3
+    assert kinds[6:10] == ["capture", "run R1=True", "replay", "capture"] and kinds[10:12] == ["run R1=False", "replay"]
+    assert kinds[12:] == ["replay"] * 4 and set(captured.graphs) == {True, False}
+    assert events[7][2:] == (32.0 * 6, pytest.approx(0.56))  # the capture read the static copies
+    assert captured.real.sum() == 32.0 * 11 and float(captured.ema_beta) == pytest.approx(0.61)
