@@ -16,14 +16,13 @@ import zlib
 
 import pytest
 import torch
+from up_conv_cases import DTYPES, make_inputs, reference, rotated_cases
 
 import gankernels
 from gankernels.ops import reference as ref
-from gankernels.testing import LAYOUTS, assert_close_rel, random_input
+from gankernels.testing import LAYOUTS, assert_close_rel
 from gankernels.triton import conv3x3 as tconv
 from gankernels.triton import up_conv3x3 as tup
-
-DTYPES = (torch.float32, torch.float16)
 
 
 @pytest.fixture(autouse=True)
@@ -32,60 +31,17 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(tconv, "POISON_OUTPUTS", True)
 
 
-def _make(n, ci, co, h, w, dtype, layout, bias, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = random_input(n, ci, h, w, dtype=dtype, layout=layout, generator=g)
-    wt = (torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (3 * ci**0.5)).to(dtype)
-    b = (torch.randn(co, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
-    return x, wt, b
-
-
-def _reference(x, w, b, act, alpha, gain, clamp):
-    return ref.up_conv3x3_naive(x.double(), w.double(), None if b is None else b.double(), act, alpha, gain, clamp)
-
-
 def _cases():
-    """Every (dtype, activation) pair once, the other factors rotated against them."""
-    channels = [(16, 16), (17, 5), (32, 33), (20, 17), (16, 3), (33, 32)]
-    spatial = [(1, 1), (1, 4), (3, 5), (4, 4), (5, 2), (2, 7)]
-    out = []
-    for di, dtype in enumerate(DTYPES):
-        for i, act in enumerate(ref.ACTIVATIONS):
-            k = i + di
-            ci, co = channels[k % 6]
-            h, w = spatial[(k + 3 * di) % 6]
-            n = 2 if k % 2 else 1
-            layout = LAYOUTS[(i + 2 * di) % 3]
-            bias = k % 3 != 1
-            gain = 1.7 if k % 4 == 1 else 1.0
-            clamp = 0.6 if k % 5 == 2 else None
-            out.append(
-                pytest.param(
-                    dtype,
-                    n,
-                    ci,
-                    co,
-                    h,
-                    w,
-                    act,
-                    bias,
-                    gain,
-                    clamp,
-                    layout,
-                    id=f"{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
-                    f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}",
-                )
-            )
-    return out
+    return rotated_cases([(16, 16), (17, 5), (32, 33), (20, 17), (16, 3), (33, 32)], LAYOUTS)
 
 
 @pytest.mark.parametrize("dtype,n,ci,co,h,w,act,bias,gain,clamp,layout", _cases())
 def test_matches_reference(dtype, n, ci, co, h, w, act, bias, gain, clamp, layout):
     seed = zlib.crc32(f"up4-{dtype}-{act}-{ci}-{co}-{h}-{w}".encode())
-    x, wt, b = _make(n, ci, co, h, w, dtype, layout, bias, seed)
+    x, wt, b = make_inputs(n, ci, co, h, w, dtype, layout, bias, seed)
     alpha = 0.15 if act == "lrelu" else 0.2
     out, saved = tup.up_conv3x3_four_phase(x, wt, b, act, alpha, gain, clamp)
-    expect = _reference(x, wt, b, act, alpha, gain, clamp)
+    expect = reference(x, wt, b, act, alpha, gain, clamp)
     assert out.dtype == dtype and out.shape == expect.shape == (n, co, 2 * h, 2 * w)
     assert saved.numel() == 0
     assert_close_rel(out, expect, dtype=dtype)
@@ -111,7 +67,7 @@ def test_each_tap_reaches_the_right_phases(tap):
     any phase, shift or border mix-up shows, in both input paths."""
     kh, kw = tap
     for layout in ("channels_last", "nchw"):
-        x, _, _ = _make(1, 16, 16, 3, 4, torch.float32, layout, False, 23)
+        x, _, _ = make_inputs(1, 16, 16, 3, 4, torch.float32, layout, False, 23)
         wt = torch.zeros(16, 16, 3, 3)
         wt[torch.arange(16), torch.arange(16), kh, kw] = 1.0  # channel co reads channel co
         out, _ = tup.up_conv3x3_four_phase(x, wt, None, "linear", 0.2, 1.0, None)
@@ -123,7 +79,7 @@ def test_each_tap_reaches_the_right_phases(tap):
 def test_layouts_give_identical_results():
     """The zero-row path (channels_last) and the masked path (other strides) load the same
     values and reduce in the same order: bit-identical outputs."""
-    x, wt, b = _make(2, 20, 17, 3, 5, torch.float32, "nchw", True, 29)
+    x, wt, b = make_inputs(2, 20, 17, 3, 5, torch.float32, "nchw", True, 29)
     base, _ = tup.up_conv3x3_four_phase(x, wt, b, "lrelu", 0.2, 1.0, None)
     for x2 in (x.contiguous(memory_format=torch.channels_last), torch.cat([x, x], dim=3)[..., : x.shape[3]]):
         other, _ = tup.up_conv3x3_four_phase(x2, wt, b, "lrelu", 0.2, 1.0, None)
@@ -131,10 +87,10 @@ def test_layouts_give_identical_results():
 
 
 def test_nan_propagates_like_pytorch():
-    x, wt, b = _make(1, 16, 5, 4, 5, torch.float32, "channels_last", True, 31)
+    x, wt, b = make_inputs(1, 16, 5, 4, 5, torch.float32, "channels_last", True, 31)
     x[0, 3, 0, 4] = float("nan")  # a corner pixel: its NaN reaches every phase around it
     out, _ = tup.up_conv3x3_four_phase(x, wt, b, "lrelu", 0.2, 1.0, None)
-    expect = _reference(x, wt, b, "lrelu", 0.2, 1.0, None)
+    expect = reference(x, wt, b, "lrelu", 0.2, 1.0, None)
     assert torch.isnan(expect).any()
     assert_close_rel(out, expect, dtype=torch.float32)  # NaN exactly where the reference has it
 
@@ -147,9 +103,9 @@ def test_up_conv3x3_forward_routes_by_input_channels(monkeypatch):
     real = tup.up_conv3x3_four_phase
     monkeypatch.setattr(tup, "up_conv3x3_four_phase", lambda *a: calls.append(a[0].shape[1]) or real(*a))
     for ci in (tup.MIN_CI - 1, tup.MIN_CI):
-        x, wt, b = _make(1, ci, 65, 2, 3, torch.float32, "channels_last", True, 37)
+        x, wt, b = make_inputs(1, ci, 65, 2, 3, torch.float32, "channels_last", True, 37)
         out = gankernels.up_conv3x3(x, wt, b, act="relu", backend="triton")
-        assert_close_rel(out, _reference(x, wt, b, "relu", 0.2, 1.0, None), dtype=torch.float32)
+        assert_close_rel(out, reference(x, wt, b, "relu", 0.2, 1.0, None), dtype=torch.float32)
     assert calls == [tup.MIN_CI]
 
 
@@ -184,7 +140,7 @@ def test_phase_weights_follow_the_parameter_version():
     """An in-place update (an optimizer step) bumps the version: the next call repacks,
     and the four-phase kernel computes with the new weights."""
     tconv.clear_weight_cache()
-    x, wt, b = _make(1, 16, 5, 2, 3, torch.float32, "channels_last", True, 41)
+    x, wt, b = make_inputs(1, 16, 5, 2, 3, torch.float32, "channels_last", True, 41)
     p1 = tconv.packed_weight(wt, torch.float32, phases=True)
     assert tconv.packed_weight(wt, torch.float32, phases=True) is p1  # cached
     out1, _ = tup.up_conv3x3_four_phase(x, wt, b, "linear", 0.2, 1.0, None)
@@ -194,5 +150,5 @@ def test_phase_weights_follow_the_parameter_version():
     assert p2 is not p1
     assert torch.equal(p2, ref.subpixel_phase_weights(wt).permute(0, 1, 4, 5, 3, 2).reshape(-1, 5))
     out2, _ = tup.up_conv3x3_four_phase(x, wt, b, "linear", 0.2, 1.0, None)
-    assert_close_rel(out2, _reference(x, wt, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
+    assert_close_rel(out2, reference(x, wt, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
     assert not torch.allclose(out1, out2)

@@ -17,15 +17,15 @@ import zlib
 
 import pytest
 import torch
+from up_conv_cases import DTYPES, make_inputs, reference, rotated_cases
 
 import gankernels
 from gankernels.ops import reference as ref
-from gankernels.testing import assert_close_rel, random_input
+from gankernels.testing import assert_close_rel
 from gankernels.triton import conv3x3 as tconv
 from gankernels.triton import up_conv3x3 as tup
 from gankernels.triton import up_conv3x3_pairs as tpair
 
-DTYPES = (torch.float32, torch.float16)
 LAYOUTS = ("channels_last", "channels_last_view")  # what the kernel serves: channel stride 1
 
 
@@ -35,64 +35,17 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(tconv, "POISON_OUTPUTS", True)
 
 
-def _make(n, ci, co, h, w, dtype, layout, bias, seed):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "channels_last_view":  # every other column of a channels_last tensor
-        x = random_input(n, ci, h, 2 * w, dtype=dtype, layout="channels_last", generator=g)[..., ::2]
-        assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)
-    else:
-        x = random_input(n, ci, h, w, dtype=dtype, layout=layout, generator=g)
-    wt = (torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (3 * ci**0.5)).to(dtype)
-    b = (torch.randn(co, generator=g, dtype=torch.float64) * 0.5).to(dtype) if bias else None
-    return x, wt, b
-
-
-def _reference(x, w, b, act, alpha, gain, clamp):
-    return ref.up_conv3x3_naive(x.double(), w.double(), None if b is None else b.double(), act, alpha, gain, clamp)
-
-
 def _cases():
-    """Every (dtype, activation) pair once, the other factors rotated against them."""
-    channels = [(16, 8), (17, 5), (32, 32), (20, 17), (16, 16), (33, 20)]
-    spatial = [(1, 1), (1, 4), (3, 5), (4, 4), (5, 2), (2, 7)]
-    out = []
-    for di, dtype in enumerate(DTYPES):
-        for i, act in enumerate(ref.ACTIVATIONS):
-            k = i + di
-            ci, co = channels[k % 6]
-            h, w = spatial[(k + 3 * di) % 6]
-            n = 2 if k % 2 else 1
-            layout = LAYOUTS[(i + di) % 2]
-            bias = k % 3 != 1
-            gain = 1.7 if k % 4 == 1 else 1.0
-            clamp = 0.6 if k % 5 == 2 else None
-            out.append(
-                pytest.param(
-                    dtype,
-                    n,
-                    ci,
-                    co,
-                    h,
-                    w,
-                    act,
-                    bias,
-                    gain,
-                    clamp,
-                    layout,
-                    id=f"{str(dtype)[6:]}-{act}-n{n}c{ci}x{co}-{h}x{w}-{layout}"
-                    f"{'-bias' if bias else ''}{'-gain' if gain != 1 else ''}{'-clamp' if clamp else ''}",
-                )
-            )
-    return out
+    return rotated_cases([(16, 8), (17, 5), (32, 32), (20, 17), (16, 16), (33, 20)], LAYOUTS)
 
 
 @pytest.mark.parametrize("dtype,n,ci,co,h,w,act,bias,gain,clamp,layout", _cases())
 def test_matches_reference(dtype, n, ci, co, h, w, act, bias, gain, clamp, layout):
     seed = zlib.crc32(f"uppairs-{dtype}-{act}-{ci}-{co}-{h}-{w}".encode())
-    x, wt, b = _make(n, ci, co, h, w, dtype, layout, bias, seed)
+    x, wt, b = make_inputs(n, ci, co, h, w, dtype, layout, bias, seed)
     alpha = 0.15 if act == "lrelu" else 0.2
     out, saved = tpair.up_conv3x3_phase_pairs(x, wt, b, act, alpha, gain, clamp)
-    expect = _reference(x, wt, b, act, alpha, gain, clamp)
+    expect = reference(x, wt, b, act, alpha, gain, clamp)
     assert out.dtype == dtype and out.shape == expect.shape == (n, co, 2 * h, 2 * w)
     assert saved.numel() == 0
     assert_close_rel(out, expect, dtype=dtype)
@@ -119,7 +72,7 @@ def test_each_tap_reaches_the_right_pixels(tap):
     row-pair, parity, shift or border mix-up shows, in both layouts."""
     kh, kw = tap
     for layout in LAYOUTS:
-        x, _, _ = _make(1, 16, 8, 3, 4, torch.float32, layout, False, 23)
+        x, _, _ = make_inputs(1, 16, 8, 3, 4, torch.float32, layout, False, 23)
         wt = torch.zeros(8, 16, 3, 3)
         wt[torch.arange(8), torch.arange(8), kh, kw] = 1.0  # channel co reads channel co
         out, _ = tpair.up_conv3x3_phase_pairs(x, wt, None, "linear", 0.2, 1.0, None)
@@ -131,14 +84,14 @@ def test_each_tap_reaches_the_right_pixels(tap):
 def test_layouts_give_identical_results():
     """A channels_last tensor and a strided view with the same values load the same values
     and reduce in the same order: bit-identical outputs."""
-    x, wt, b = _make(2, 20, 17, 3, 5, torch.float32, "channels_last_view", True, 29)
+    x, wt, b = make_inputs(2, 20, 17, 3, 5, torch.float32, "channels_last_view", True, 29)
     base, _ = tpair.up_conv3x3_phase_pairs(x, wt, b, "lrelu", 0.2, 1.0, None)
     other, _ = tpair.up_conv3x3_phase_pairs(x.contiguous(memory_format=torch.channels_last), wt, b, "lrelu", 0.2, 1.0, None)
     assert torch.equal(base, other)
 
 
 def test_refuses_other_channel_strides():
-    x, wt, b = _make(1, 16, 4, 2, 3, torch.float32, "channels_last", True, 30)
+    x, wt, b = make_inputs(1, 16, 4, 2, 3, torch.float32, "channels_last", True, 30)
     x = x.contiguous()  # NCHW: channel stride H·W
     assert not tpair.serves(x, wt)
     with pytest.raises(ValueError, match="x: channel stride"):
@@ -146,11 +99,11 @@ def test_refuses_other_channel_strides():
 
 
 def test_nan_propagates_like_pytorch():
-    x, wt, b = _make(1, 16, 5, 4, 5, torch.float32, "channels_last", True, 31)
+    x, wt, b = make_inputs(1, 16, 5, 4, 5, torch.float32, "channels_last", True, 31)
     x[0, 3, 0, 4] = float("nan")  # a corner pixel: its NaN reaches the first and second row pairs
     x[0, 9, 1, 2] = float("nan")  # inside: exactly the 4×4 outputs PyTorch's NaN reaches, no more
     out, _ = tpair.up_conv3x3_phase_pairs(x, wt, b, "lrelu", 0.2, 1.0, None)
-    expect = _reference(x, wt, b, "lrelu", 0.2, 1.0, None)
+    expect = reference(x, wt, b, "lrelu", 0.2, 1.0, None)
     assert torch.isnan(expect).any()
     assert_close_rel(out, expect, dtype=torch.float32)  # NaN exactly where the reference has it
 
@@ -169,10 +122,10 @@ def test_routing_by_channels(monkeypatch):
         (tup.MIN_CI, tpair.MAX_CO + 1, False),
         (tup.MIN_CI, 8, True),
     ):
-        x, wt, b = _make(1, ci, co, 2, 3, torch.float32, "channels_last", True, 37)
+        x, wt, b = make_inputs(1, ci, co, 2, 3, torch.float32, "channels_last", True, 37)
         x = x.contiguous() if nchw else x
         out = gankernels.up_conv3x3(x, wt, b, act="relu", backend="triton")
-        assert_close_rel(out, _reference(x, wt, b, "relu", 0.2, 1.0, None), dtype=torch.float32)
+        assert_close_rel(out, reference(x, wt, b, "relu", 0.2, 1.0, None), dtype=torch.float32)
     assert calls == [
         ("up_conv3x3_phase_pairs", tup.MIN_CI, tpair.MAX_CO),
         ("up_conv3x3_four_phase", tup.MIN_CI, tpair.MAX_CO + 1),
@@ -222,7 +175,7 @@ def test_pair_layout_follows_the_parameter_version(monkeypatch):
     """Cached per parameter version, separately from the four-phase layout; an in-place
     update (an optimizer step) repacks and the kernel computes with the new weights."""
     tconv.clear_weight_cache()
-    x, wt, b = _make(1, 16, 5, 2, 3, torch.float32, "channels_last", True, 41)
+    x, wt, b = make_inputs(1, 16, 5, 2, 3, torch.float32, "channels_last", True, 41)
     p1 = tconv.packed_weight(wt, torch.float32, phases=True, pairs=True)
     assert tconv.packed_weight(wt, torch.float32, phases=True, pairs=True) is p1  # cached
     assert tconv.packed_weight(wt, torch.float32, phases=True) is not p1  # its own entry
@@ -234,7 +187,7 @@ def test_pair_layout_follows_the_parameter_version(monkeypatch):
     phases = ref.subpixel_phase_weights(wt).permute(0, 1, 4, 5, 3, 2).reshape(-1, 5)
     assert torch.equal(p2, _pairs_from_phases(phases, 16, 5))
     out2, _ = tpair.up_conv3x3_phase_pairs(x, wt, b, "linear", 0.2, 1.0, None)
-    assert_close_rel(out2, _reference(x, wt, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
+    assert_close_rel(out2, reference(x, wt, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
     assert not torch.allclose(out1, out2)
 
 
