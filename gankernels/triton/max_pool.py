@@ -44,6 +44,7 @@ import triton.language as tl
 
 from gankernels.ops.dispatch import OpImpl, register
 from gankernels.ops.reference import memory_format_of, pool_output_size
+from gankernels.triton.tile2d import tile_coords
 from gankernels.triton.utils import common_reasons, empty, tile
 from gankernels.triton.utils import needs_int64 as _needs_int64
 
@@ -92,27 +93,9 @@ def _max_pool_fwd_kernel(
     # flat index h * W + w; the argmax rule is the same.
     # Tile = [BLOCK_R, BLOCK_K] outputs; the column axis is the output's contiguous
     # dimension (C for channels_last, Wo for NCHW).
-    pid = tl.program_id(0)
-    pid_r = pid // n_col_blocks
-    pid_k = pid % n_col_blocks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
-    out_mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    if CL:  # rows enumerate (n, ho, wo), columns are channels
-        wo = (rows % Wo)[:, None]
-        t = rows // Wo
-        ho = (t % Ho)[:, None]
-        n = (t // Ho)[:, None]
-        c = cols[None, :]
-    else:  # rows enumerate (n, c, ho), columns are wo
-        ho = (rows % Ho)[:, None]
-        t = rows // Ho
-        c = (t % C)[:, None]
-        n = (t // C)[:, None]
-        wo = cols[None, :]
+    n, c, ho, wo, rows, pid_k, out_mask = tile_coords(
+        tl.program_id(0), C, Ho, Wo, n_rows, n_cols, n_col_blocks, CL, INT64, BLOCK_R, BLOCK_K
+    )
     plane = x_ptr + n * sxn + c * sxc
     h0 = ho * SH - PH
     w0 = wo * SW - PW
@@ -187,27 +170,9 @@ def _max_pool_bwd_kernel(
     # Tile = [BLOCK_R, BLOCK_K] *input* positions (columns: C for channels_last, W for
     # NCHW), except with PAIR (NCHW 2×2/2): columns are output columns wo, each giving
     # the two input columns 2*wo and 2*wo + 1.
-    pid = tl.program_id(0)
-    pid_r = pid // n_col_blocks
-    pid_k = pid % n_col_blocks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
-    in_mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    if CL:  # rows enumerate (n, h, w), columns are channels
-        w = (rows % W)[:, None]
-        t = rows // W
-        h = (t % H)[:, None]
-        n = (t // H)[:, None]
-        c = cols[None, :]
-    else:  # rows enumerate (n, c, h), columns are w
-        h = (rows % H)[:, None]
-        t = rows // H
-        c = (t % C)[:, None]
-        n = (t // C)[:, None]
-        w = cols[None, :]
+    n, c, h, w, rows, pid_k, in_mask = tile_coords(
+        tl.program_id(0), C, H, W, n_rows, n_cols, n_col_blocks, CL, INT64, BLOCK_R, BLOCK_K
+    )
     if PAIR:
         # Windows do not overlap: input (h, 2wo + j) can only be named by window
         # (h // 2, wo). Load that window's index and grad once (contiguous along wo),

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from gankernels.ops.dispatch import OpImpl, register
 from gankernels.ops.reference import memory_format_of
+from gankernels.triton.tile2d import tile_coords
 from gankernels.triton.utils import common_reasons, empty, tile
 from gankernels.triton.utils import needs_int64 as _needs_int64
 
@@ -56,28 +57,11 @@ def _upsample_fwd_kernel(
     S: tl.constexpr, CL: tl.constexpr, PAIR: tl.constexpr, INT64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_r = pid // n_col_blocks
-    pid_k = pid % n_col_blocks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
+    # A tile of input elements.
+    n, c, h, w, rows, pid_k, mask = tile_coords(
+        tl.program_id(0), C, H, W, n_rows, n_cols, n_col_blocks, CL, INT64, BLOCK_R, BLOCK_K
+    )
     row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    if CL:  # rows enumerate input pixels (n, h, w), columns are channels
-        w = (rows % W)[:, None]
-        t = rows // W
-        h = (t % H)[:, None]
-        n = (t // H)[:, None]
-        c = cols[None, :]
-    else:  # rows enumerate (n, c, h), columns are w
-        h = (rows % H)[:, None]
-        t = rows // H
-        c = (t % C)[:, None]
-        n = (t // C)[:, None]
-        w = cols[None, :]
     v = tl.load(x_ptr + n * sxn + c * sxc + h * sxh + w * sxw, mask=mask)
     y_plane = y_ptr + n * syn + c * syc
     if PAIR:
@@ -105,29 +89,11 @@ def _upsample_bwd_kernel(
     S: tl.constexpr, CL: tl.constexpr, PAIR: tl.constexpr, INT64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Tile over gx (H, W are gx's, the low resolution).
-    pid = tl.program_id(0)
-    pid_r = pid // n_col_blocks
-    pid_k = pid % n_col_blocks
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
+    # A tile of gx (H, W are gx's, the low resolution).
+    n, c, h, w, rows, pid_k, mask = tile_coords(
+        tl.program_id(0), C, H, W, n_rows, n_cols, n_col_blocks, CL, INT64, BLOCK_R, BLOCK_K
+    )
     row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    if CL:
-        w = (rows % W)[:, None]
-        t = rows // W
-        h = (t % H)[:, None]
-        n = (t // H)[:, None]
-        c = cols[None, :]
-    else:
-        h = (rows % H)[:, None]
-        t = rows // H
-        c = (t % C)[:, None]
-        n = (t // C)[:, None]
-        w = cols[None, :]
     g_plane = g_ptr + n * sgn + c * sgc
     acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     if PAIR:
