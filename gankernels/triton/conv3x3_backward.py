@@ -291,9 +291,11 @@ def _tap_shift(tap, WP2, MODE: tl.constexpr):
     out[2i+a, 2j+c] read x[i+a+t−1, j+c+u−1], so x[r, s] gets G[a, c] at
     (r + 1 − a − t, s + 1 − c − u)."""
     if MODE == 2:
-        plane = tap // 4
-        dh = 1 - tap // 8 - (tap // 2) % 2
-        dw = 1 - (tap // 4) % 2 - tap % 2
+        # tap >= 0: shifts and masks, not signed divisions (each of which costs a
+        # sign fix-up in the K loop).
+        plane = tap >> 2
+        dh = 1 - (tap >> 3) - ((tap >> 1) & 1)
+        dw = 1 - (plane & 1) - (tap & 1)
     else:
         plane = tap * 0
         dh = 1 - tap // 3
