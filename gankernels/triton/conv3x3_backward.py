@@ -291,9 +291,11 @@ def _tap_shift(tap, WP2, MODE: tl.constexpr):
     out[2i+a, 2j+c] read x[i+a+t−1, j+c+u−1], so x[r, s] gets G[a, c] at
     (r + 1 − a − t, s + 1 − c − u)."""
     if MODE == 2:
-        plane = tap // 4
-        dh = 1 - tap // 8 - (tap // 2) % 2
-        dw = 1 - (tap // 4) % 2 - tap % 2
+        # tap >= 0: shifts and masks, not signed divisions (each of which costs a
+        # sign fix-up in the K loop).
+        plane = tap >> 2
+        dh = 1 - (tap >> 3) - ((tap >> 1) & 1)
+        dw = 1 - (plane & 1) - (tap & 1)
     else:
         plane = tap * 0
         dh = 1 - tap // 3
@@ -330,6 +332,9 @@ def _dgrad_configs() -> list:
 # padded to C channels (:func:`_taps_in_n_channels`). One program then reads each gp
 # tile once for every tap.
 _TAPS_IN_N_BELOW = 16
+# The up-conv with a narrow Co takes TAPS_IN_N for these channel counts too (see
+# :func:`_wgrad_taps_in_n`): X's rows are then x's own Ci channels, unpadded.
+_UP_TAPS_IN_N_CI = (16, 32, 64)
 # X may take this many times x's bytes for the sake of 16-byte rows (8 channels).
 _PAD_BYTES_RATIO = 4
 
@@ -337,6 +342,22 @@ _PAD_BYTES_RATIO = 4
 def _tap_groups(mode: int) -> int:
     """Column groups of a TAPS_IN_N tile: a plane's taps, padded to a power of two."""
     return 4 if mode == MODE_UP else 16
+
+
+def _wgrad_taps_in_n(ci: int, co: int, mode: int, elsize: int) -> bool:
+    """Whether wgrad takes the TAPS_IN_N tile: below _TAPS_IN_N_BELOW input channels, and
+    for the up-conv with Co <= 32 and Ci in _UP_TAPS_IN_N_CI where such a tile fits
+    (bf16: all three; fp32: Ci <= 32). There the plain tile is at most Co × Ci = 32 × 64
+    (Co on the MMA's N side), so a 256-cycle step needs 256 rows, and its per-MMA
+    descriptor and per-load address arithmetic set the issue load; a plane's 4 taps × Ci
+    columns (at most 256) make the same step from 64 rows, and each G tile is read once
+    per plane instead of once per tap."""
+    if ci < _TAPS_IN_N_BELOW:
+        return True
+    if mode != MODE_UP or co > 32 or ci not in _UP_TAPS_IN_N_CI:
+        return False
+    block_ci = _tap_groups(mode) * ci
+    return any(_fits(c, {"BLOCK_CO": co}, elsize) for c in _taps_in_n_configs() if c.kwargs["BLOCK_CI"] == block_ci)
 
 
 def _taps_in_n_channels(ci: int, mode: int, pixels: int, grid_rows: int) -> int:
@@ -431,7 +452,7 @@ def _taps_per_plane(mode: int) -> int:
 def _wgrad_config(ci: int, co: int, mode: int, cip: int, elsize: int) -> triton.Config:
     """``cip``: X's channels per row."""
     taps_in_n = _taps_in_n_configs()
-    if ci < _TAPS_IN_N_BELOW:
+    if _wgrad_taps_in_n(ci, co, mode, elsize):
         block_ci = _tap_groups(mode) * cip
         return _choose([c for c in taps_in_n if c.kwargs["BLOCK_CI"] == block_ci], {"BLOCK_CO": co}, elsize)
     return _choose(_plain_wgrad_configs(), {"BLOCK_CO": co, "BLOCK_CI": ci}, elsize)
@@ -552,7 +573,8 @@ def _wgrad_kernel(
     x at (i + a + t − 1, j + c + u − 1). X has CIP values per row.
 
     A program owns one tap and a [BLOCK_CO, BLOCK_CI] tile; with TAPS_IN_N it owns a
-    plane and its tile's columns are (tap, channel) pairs, 16 channels per tap."""
+    plane and its tile's columns are (tap, channel) pairs, CIP (= BLOCK_CI / 4 or / 16)
+    channels per tap."""
     NTAP: tl.constexpr = 16 if MODE == 2 else 9
     TPP: tl.constexpr = 4 if MODE == 2 else 9  # taps per plane
     PLANE_TAP0: tl.constexpr = 4 if MODE == 2 else 0  # a plane's first tap, per plane
@@ -590,7 +612,7 @@ def _wgrad_kernel(
     # Tile pointers, advanced by one tile per step.
     g_offs = offs_m[:, None] * Co + offs_co[None, :]
     if TAPS_IN_N:
-        x_offs = (offs_m[:, None] + shift[None, :]) * XS + offs_ci[None, :]
+        x_offs = (offs_m.to(tl.int64)[:, None] + shift.to(tl.int64)[None, :]) * XS + offs_ci[None, :]
     else:
         x_offs = (offs_m[:, None] + shift) * XS + offs_ci[None, :]
     g_base = gp_ptr + (plane.to(tl.int64) * ROWS + FRONT + m_start) * Co + g_offs
@@ -926,7 +948,7 @@ def _launch_wgrad(mode: int, gp: torch.Tensor, xp: torch.Tensor, x: torch.Tensor
     ntap = _NTAP[mode]
     cfg = _wgrad_config(ci, co, mode, xp.shape[1], x.element_size())
     bco, bci = cfg.kwargs["BLOCK_CO"], cfg.kwargs["BLOCK_CI"]
-    taps_in_n = ci < _TAPS_IN_N_BELOW
+    taps_in_n = _wgrad_taps_in_n(ci, co, mode, x.element_size())
     q_programs = _NPLANE[mode] if taps_in_n else triton.cdiv(ci, bci) * ntap
     tiles = triton.cdiv(co, bco) * q_programs
     granules = grid.m_pad // _M_GRANULE

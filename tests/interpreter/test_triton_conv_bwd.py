@@ -215,6 +215,15 @@ def test_few_input_channels_taps_in_n(op, shape):
     check(op, shape, torch.float32, "nchw", "relu", 1.0, None, seed=19)
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 8, 3, 4), (1, 32, 5, 4, 3)])
+def test_up_conv_narrow_co_taps_in_n(shape):
+    # The up-conv with Co <= 32 and Ci in (16, 32, 64): wgrad puts a plane's 4 taps × Ci
+    # on the tile's columns over x's own channels (no padding); Co = 5 takes the Co mask.
+    _, ci, co, _, _ = shape
+    assert cb._wgrad_taps_in_n(ci, co, cb.MODE_UP, 4) and not cb._wgrad_taps_in_n(ci, co, cb.MODE_CONV, 4)
+    check("up_conv3x3", shape, torch.float32, "channels_last", "lrelu", 1.0, None, seed=23)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_gp_grid_layout(op):
     """The gp kernel's zero-bordered buffer: each plane holds gp at its interior rows
