@@ -13,6 +13,16 @@ pytestmark = pytest.mark.gpu
 
 tg = load_train_gan()
 
+
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel(monkeypatch):
+    # The first surviving Triton configuration instead of autotuning every one: each run
+    # meets a dozen new signatures, and the GPU test stage has minutes, not tens of them.
+    from gankernels.triton import conv3x3 as tconv
+
+    monkeypatch.setattr(tconv, "AUTOTUNE", False)
+
+
 RECIPE = (
     "--width", "8", "--batch-size", "16", "--z-dim", "32", "--steps", "14", "--no-progress", "--device", "cuda",
     "--eval-every", "0", "--sample-every", "7", "--ckpt-every", "7", "--mapping", "2", "--mbstd", "4",
