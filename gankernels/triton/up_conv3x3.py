@@ -27,7 +27,6 @@ Entry point: :func:`up_conv3x3_four_phase`; :func:`serves` says which calls
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Optional
 
@@ -37,6 +36,7 @@ import triton.language as tl
 
 from gankernels.triton import conv3x3 as _conv
 from gankernels.triton.conv3x3 import _decode_rows, _epilogue
+from gankernels.triton.tuning import FamilyTuning
 from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
 
 __all__ = ["up_conv3x3_four_phase", "serves", "MIN_CI"]
@@ -393,28 +393,9 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     return kept
 
 
-_tuned: dict[str, object] = {}
-_tuned_lock = threading.Lock()
-
-
-def _tuned_kernel(family: str):
-    """The autotuned launcher for a GPU family (built on first use)."""
-    with _tuned_lock:
-        k = _tuned.get(family)
-        if k is None:
-            configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-            prune = functools.partial(_prune_configs, smem_limit=_SMEM_LIMIT[family])
-            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
-                _up_conv3x3_fwd_kernel
-            )
-            _tuned[family] = k
-    return k
-
-
-def _heuristic_config(x: torch.Tensor, ci: int, co: int, family: str) -> triton.Config:
-    """The first configuration of the family's list that survives pruning."""
-    configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-    return _prune_configs(configs, {"CO": co, "CI": ci, "x_ptr": x}, smem_limit=_SMEM_LIMIT[family])[0]
+_TUNING = FamilyTuning(
+    _up_conv3x3_fwd_kernel, _TUNE_KEY, {"hopper": _CONFIGS_HOPPER, "ampere": _CONFIGS_AMPERE}, _prune_configs, _SMEM_LIMIT
+)
 
 
 # ----------------------------------------------------------------------------------
@@ -498,11 +479,5 @@ def up_conv3x3_four_phase(
     if INTERPRET or x.device.type != "cuda":
         _up_conv3x3_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
         return out, saved
-    family = _conv._gpu_family(x.device)
-    with torch.cuda.device(x.device):
-        if _conv.AUTOTUNE:
-            _tuned_kernel(family)[grid](*args, **consts)
-        else:
-            cfg = _heuristic_config(x, ci, co, family)
-            _up_conv3x3_fwd_kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _TUNING.launch(grid, args, consts, x.device, _conv.AUTOTUNE, {"x_ptr": x})
     return out, saved
