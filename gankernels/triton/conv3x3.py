@@ -78,6 +78,15 @@ extra write of the output, so leave it off otherwise."""
 
 # Below this many input channels the taps and channels share one K axis.
 _FLAT_K_BELOW = 16
+
+# The narrow-input path's gathered input tile has no contiguous dimension (pixels are Ci
+# elements apart), so Triton lays its threads out by a tie rule that changed between
+# releases: triton 3.6 gives consecutive lanes the first dimension, 3.8 the last (read
+# from the TTGIR of both). The tile is loaded with the rows (pixels) on the dimension that
+# gets the lanes, so each thread holds one row and all its K columns: one pixel decode and
+# one 9-bit tap mask per thread instead of one per element (3.7 not checked; either
+# orientation gives the same values).
+_LANES_ON_LAST_DIM = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8))
 _INT32_MAX = 2**31 - 1
 
 
@@ -293,11 +302,14 @@ def _conv3x3_fwd_kernel(
             tr = tap // KT
             tc = tap - tr * KT
             k_off = tr * sxh + tc * sxw + ci * sxc
-            # Loaded as [BLOCK_K, BLOCK_M], M fastest: Triton lays the warps' lanes along M,
-            # so a thread holds few rows and many K columns.
-            a_ok = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
-            a_t = tl.load(a_base + (k_off[:, None] + row_off[None, :]), mask=a_ok, other=0.0)
-            a = tl.trans(a_t)
+            # Rows on the dimension Triton gives the lanes (see _LANES_ON_LAST_DIM). A K column
+            # past KTOT has tap T, a bit no mask has.
+            if _LANES_ON_LAST_DIM:
+                a_ok = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
+                a = tl.trans(tl.load(a_base + (k_off[:, None] + row_off[None, :]), mask=a_ok, other=0.0))
+            else:
+                a_ok = ((tap_ok[:, None] >> tap[None, :]) & 1) != 0
+                a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
             b_ptrs = w_q + kk[:, None] * CO + offs_n[None, :]
             bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
