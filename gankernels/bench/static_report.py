@@ -398,7 +398,8 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "input, weights and bias read once) takes at one SM's share of the H200's measured copy bandwidth, "
         f"{COPY_BYTES_PER_S / 1e12:g} TB/s / ({H200_SMS} SMs · {H200_SM_CLOCK_HZ / 1e9:g} GHz) = "
         f"{HBM_BYTES_PER_SM_CYCLE:.1f} B per cycle (ANCHORS.md). Below 1 issue keeps up with memory; it is a "
-        "bound, not a time. Modelled for the implicit-GEMM forward (conv3x3, conv3x3_pool); '—' elsewhere.",
+        "bound, not a time. Shown where it is the bound that applies (`static.json` has it for every implicit-GEMM "
+        "conv3x3 and conv3x3_pool row; above 1 there it only says those layers are not memory-bound).",
         "",
         "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "
         "| issue load | useful-cycle load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA "
@@ -421,7 +422,7 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
             f"| {r.global_bytes_per_step / 1024:.0f} K | {r.k_steps or 'split-K'} | {r.outside_loop_instructions or '—'} "
             f"| {f'{r.cta_issue_load:.2f}' if r.cta_issue_load else '—'} "
             f"| {f'{r.epilogue_floor_load:.2f}' if r.epilogue_floor_load else '—'} "
-            f"| {f'{r.memory_time_load:.2f}' if r.memory_time_load else '—'}{' (judged)' if r.memory_bound else ''} |"
+            f"| {f'{r.memory_time_load:.2f}' if r.memory_bound else '—'} |"
         )
     return "\n".join(lines) + "\n"
 
