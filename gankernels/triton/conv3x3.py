@@ -301,7 +301,14 @@ def _conv3x3_fwd_kernel(
             ci = kk - (kk // CI) * CI
             tr = tap // KT
             tc = tap - tr * KT
-            k_off = tr * sxh + tc * sxw + ci * sxc
+            if CI > 1 and CI & (CI - 1) == 0:
+                # ci·sxc is contiguous along K in runs of CI when the channel stride is 1, and
+                # Triton would then give K the lanes (many rows per thread, 6.5 KB of spills at
+                # Ci = 8). `one` (N >= 1 on every launch) hides that from its analysis.
+                one = (N > 0).to(tl.int32)
+                k_off = tr * sxh + tc * sxw + ci * (sxc * one)
+            else:
+                k_off = tr * sxh + tc * sxw + ci * sxc
             # Rows on the dimension Triton gives the lanes (see _LANES_ON_LAST_DIM). A K column
             # past KTOT has tap T, a bit no mask has.
             if _LANES_ON_LAST_DIM:
@@ -485,7 +492,10 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     larger than the problem (BLOCK_N beyond Co; BLOCK_K beyond Ci when channels are
     chunked per tap, beyond taps·Ci when they are merged), 32-wide N tiles when
     Co >= 128, and pipelines that overflow shared memory (fp32 at 128×128×64).
-    Always keeps at least one."""
+    Always keeps at least one. Merged-K tiles of more than 64 rows go last when the
+    output is not channels_last: its rows are then decoded per thread in the store's
+    layout (64 of them at 128 rows, 254 registers), where a channels_last output is
+    written at m·stride(3)."""
     co, ci = named_args["Co"], named_args["Ci"]
     flat = kwargs.get("FLAT_K", named_args.get("FLAT_K", False))
     elsize = named_args["x_ptr"].element_size()
@@ -501,6 +511,9 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     if not kept:
         smallest = min(configs, key=lambda c: _smem_bytes(c, elsize))
         kept = [triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps, num_stages=2)]
+    out = named_args.get("out_ptr")
+    if flat and out is not None and out.dim() == 4 and out.stride(1) != 1:
+        kept.sort(key=lambda c: c.kwargs["BLOCK_M"] > 64)  # stable: list order otherwise
     return kept
 
 
@@ -510,12 +523,12 @@ AUTOTUNE: bool = os.environ.get("GANKERNELS_TRITON_AUTOTUNE", "1") != "0"
 (the GPU correctness tests use this to stay fast)."""
 
 
-def _heuristic_config(x: torch.Tensor, ci: int, co: int, flat: bool, mode: int) -> triton.Config:
+def _heuristic_config(x: torch.Tensor, out: torch.Tensor, ci: int, co: int, flat: bool, mode: int) -> triton.Config:
     """The first configuration of the family's list that survives pruning (the lists
     are ordered most-generally-good first)."""
     family = _gpu_family(x.device)
     configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-    named = {"Co": co, "Ci": ci, "x_ptr": x}
+    named = {"Co": co, "Ci": ci, "x_ptr": x, "out_ptr": out}
     return _prune_configs(configs, named, smem_limit=_SMEM_LIMIT[family], FLAT_K=flat, MODE=mode)[0]
 
 
@@ -835,7 +848,7 @@ def _launch(
         with torch.cuda.device(x.device):
             _tuned_kernel(x.device)[grid](*args, **consts)
     else:
-        cfg = _heuristic_config(x, ci, co, flat, mode)
+        cfg = _heuristic_config(x, out, ci, co, flat, mode)
         with torch.cuda.device(x.device):
             _conv3x3_fwd_kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, idx

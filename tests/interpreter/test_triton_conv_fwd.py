@@ -134,6 +134,7 @@ def test_layouts_give_identical_results(op, layout):
         (torch.float32, 3, 3, 5, 7, "channels_last"),  # RGB, odd sizes: partial tiles and image borders
         (torch.float16, 2, 1, 6, 3, "nchw"),  # K = 9: one step, most K columns past the taps
         (torch.float32, 1, 2, 2, 2, "noncontiguous"),  # every pixel on a border
+        (torch.float32, 2, 8, 4, 5, "channels_last"),  # Ci a power of two: channel offsets hidden from the analysis
     ],
 )
 def test_narrow_input_tile_orientations_agree(op, dtype, n, ci, h, w, layout, monkeypatch):
