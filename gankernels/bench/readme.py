@@ -87,19 +87,26 @@ def render_static(report: dict, source: str) -> str:
         "min(1, 1/load) of the tensor-core peak. The useful-cycle load counts only the multiply-adds the convolution "
         "needs (the up-conv's row-pair kernel also multiplies one padding row pair). "
         "CTA load counts the prologue and epilogue too. "
+        "Where the K axis is too short for the tensor cores to bound a kernel (the 3-channel first layer: its "
+        "epilogue alone costs more than 0.5 of the tensor time), it is judged on its memory-time load instead: "
+        "a whole CTA's issue cycles ÷ the cycles its share of the layer's HBM bytes takes at the measured copy "
+        "bandwidth (below 1: issue keeps up with memory). "
         f"Source: `{source}`; method and history: `benchmarks/NOTES.md`.",
         "",
-        "| op | shape | config | instr/step/warp | issue load | useful-cycle load | ceiling | CTA load | regs | spill B "
-        "| CTAs/SM |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | shape | config | instr/step/warp | issue load | useful-cycle load | ceiling | CTA load | memory-time load "
+        "| regs | spill B | CTAs/SM |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         instr = f"{r['instructions_per_step']:.0f}" + (" (whole kernel)" if r["whole_kernel"] else "")
         cta = None if r["whole_kernel"] else r.get("cta_issue_load")  # one whole-kernel step: the load column says it
+        # The memory-time load where it is the bound that applies (the epilogue alone above the tensor target).
+        memory = r.get("memory_time_load") if r.get("epilogue_floor_load", 0) > 0.5 else None
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['config']} | {instr} | {r['issue_load']:.2f} | "
             f"{r.get('useful_issue_load') or r['issue_load']:.2f} | {100 * r['ceiling']:.0f} % | "
-            f"{'—' if cta is None else f'{cta:.2f}'} | {r['registers']} | {r['spill_bytes']} | {r['ctas_per_sm']} |"
+            f"{'—' if cta is None else f'{cta:.2f}'} | {'—' if memory is None else f'{memory:.2f}'} | "
+            f"{r['registers']} | {r['spill_bytes']} | {r['ctas_per_sm']} |"
         )
     lines.append(STATIC_END)
     return "\n".join(lines)

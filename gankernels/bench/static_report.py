@@ -17,7 +17,13 @@ the main K loop in the SASS (:mod:`gankernels.bench.sass`) and reports:
   min(1, 1/load) of the tensor-core peak. It is an upper bound, not a time: it ignores
   every stall (memory latency, barriers, dependencies) and the prologue/epilogue;
 * registers, spilled bytes, shared memory, CTAs per SM (registers, shared memory,
-  threads), and the global-memory bytes one step's loads move (every thread counted).
+  threads), and the global-memory bytes one step's loads move (every thread counted);
+* for rows whose K axis is too short for the tensor cores to bound them (the 3-channel
+  first layer: K = 27 in one 32-deep step), the bound that does apply: the *epilogue
+  floor* (the issue load the per-element epilogue alone costs, 16·e/K for e instructions
+  per output element) and the *memory-time load*: a whole CTA's issue cycles per
+  scheduler ÷ the cycles its share of the layer's compulsory HBM traffic takes at one
+  SM's share of the measured copy bandwidth. Also an upper bound, not a time.
 
 Which configuration: the autotuned kernels have no GPU to tune on here, so each kernel
 is compiled with the *first configuration of its list that survives the kernel's own
@@ -52,6 +58,22 @@ SM90_SMEM_BYTES = 228 * 1024
 SM90_SMEM_RESERVED_PER_CTA = 1024
 SM90_MAX_THREADS = 2048
 SM90_MAX_CTAS = 32
+
+# The memory side, for the rows the tensor cores cannot bound: the H200's measured device
+# copy bandwidth (ANCHORS.md: 4.25 TB/s, bytes read + written) shared by its 132 SMs at
+# its 1.98 GHz boost clock (both read on the device machine: PyTorch's multiprocessor
+# count, nvidia-smi's SM clock under load), about 16.3 bytes per SM cycle.
+COPY_BYTES_PER_S = 4.25e12
+H200_SMS = 132
+H200_SM_CLOCK_HZ = 1.98e9
+HBM_BYTES_PER_SM_CYCLE = COPY_BYTES_PER_S / (H200_SMS * H200_SM_CLOCK_HZ)
+ELEMENT_BYTES = 2  # bf16, the report's dtype
+# Instructions per output element and thread any epilogue of these rows issues (bias with
+# leaky ReLU into bf16): the bias add (or the accumulator's bias initialisation), the
+# activation's compare, multiply and select, half of a two-value bf16 pack. Stores, their
+# addresses and layout conversion come on top, so the floor it gives is a lower bound.
+EPILOGUE_INSTRUCTIONS_PER_ELEMENT = 4.5
+LANES_PER_WARP = 32
 
 BOUND_NOTE = (
     "An upper bound from the sm_90 machine code, not a time: it counts the instructions one main-loop step issues "
@@ -105,6 +127,9 @@ class Row:
     ceiling: float = 0.0  # min(1, 1/issue_load): fraction of tensor-core peak at best
     useful_tensor_fraction: float = 1.0  # of the executed multiply-adds, those the convolution needs
     useful_issue_load: float = 0.0  # issue_load ÷ useful_tensor_fraction: against the useful tensor cycles
+    epilogue_floor_load: float = 0.0  # the epilogue's own issue load over a CTA's whole K (0: K unknown)
+    hbm_bytes_per_cta: float = 0.0  # the CTA's share of the layer's compulsory HBM bytes (0: not modelled)
+    memory_time_load: float = 0.0  # whole-CTA issue cycles per scheduler ÷ its HBM bytes' cycles (0: not modelled)
     registers: int = -1
     spill_bytes: int = -1
     smem_bytes: int = 0
@@ -118,6 +143,51 @@ class Row:
     @property
     def key(self) -> str:
         return f"{self.kernel} {self.op} {self.shape} {self.config}"
+
+    @property
+    def memory_bound(self) -> bool:
+        """The tensor-core target cannot apply: the epilogue alone costs more issue than
+        :data:`TENSOR_TARGET` of the tensor time (a short K axis), so the row is judged on its
+        memory-time load."""
+        return self.epilogue_floor_load > TENSOR_TARGET
+
+    @property
+    def judged_load(self) -> float:
+        """The load the ≤ 0.5 target is judged on: the memory-time load where the row is
+        memory-bound, else the useful-cycle issue load."""
+        return self.memory_time_load if self.memory_bound else self.useful_issue_load
+
+
+TENSOR_TARGET = 0.5  # issue 14: half the issue slots left for what the memory system costs
+
+
+def epilogue_floor_load(k_total: int, macs_per_cycle: int) -> float:
+    """The issue load the epilogue alone puts on a CTA whose whole K axis is ``k_total``
+    deep: e instructions per output element (:data:`EPILOGUE_INSTRUCTIONS_PER_ELEMENT`), a
+    warp instruction covering 32 elements on one of 4 schedulers, e/128 cycles per element,
+    against the k_total/rate tensor cycles of that element: 16·e/K for bf16. 2.25 at K = 32
+    (Ci = 3), 0.13 at K = 576 (Ci = 64)."""
+    issue_per_element = EPILOGUE_INSTRUCTIONS_PER_ELEMENT / (LANES_PER_WARP * SCHEDULERS_PER_SM)
+    return issue_per_element / (k_total / macs_per_cycle)
+
+
+def forward_hbm_bytes_per_cta(jit_name: str, op: str, ci: int, co: int, h: int, blocks: dict, n: int) -> float:
+    """A CTA's share of the forward layer's compulsory HBM traffic (bf16, batch ``n``, H = W =
+    ``h``): the output written once (the pooled op: value and int8 position per pooled
+    pixel), the input, weights and bias read once, over the kernel's CTAs. Modelled for the
+    implicit-GEMM kernel's conv and pool (one CTA per BLOCK_M pixel rows × BLOCK_N output
+    channels); 0 elsewhere."""
+    if jit_name != "_conv3x3_fwd_kernel" or op not in ("conv", "pool"):
+        return 0.0
+    if op == "conv":
+        out_bytes = n * co * h * h * ELEMENT_BYTES
+    else:
+        out_bytes = n * co * (h // 2) * (h // 2) * (ELEMENT_BYTES + 1)
+    in_bytes = n * ci * h * h * ELEMENT_BYTES
+    param_bytes = (9 * ci * co + co) * ELEMENT_BYTES
+    rows = n * h * h if op == "conv" else n * (h // 2) * (h // 2) * 4  # GEMM rows (pool: 4 per pooled pixel)
+    ctas = math.ceil(rows / blocks["BLOCK_M"]) * math.ceil(co / blocks["BLOCK_N"])
+    return (out_bytes + in_bytes + param_bytes) / ctas
 
 
 def ctas_per_sm(num_warps: int, registers: int, smem: int) -> tuple[int, str]:
@@ -183,6 +253,13 @@ def analyse_sass(row: Row, text: str, function: str, config_blocks: dict) -> Row
     if row.k_steps and not row.whole_kernel:
         issue = row.outside_loop_instructions + row.k_steps * row.instructions_per_step
         row.cta_issue_load = issue * row.warps_per_scheduler / (row.k_steps * row.tensor_cycles_per_step)
+    if row.k_steps and row.hbm_bytes_per_cta:
+        # The implicit-GEMM forward: each output element's K is the CTA's k_steps·BLOCK_K.
+        row.epilogue_floor_load = epilogue_floor_load(row.k_steps * config_blocks["BLOCK_K"], rate)
+        # One whole-kernel step, or k_steps loop steps and the code outside the loop.
+        per_warp = row.instructions_per_step if row.whole_kernel else issue
+        memory_cycles = row.hbm_bytes_per_cta / HBM_BYTES_PER_SM_CYCLE
+        row.memory_time_load = per_warp * row.warps_per_scheduler / memory_cycles
     return row
 
 
@@ -221,6 +298,8 @@ def rows_to_measure(all_configs: bool) -> list[tuple[object, Row]]:
                 row = Row(kernel, OPS[op], shape_of(ci, co, h), label, rank == 0, case.id, dict(cfg.kwargs))
                 row.k_steps = k_steps(kernel, op, ci, co, cfg.kwargs, la.name)
                 row.useful_tensor_fraction = useful_tensor_fraction(la.name, h)
+                if kernel == "forward":
+                    row.hbm_bytes_per_cta = forward_hbm_bytes_per_cta(la.name, op, ci, co, h, cfg.kwargs, aot.N)
                 todo.append((case, row))
 
     def shape_of(ci: int, co: int, h: int) -> str:
@@ -273,6 +352,11 @@ def to_json(rows: list[Row], all_configs: bool) -> dict:
         "shapes": "ANCHORS.md rows: batch 64, bf16, channels_last, leaky ReLU 0.2 with bias",
         "configs": "every surviving autotune configuration" if all_configs else "first surviving configuration",
         "tensor_macs_per_cycle_per_sm": sass.SM90_MACS_PER_CYCLE["BF16"],
+        "hbm_bytes_per_sm_cycle": HBM_BYTES_PER_SM_CYCLE,
+        "hbm_bytes_per_sm_cycle_from": (
+            f"{COPY_BYTES_PER_S:g} B/s measured copy (ANCHORS.md) / ({H200_SMS} SMs · {H200_SM_CLOCK_HZ:g} Hz)"
+        ),
+        "epilogue_instructions_per_element": EPILOGUE_INSTRUCTIONS_PER_ELEMENT,
         "rows": [dataclasses.asdict(r) for r in rows],
     }
 
@@ -301,17 +385,32 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "cycles the convolution needs, without the multiply-adds a kernel computes and throws away (the row-pair "
         "up-conv for Co ≤ 64 runs H + 1 row pairs for H input rows, the first and last half masked: issue load ÷ "
         "H/(H+1)); the same as the issue load elsewhere. "
-        "The target (≤ 0.5) is judged on it.",
+        "The target (≤ 0.5) is judged on it, except where the K axis is too short for the tensor cores to bound "
+        "the kernel (next paragraph).",
+        "",
+        "'epilogue floor': the issue load the epilogue alone costs against the tensor cycles of a CTA's whole K "
+        f"(every output element needs ≥ {EPILOGUE_INSTRUCTIONS_PER_ELEMENT:g} instructions per thread: bias, the "
+        "leaky ReLU's compare, multiply and select, half a bf16 pack; a warp instruction covers 32 elements on one "
+        f"of 4 schedulers): 16·{EPILOGUE_INSTRUCTIONS_PER_ELEMENT:g}/K, 2.25 at K = 32. Above 0.5 no code can meet "
+        "the tensor-core target, and the row is judged on its 'memory-time load' instead: a whole CTA's issue "
+        "cycles per scheduler (every instruction of the kernel, prologue and epilogue included) ÷ the cycles its "
+        "share of the layer's compulsory HBM traffic (output written once — pooled: value and int8 position —, "
+        "input, weights and bias read once) takes at one SM's share of the H200's measured copy bandwidth, "
+        f"{COPY_BYTES_PER_S / 1e12:g} TB/s / ({H200_SMS} SMs · {H200_SM_CLOCK_HZ / 1e9:g} GHz) = "
+        f"{HBM_BYTES_PER_SM_CYCLE:.1f} B per cycle (ANCHORS.md). Below 1 issue keeps up with memory; it is a "
+        "bound, not a time. Shown where it is the bound that applies (`static.json` has it for every implicit-GEMM "
+        "conv3x3 and conv3x3_pool row; above 1 there it only says those layers are not memory-bound).",
         "",
         "| kernel | op | shape | config | instr/step/warp | tensor·mem·int·other | tensor cycles | warps/sched "
         "| issue load | useful-cycle load | ceiling | regs | spill B | smem KB | CTAs/SM | global B/step | K-steps/CTA "
-        "| outside loop | CTA load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| outside loop | CTA load | epilogue floor | memory-time load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- | --- |",
     ]
     for r in rows:
         cfg = r.config + (" ★" if all_configs and r.preferred else "")
         if r.error:
-            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 14)
+            lines.append(f"| {r.kernel} | {r.op} | {r.shape} | {cfg} | error: {r.error.splitlines()[0][:120]} |" + " |" * 16)
             continue
         cls = "·".join(f"{r.by_class[k]:.0f}" for k in sass.CLASSES)
         branch = " (whole kernel)" if r.whole_kernel else " (branches)" if r.inner_branches else ""
@@ -321,7 +420,9 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
             f"| {100 * r.ceiling:.0f} % "
             f"| {r.registers} | {r.spill_bytes} | {r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} ({r.cta_limit}) "
             f"| {r.global_bytes_per_step / 1024:.0f} K | {r.k_steps or 'split-K'} | {r.outside_loop_instructions or '—'} "
-            f"| {f'{r.cta_issue_load:.2f}' if r.cta_issue_load else '—'} |"
+            f"| {f'{r.cta_issue_load:.2f}' if r.cta_issue_load else '—'} "
+            f"| {f'{r.epilogue_floor_load:.2f}' if r.epilogue_floor_load else '—'} "
+            f"| {f'{r.memory_time_load:.2f}' if r.memory_bound else '—'} |"
         )
     return "\n".join(lines) + "\n"
 

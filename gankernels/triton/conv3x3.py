@@ -78,6 +78,15 @@ extra write of the output, so leave it off otherwise."""
 
 # Below this many input channels the taps and channels share one K axis.
 _FLAT_K_BELOW = 16
+
+# The narrow-input path's gathered input tile has no contiguous dimension (pixels are Ci
+# elements apart), so Triton lays its threads out by a tie rule that changed between
+# releases: triton 3.6 gives consecutive lanes the first dimension, 3.8 the last (read
+# from the TTGIR of both). The tile is loaded with the rows (pixels) on the dimension that
+# gets the lanes, so each thread holds one row and all its K columns: one pixel decode and
+# one 9-bit tap mask per thread instead of one per element (3.7 not checked; either
+# orientation gives the same values).
+_LANES_ON_LAST_DIM = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8))
 _INT32_MAX = 2**31 - 1
 
 
@@ -192,6 +201,7 @@ def _conv3x3_fwd_kernel(
     FLAT_K: tl.constexpr,
     X_INT32: tl.constexpr,
     OUT_INT32: tl.constexpr,
+    OUT_DENSE_ROWS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -272,6 +282,14 @@ def _conv3x3_fwd_kernel(
         a_base = x_ptr + bn.to(tl.int64) * sxn
         row_off = ih0 * sxh + iw0 * sxw
 
+    # Bit tr·KT + tc of a row's mask: tap (tr, tc) reads inside the image (0 for rows
+    # past M). Computed once, so a step tests one bit per row instead of four bounds.
+    tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for dr in tl.static_range(KT):
+        for dc in tl.static_range(KT):
+            inside = m_ok & (ih0 + dr >= 0) & (ih0 + dr < H) & (iw0 + dc >= 0) & (iw0 + dc < W)
+            tap_ok = tap_ok | (inside.to(tl.int32) << (dr * KT + dc))
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         # Taps and channels share one K axis (Ci < 16): K index kk = tap·Ci + ci.
@@ -279,15 +297,26 @@ def _conv3x3_fwd_kernel(
         for s in range(N_STEPS):
             kk = s * BLOCK_K + ar_k  # [BLOCK_K] rows of the packed weight
             k_ok = kk < KTOT
-            tap = kk // CI
-            ci = kk - tap * CI
+            tap = tl.where(k_ok, kk // CI, T)  # T: no bit of tap_ok (and a shift < 32)
+            ci = kk - (kk // CI) * CI
             tr = tap // KT
             tc = tap - tr * KT
-            ih = ih0[:, None] + tr[None, :]
-            iw = iw0[:, None] + tc[None, :]
-            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            k_off = tr * sxh + tc * sxw + ci * sxc
-            a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
+            if CI > 1 and CI & (CI - 1) == 0:
+                # ci·sxc is contiguous along K in runs of CI when the channel stride is 1, and
+                # Triton would then give K the lanes (many rows per thread, 6.5 KB of spills at
+                # Ci = 8). `one` (N >= 1 on every launch) hides that from its analysis.
+                one = (N > 0).to(tl.int32)
+                k_off = tr * sxh + tc * sxw + ci * (sxc * one)
+            else:
+                k_off = tr * sxh + tc * sxw + ci * sxc
+            # Rows on the dimension Triton gives the lanes (see _LANES_ON_LAST_DIM). A K column
+            # past KTOT has tap T, a bit no mask has.
+            if _LANES_ON_LAST_DIM:
+                a_ok = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
+                a = tl.trans(tl.load(a_base + (k_off[:, None] + row_off[None, :]), mask=a_ok, other=0.0))
+            else:
+                a_ok = ((tap_ok[:, None] >> tap[None, :]) & 1) != 0
+                a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
             b_ptrs = w_q + kk[:, None] * CO + offs_n[None, :]
             bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
@@ -295,13 +324,6 @@ def _conv3x3_fwd_kernel(
         # A step is (tap, BLOCK_K input channels): tap = s // K_CHUNKS.
         K_CHUNKS: tl.constexpr = (CI + BLOCK_K - 1) // BLOCK_K
         EVEN_K: tl.constexpr = CI % BLOCK_K == 0
-        # Bit tr·KT + tc of a row's mask: tap (tr, tc) reads inside the image (0 for rows
-        # past M). Computed once, so a step tests one bit per row instead of four bounds.
-        tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        for dr in tl.static_range(KT):
-            for dc in tl.static_range(KT):
-                inside = m_ok & (ih0 + dr >= 0) & (ih0 + dr < H) & (iw0 + dc >= 0) & (iw0 + dc < W)
-                tap_ok = tap_ok | (inside.to(tl.int32) << (dr * KT + dc))
         # Loop-invariant offsets of the [BLOCK_M, BLOCK_K] input and [BLOCK_K, BLOCK_N]
         # weight tiles: a step only adds a scalar to each.
         a_off = row_off[:, None] + (ar_k * sxc)[None, :]
@@ -342,7 +364,12 @@ def _conv3x3_fwd_kernel(
         else:
             yh = ch * 2 + q // 2
             yw = cw * 2 + q % 2
-        if OUT_INT32:  # the output spans < 2^31 elements: 32-bit offsets
+        if OUT_DENSE_ROWS:  # the row's offset is m·sow: no (image, row, column) decoding
+            if OUT_INT32:
+                o_ptrs = out_ptr + (offs_m * sow)[:, None] + (offs_n * soc)[None, :]
+            else:
+                o_ptrs = out_ptr + (offs_m.to(tl.int64) * sow)[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
+        elif OUT_INT32:  # the output spans < 2^31 elements: 32-bit offsets
             o_ptrs = out_ptr + (bn * son + yh * soh + yw * sow)[:, None] + (offs_n * soc)[None, :]
         else:
             o_row = bn.to(tl.int64) * son + yh.to(tl.int64) * soh + yw.to(tl.int64) * sow
@@ -376,11 +403,20 @@ def _conv3x3_fwd_kernel(
         offs_p = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < M // 4
         offs_p = tl.where(p_ok, offs_p, 0)
-        pn, ph, pw = _decode_rows(offs_p, HB, WB)
-        if OUT_INT32:
-            o_off = (pn * son + ph * soh + pw * sow)[:, None] + (offs_n * soc)[None, :]
+        if OUT_DENSE_ROWS:  # the pooled pixel's offset is p·sow: no decoding
+            if OUT_INT32:
+                o_row = offs_p * sow
+            else:
+                o_row = offs_p.to(tl.int64) * sow
         else:
-            o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
+            pn, ph, pw = _decode_rows(offs_p, HB, WB)
+            if OUT_INT32:
+                o_row = pn * son + ph * soh + pw * sow
+            else:
+                o_row = pn.to(tl.int64) * son + ph.to(tl.int64) * soh + pw.to(tl.int64) * sow
+        if OUT_INT32:
+            o_off = o_row[:, None] + (offs_n * soc)[None, :]
+        else:
             o_off = o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
         o_mask = p_ok[:, None] & n_ok[None, :]
         tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -392,7 +428,7 @@ def _conv3x3_fwd_kernel(
         Q_VEC: tl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
         offs_nq = (offs_n // Q_VEC) * Q_VEC + offs_n % Q_VEC
         if OUT_INT32:
-            q_off = (pn * son + ph * soh + pw * sow)[:, None] + (offs_nq * soc)[None, :]
+            q_off = o_row[:, None] + (offs_nq * soc)[None, :]
         else:
             q_off = o_row[:, None] + (offs_nq.to(tl.int64) * soc)[None, :]
         tl.store(idx_ptr + q_off, best_q.to(tl.int8), mask=o_mask)
@@ -420,8 +456,12 @@ _CONFIGS_HOPPER = [
     _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
     _cfg(128, 256, 64, 8, 3),  # load 0.25, but ~220-240 registers and 1 CTA per SM
+    # Narrow inputs (RGB): one 32-deep K step covers 9·Ci. 128 rows on 4 warps: the input
+    # tile, loaded K-major, puts one row and all 32 K columns in each thread (static
+    # report: 760 instructions per warp for 128×64 outputs, where 64×64×32 w4 takes 1056).
+    _cfg(128, 64, 32, 4, 4),
     _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 64, 32, 8, 2),  # narrow inputs (RGB): one 32-deep K step covers 9·Ci
+    _cfg(128, 64, 32, 8, 2),
     _cfg(256, 32, 64, 4, 3),  # narrow outputs (Co <= 32: up-conv 64→32 load 0.92 where 128×32×64 has 1.20)
     _cfg(128, 32, 64, 4, 4),
     _cfg(256, 32, 32, 8, 3),
@@ -452,7 +492,10 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     larger than the problem (BLOCK_N beyond Co; BLOCK_K beyond Ci when channels are
     chunked per tap, beyond taps·Ci when they are merged), 32-wide N tiles when
     Co >= 128, and pipelines that overflow shared memory (fp32 at 128×128×64).
-    Always keeps at least one."""
+    Always keeps at least one. Merged-K tiles of more than 64 rows go last when the
+    output is not channels_last: its rows are then decoded per thread in the store's
+    layout (64 of them at 128 rows, 254 registers), where a channels_last output is
+    written at m·stride(3)."""
     co, ci = named_args["Co"], named_args["Ci"]
     flat = kwargs.get("FLAT_K", named_args.get("FLAT_K", False))
     elsize = named_args["x_ptr"].element_size()
@@ -468,6 +511,9 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
     if not kept:
         smallest = min(configs, key=lambda c: _smem_bytes(c, elsize))
         kept = [triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps, num_stages=2)]
+    out = named_args.get("out_ptr")
+    if flat and out is not None and out.dim() == 4 and out.stride(1) != 1:
+        kept.sort(key=lambda c: c.kwargs["BLOCK_M"] > 64)  # stable: list order otherwise
     return kept
 
 
@@ -477,12 +523,12 @@ AUTOTUNE: bool = os.environ.get("GANKERNELS_TRITON_AUTOTUNE", "1") != "0"
 (the GPU correctness tests use this to stay fast)."""
 
 
-def _heuristic_config(x: torch.Tensor, ci: int, co: int, flat: bool, mode: int) -> triton.Config:
+def _heuristic_config(x: torch.Tensor, out: torch.Tensor, ci: int, co: int, flat: bool, mode: int) -> triton.Config:
     """The first configuration of the family's list that survives pruning (the lists
     are ordered most-generally-good first)."""
     family = _gpu_family(x.device)
     configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-    named = {"Co": co, "Ci": ci, "x_ptr": x}
+    named = {"Co": co, "Ci": ci, "x_ptr": x, "out_ptr": out}
     return _prune_configs(configs, named, smem_limit=_SMEM_LIMIT[family], FLAT_K=flat, MODE=mode)[0]
 
 
@@ -713,6 +759,15 @@ def _empty_out(shape: tuple, like: torch.Tensor, dtype: Optional[torch.dtype] = 
     return empty(POISON_OUTPUTS, shape, dtype=dtype or like.dtype, device=like.device, memory_format=ref.memory_format_of(like))
 
 
+def _dense_rows(out: torch.Tensor) -> bool:
+    """Whether ``out``'s pixels sit one ``stride(3)`` apart in (image, row, column) order, so
+    pixel m's offset is m·stride(3) (channels_last output; NCHW has stride(3) = 1 but
+    images Co·H·W apart)."""
+    n_, _, h, w = out.shape
+    sn, _, sh, sw = out.stride()
+    return (h == 1 or sh == w * sw) and (n_ == 1 or sn == h * w * sw)
+
+
 def _launch(
     mode: int,
     x: torch.Tensor,
@@ -776,6 +831,9 @@ def _launch(
         FLAT_K=flat,
         X_INT32=span(x) <= INT32_LIMIT,
         OUT_INT32=span(out) <= INT32_LIMIT,
+        # Only the narrow-input (first-layer) path takes it so far: the wide path's epilogue
+        # is amortised over its K loop, and its static rows are recorded without it.
+        OUT_DENSE_ROWS=flat and mode != MODE_UP and _dense_rows(out),
         PRECISION=_precision(x),
     )
 
@@ -790,7 +848,7 @@ def _launch(
         with torch.cuda.device(x.device):
             _tuned_kernel(x.device)[grid](*args, **consts)
     else:
-        cfg = _heuristic_config(x, ci, co, flat, mode)
+        cfg = _heuristic_config(x, out, ci, co, flat, mode)
         with torch.cuda.device(x.device):
             _conv3x3_fwd_kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, idx
