@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from gankernels.bench.aot import cfg_label  # noqa: E402
+from gankernels.triton import conv3x3 as tconv  # noqa: E402
 from gankernels.triton import tuning  # noqa: E402
 from gankernels.triton import up_conv3x3 as tup  # noqa: E402
 from gankernels.triton import up_conv3x3_pairs as tpair  # noqa: E402
@@ -45,6 +46,19 @@ def test_the_first_survivor_is_what_the_static_report_compiled():
             else tup
         )
         assert cfg_label(module._TUNING.first("hopper", {"x_ptr": x}, CI=ci, CO=co)) == label, (ci, co, module.__name__)
+
+
+@pytest.mark.parametrize("op", ["conv3x3", "conv3x3_pool"])
+def test_the_conv_rows_first_survivor_is_what_the_static_report_compiled(op):
+    recorded = _recorded_forward(op)
+    assert len(recorded) == 4
+    mode = tconv.MODE_POOL if op == "conv3x3_pool" else tconv.MODE_CONV
+    x = torch.empty(0, dtype=torch.bfloat16)
+    for (ci, co), label in recorded.items():
+        out = torch.empty(1, co, 2, 2).contiguous(memory_format=torch.channels_last)  # the report's layout
+        named = {"Co": co, "Ci": ci, "x_ptr": x, "out_ptr": out}
+        first = tconv._TUNING.first("hopper", named, FLAT_K=ci < tconv._FLAT_K_BELOW, MODE=mode)
+        assert cfg_label(first) == label, (op, ci, co)
 
 
 class _Kernel:

@@ -202,8 +202,8 @@ def gpu_family(arch: int) -> str:
     return "hopper" if arch >= 90 else "ampere"
 
 
-# Kernels whose module builds the autotuner on first GPU use from its _CONFIGS_HOPPER,
-# _CONFIGS_AMPERE lists, _prune_configs and _SMEM_LIMIT (no Autotuner object to read).
+# Kernels whose module builds the autotuner on first GPU use (a tuning.FamilyTuning,
+# ``_TUNING``; no Autotuner object to read until then).
 _LAZY_AUTOTUNED = {
     ("gankernels.triton.conv3x3", "_conv3x3_fwd_kernel"),
     ("gankernels.triton.up_conv3x3", "_up_conv3x3_fwd_kernel"),
@@ -217,11 +217,9 @@ def autotune_configs(launch: Launch, arch: int) -> Optional[list[triton.Config]]
     mod = importlib.import_module(launch.module)
     obj = getattr(mod, launch.name)
     if (launch.module, launch.name) in _LAZY_AUTOTUNED:
-        # Autotuned at first GPU use per family (the module's _tuned_kernel); on CPU the
+        # Autotuned at first GPU use per family (the module's _TUNING); on CPU the
         # launcher passes the interpreter's fixed tile, which the config replaces.
-        family = gpu_family(arch)
-        configs = mod._CONFIGS_HOPPER if family == "hopper" else mod._CONFIGS_AMPERE
-        prune = functools.partial(mod._prune_configs, smem_limit=mod._SMEM_LIMIT[family])
+        configs, prune = mod._TUNING.candidates(gpu_family(arch))
     elif isinstance(obj, triton.runtime.Autotuner):
         configs, prune = obj.configs, obj.early_config_prune
     else:

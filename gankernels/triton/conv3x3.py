@@ -37,7 +37,6 @@ each returning ``(out, saved)``; :func:`packed_weight`; :func:`fake_saved_pool`.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
@@ -50,6 +49,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import OpImpl, register
+from gankernels.triton.tuning import FamilyTuning
 from gankernels.triton.utils import INT32_LIMIT, INTERPRET, MAX_TILE_ROWS, ROW_INDEX_LIMIT, common_reasons, empty, span
 
 __all__ = [
@@ -518,41 +518,13 @@ def _prune_configs(configs, named_args, smem_limit: int = _SMEM_LIMIT["ampere"],
 
 
 AUTOTUNE: bool = os.environ.get("GANKERNELS_TRITON_AUTOTUNE", "1") != "0"
-"""When false (``GANKERNELS_TRITON_AUTOTUNE=0``), launch one configuration chosen by
-:func:`_heuristic_config` instead of autotuning: one compilation per kernel variant
-(the GPU correctness tests use this to stay fast)."""
+"""When false (``GANKERNELS_TRITON_AUTOTUNE=0``), the conv kernels launch the first
+configuration of their list that survives pruning instead of autotuning: one compilation
+per kernel variant (the GPU correctness tests use this to stay fast)."""
 
-
-def _heuristic_config(x: torch.Tensor, out: torch.Tensor, ci: int, co: int, flat: bool, mode: int) -> triton.Config:
-    """The first configuration of the family's list that survives pruning (the lists
-    are ordered most-generally-good first)."""
-    family = _gpu_family(x.device)
-    configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-    named = {"Co": co, "Ci": ci, "x_ptr": x, "out_ptr": out}
-    return _prune_configs(configs, named, smem_limit=_SMEM_LIMIT[family], FLAT_K=flat, MODE=mode)[0]
-
-
-_tuned: dict[str, object] = {}
-_tuned_lock = threading.Lock()
-
-
-def _gpu_family(device: torch.device) -> str:
-    major, _ = torch.cuda.get_device_capability(device)
-    return "hopper" if major >= 9 else "ampere"
-
-
-def _tuned_kernel(device: torch.device):
-    """The autotuned launcher for ``device``'s GPU family (built on first use, so
-    importing this module never initialises CUDA)."""
-    family = _gpu_family(device)
-    with _tuned_lock:
-        k = _tuned.get(family)
-        if k is None:
-            configs = _CONFIGS_HOPPER if family == "hopper" else _CONFIGS_AMPERE
-            prune = functools.partial(_prune_configs, smem_limit=_SMEM_LIMIT[family])
-            k = triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(_conv3x3_fwd_kernel)
-            _tuned[family] = k
-    return k
+_TUNING = FamilyTuning(
+    _conv3x3_fwd_kernel, _TUNE_KEY, {"hopper": _CONFIGS_HOPPER, "ampere": _CONFIGS_AMPERE}, _prune_configs, _SMEM_LIMIT
+)
 
 
 # ----------------------------------------------------------------------------------
@@ -844,13 +816,8 @@ def _launch(
 
     if INTERPRET or x.device.type != "cuda":
         _conv3x3_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
-    elif AUTOTUNE:
-        with torch.cuda.device(x.device):
-            _tuned_kernel(x.device)[grid](*args, **consts)
     else:
-        cfg = _heuristic_config(x, out, ci, co, flat, mode)
-        with torch.cuda.device(x.device):
-            _conv3x3_fwd_kernel[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _TUNING.launch(grid, args, consts, x.device, AUTOTUNE, {"Co": co, "Ci": ci, "x_ptr": x, "out_ptr": out})
     return out, idx
 
 
