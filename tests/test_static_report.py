@@ -65,6 +65,20 @@ def test_parse_and_loops():
 def test_classes_and_widths():
     ins = {i.op: i for i in sass.parse(_SASS)}
     assert sass.mma_macs(ins["HGMMA"]) == (64 * 128 * 16, "BF16", "warpgroup")
+    # fp16 inputs carry no input-type modifier, only the accumulator's.
+    for line, want in (
+        ("/*0100*/  HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;", (64 * 64 * 16, "F16", "warpgroup")),
+        ("/*0110*/  HMMA.16816.F32 R4, R8, R12, R4 ;", (16 * 8 * 16, "F16", "warp")),
+        ("/*0120*/  HMMA.16816.F16 R4, R8, R12, R4 ;", (16 * 8 * 16, "F16", "warp")),
+        ("/*0130*/  HMMA.16816.F32.BF16 R4, R8, R12, R4 ;", (16 * 8 * 16, "BF16", "warp")),
+        ("/*0140*/  HMMA.1684.F32.TF32 R4, R8, R12, R4 ;", None),
+    ):
+        (one,) = sass.parse("\t\tFunction : k\n        " + line + "\n")
+        if want is None:
+            with pytest.raises(ValueError, match="cannot read the shape"):
+                sass.mma_macs(one)
+        else:
+            assert sass.mma_macs(one) == want
     assert sass.global_bytes_per_warp(ins["LDGSTS"]) == 32 * 16
     assert sass.global_bytes_per_warp(ins["STG"]) == 32 * 2
     assert sass.global_bytes_per_warp(ins["FADD"]) == 0

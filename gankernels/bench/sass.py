@@ -186,22 +186,28 @@ _GMMA_SHAPE = re.compile(r"^[A-Z]+\.(\d+)x(\d+)x(\d+)\.")
 _HMMA_SHAPE = {"1688": (16, 8, 8), "16816": (16, 8, 16), "884": (8, 8, 4), "16832": (16, 8, 32)}
 
 
+# Input-type modifiers the disassembler writes after the accumulator type; without one
+# the inputs are fp16 (``HGMMA.64x64x16.F32``, ``HMMA.16816.F32``, ``HMMA.16816.F16``).
+_MMA_INPUT_TYPES = ("BF16", "TF32", "E4M3", "E5M2")
+
+
 def mma_macs(ins: Instruction) -> tuple[int, str, str]:
     """(multiply-adds, input type, scope) of one tensor-core instruction: scope
     ``warpgroup`` for ``HGMMA`` (the 4 warps of a warpgroup each issue it, together they
     compute the m×n×k product once), ``warp`` for ``HMMA``."""
     parts = ins.opcode.split(".")
+    input_type = parts[-1] if parts[-1] in _MMA_INPUT_TYPES else "F16"
     if ins.op.endswith("GMMA"):
         m = _GMMA_SHAPE.match(ins.opcode)
         if not m:
             raise ValueError(f"cannot read the shape of {ins.opcode}")
         macs = int(m.group(1)) * int(m.group(2)) * int(m.group(3))
-        return macs, parts[-1], "warpgroup"
+        return macs, input_type, "warpgroup"
     if ins.op == "HMMA":
         shape = _HMMA_SHAPE.get(parts[1])
         if shape is None:
             raise ValueError(f"cannot read the shape of {ins.opcode}")
-        return shape[0] * shape[1] * shape[2], parts[-1], "warp"
+        return shape[0] * shape[1] * shape[2], input_type, "warp"
     raise ValueError(f"{ins.opcode}: not a floating-point MMA this module knows")
 
 
