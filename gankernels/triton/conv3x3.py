@@ -109,11 +109,19 @@ def _tanh(x):
 
 
 @triton.jit
-def _epilogue(p, alpha, gain, clamp, ACT: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_CLAMP: tl.constexpr):
+def _epilogue(
+    p, alpha, gain, clamp, ACT: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_CLAMP: tl.constexpr, LRELU_MAX: tl.constexpr = False
+):
     """clip(act(p)·gain, −clamp, clamp) in fp32. Written with comparisons that keep
-    NaN (as torch's relu/leaky_relu/clamp do), not with min/max."""
+    NaN (as torch's relu/leaky_relu/clamp do), not with min/max.
+
+    LRELU_MAX (0 < alpha <= 1): the leaky ReLU as max(p, p·alpha), the same bits in two
+    instructions instead of three: p·alpha >= p exactly when p < 0 (fp32 rounding keeps
+    |p·alpha| <= |p|), −0 stays −0, and a NaN p makes both operands NaN."""
     if ACT == 1:  # relu
         p = tl.where(p < 0.0, 0.0, p)
+    elif ACT == 2 and LRELU_MAX:  # lrelu, 0 < alpha <= 1
+        p = tl.maximum(p, p * alpha)
     elif ACT == 2:  # lrelu
         p = tl.where(p < 0.0, p * alpha, p)
     elif ACT == 3:  # tanh
@@ -198,6 +206,7 @@ def _conv3x3_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
+    LRELU_MAX: tl.constexpr,
     FLAT_K: tl.constexpr,
     X_INT32: tl.constexpr,
     OUT_INT32: tl.constexpr,
@@ -355,7 +364,7 @@ def _conv3x3_fwd_kernel(
 
     if HAS_BIAS:
         acc = acc + bias[None, :]
-    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP)
+    y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP, LRELU_MAX)
 
     if MODE != 1:
         if MODE == 0:
@@ -800,6 +809,9 @@ def _launch(
         HAS_BIAS=b is not None,
         HAS_GAIN=float(gain) != 1.0,
         HAS_CLAMP=clamp is not None,
+        # The narrow-input path only (its epilogue is most of the kernel; the wide path's
+        # static rows are recorded with the select form).
+        LRELU_MAX=flat and act == "lrelu" and 0.0 < float(alpha) <= 1.0,
         FLAT_K=flat,
         X_INT32=span(x) <= INT32_LIMIT,
         OUT_INT32=span(out) <= INT32_LIMIT,

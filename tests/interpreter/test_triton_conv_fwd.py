@@ -18,6 +18,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 import triton.language as tl
 
 import gankernels
@@ -237,6 +238,43 @@ def test_nan_propagates_like_pytorch():
     # (1, 1) covers conv rows 2..3, cols 2..3, whose 3×3 neighbourhoods all contain the
     # NaN at (2, 3), so all four are NaN and the last position (3) wins.
     assert int(saved[0, 0, 1, 1]) == 3
+
+
+@triton.jit
+def _lrelu_both_forms(x_ptr, out_ptr, alpha, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    p = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, tconv._epilogue(p, alpha, 1.0, 0.0, 2, False, False, False))
+    tl.store(out_ptr + N + offs, tconv._epilogue(p, alpha, 1.0, 0.0, 2, False, False, True))
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.15, 1.0, 2.0**-20, 0.999])
+def test_lrelu_max_form_gives_the_select_forms_bits(alpha):
+    """The narrow-input path's leaky ReLU for 0 < alpha <= 1, max(p, p·alpha), against the
+    select form bit for bit: signed zeros, denormals (whose products underflow), infinities,
+    the largest finite values and random values of every magnitude (NaN stays NaN)."""
+    g = torch.Generator().manual_seed(17)
+    special = [0.0, -0.0, 1e-45, -1e-45, 3e-39, -3e-39, float("inf"), float("-inf"), 3.4e38, -3.4e38, float("nan")]
+    n = 512 - len(special)
+    rand = torch.randn(n, generator=g) * torch.exp2(torch.randint(-140, 120, (n,), generator=g).float())
+    x = torch.cat([torch.tensor(special), rand]).float()
+    out = torch.empty(2 * x.numel())
+    _lrelu_both_forms[(1,)](x, out, alpha, N=x.numel())
+    select, maxed = out[: x.numel()], out[x.numel() :]
+    nan = torch.isnan(select)
+    assert torch.equal(nan, torch.isnan(maxed)) and int(nan.sum()) == 1
+    assert torch.equal(select[~nan].view(torch.int32), maxed[~nan].view(torch.int32))
+    assert (select[~nan].view(torch.int32) < 0).sum() > 100  # the negative side is exercised
+
+
+@pytest.mark.parametrize("op", ["conv3x3", "conv3x3_pool"])
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 0.0, 1.5, -0.3])
+def test_narrow_input_lrelu_every_alpha(op, alpha):
+    """The merged-K path takes the max form of the leaky ReLU for 0 < alpha <= 1 and the
+    select form otherwise (alpha 0, > 1, negative): both match the reference."""
+    x, wt, b = _make(2, 3, 6, 5, 6, torch.float32, "channels_last", True, 29)
+    out, _ = getattr(tconv, f"{op}_forward")(x, wt, b, "lrelu", alpha, 1.0, None)
+    assert_close_rel(out, _reference(op, x, wt, b, "lrelu", alpha, 1.0, None), dtype=torch.float32)
 
 
 def test_weight_repacked_once_per_version():
