@@ -70,9 +70,10 @@ HBM_BYTES_PER_SM_CYCLE = COPY_BYTES_PER_S / (H200_SMS * H200_SM_CLOCK_HZ)
 ELEMENT_BYTES = 2  # bf16, the report's dtype
 # Instructions per output element and thread any epilogue of these rows issues (bias with
 # leaky ReLU into bf16): the bias add (or the accumulator's bias initialisation), the
-# activation's compare, multiply and select, half of a two-value bf16 pack. Stores, their
-# addresses and layout conversion come on top, so the floor it gives is a lower bound.
-EPILOGUE_INSTRUCTIONS_PER_ELEMENT = 4.5
+# activation as max(p, alpha·p) (a multiply and a max: exact for 0 < alpha <= 1, what the
+# narrow-input path issues), half of a two-value bf16 pack. Stores, their addresses and
+# layout conversion come on top, so the floor it gives is a lower bound.
+EPILOGUE_INSTRUCTIONS_PER_ELEMENT = 3.5
 LANES_PER_WARP = 32
 
 BOUND_NOTE = (
@@ -165,8 +166,8 @@ def epilogue_floor_load(k_total: int, macs_per_cycle: int) -> float:
     """The issue load the epilogue alone puts on a CTA whose whole K axis is ``k_total``
     deep: e instructions per output element (:data:`EPILOGUE_INSTRUCTIONS_PER_ELEMENT`), a
     warp instruction covering 32 elements on one of 4 schedulers, e/128 cycles per element,
-    against the k_total/rate tensor cycles of that element: 16·e/K for bf16. 2.25 at K = 32
-    (Ci = 3), 0.13 at K = 576 (Ci = 64)."""
+    against the k_total/rate tensor cycles of that element: 16·e/K for bf16. 1.75 at K = 32
+    (Ci = 3), 0.10 at K = 576 (Ci = 64)."""
     issue_per_element = EPILOGUE_INSTRUCTIONS_PER_ELEMENT / (LANES_PER_WARP * SCHEDULERS_PER_SM)
     return issue_per_element / (k_total / macs_per_cycle)
 
@@ -390,8 +391,9 @@ def markdown(rows: list[Row], all_configs: bool) -> str:
         "",
         "'epilogue floor': the issue load the epilogue alone costs against the tensor cycles of a CTA's whole K "
         f"(every output element needs ≥ {EPILOGUE_INSTRUCTIONS_PER_ELEMENT:g} instructions per thread: bias, the "
-        "leaky ReLU's compare, multiply and select, half a bf16 pack; a warp instruction covers 32 elements on one "
-        f"of 4 schedulers): 16·{EPILOGUE_INSTRUCTIONS_PER_ELEMENT:g}/K, 2.25 at K = 32. Above 0.5 no code can meet "
+        "leaky ReLU as max(p, alpha·p), half a bf16 pack; a warp instruction covers 32 elements on one "
+        f"of 4 schedulers): 16·{EPILOGUE_INSTRUCTIONS_PER_ELEMENT:g}/K, {16 * EPILOGUE_INSTRUCTIONS_PER_ELEMENT / 32:g} "
+        "at K = 32. Above 0.5 no code can meet "
         "the tensor-core target, and the row is judged on its 'memory-time load' instead: a whole CTA's issue "
         "cycles per scheduler (every instruction of the kernel, prologue and epilogue included) ÷ the cycles its "
         "share of the layer's compulsory HBM traffic (output written once — pooled: value and int8 position —, "
