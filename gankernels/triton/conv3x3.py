@@ -204,6 +204,7 @@ def _conv3x3_fwd_kernel(
     MODE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_IN_K: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
     LRELU_MAX: tl.constexpr,
@@ -223,6 +224,12 @@ def _conv3x3_fwd_kernel(
         KT: tl.constexpr = 3
     T: tl.constexpr = KT * KT
     KTOT: tl.constexpr = T * CI  # rows of one sub-problem's packed weight matrix
+    # The bias rides in K's padding where the merged K axis has one (see BIAS_IN_K at the
+    # launch; the up-conv's 4·Ci can fill its steps exactly).
+    if BIAS_IN_K:
+        BIAS_K: tl.constexpr = KTOT % BLOCK_K != 0
+    else:
+        BIAS_K: tl.constexpr = False
     EVEN_N: tl.constexpr = CO % BLOCK_N == 0
 
     # Program order: Co tiles fastest, then (up-conv) the 4 output phases, then pixel
@@ -269,7 +276,7 @@ def _conv3x3_fwd_kernel(
         cw = bw
     ar_k = tl.arange(0, BLOCK_K)
 
-    if HAS_BIAS:
+    if HAS_BIAS and not BIAS_K:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
 
     # The input pixel of tap (0, 0) is (ih0, iw0) = (oh − 1, ow − 1): the 3×3 conv around
@@ -327,7 +334,15 @@ def _conv3x3_fwd_kernel(
                 a_ok = ((tap_ok[:, None] >> tap[None, :]) & 1) != 0
                 a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
             b_ptrs = w_q + kk[:, None] * CO + offs_n[None, :]
-            bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if BIAS_K:
+                # The bias as one more product, in the padding of K: column KTOT of A is 1,
+                # row KTOT of B the bias (x's dtype: 1·b is exact in the fp32 sum).
+                is_bias = kk == KTOT
+                a = tl.where(is_bias[None, :], 1.0, a).to(a.dtype)
+                b_ptrs = tl.where(is_bias[:, None], b_ptr + offs_n[None, :], b_ptrs)
+                bmat = tl.load(b_ptrs, mask=(k_ok | is_bias)[:, None] & n_ok[None, :], other=0.0)
+            else:
+                bmat = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
     else:
         # A step is (tap, BLOCK_K input channels): tap = s // K_CHUNKS.
@@ -362,7 +377,7 @@ def _conv3x3_fwd_kernel(
                 bmat = tl.load(b_ptrs, mask=w_k_ok & n_ok[None, :], other=0.0)
             acc = tl.dot(a, bmat, acc, input_precision=PRECISION)
 
-    if HAS_BIAS:
+    if HAS_BIAS and not BIAS_K:
         acc = acc + bias[None, :]
     y = _epilogue(acc, alpha, gain, clamp, ACT, HAS_GAIN, HAS_CLAMP, LRELU_MAX)
 
@@ -807,6 +822,9 @@ def _launch(
         MODE=mode,
         ACT=ACT_CODES[act],
         HAS_BIAS=b is not None,
+        # Narrow inputs, 16-bit: the bias may ride in K's padding (the kernel checks there is
+        # one). Not for fp32, whose TF32 products would round the bias.
+        BIAS_IN_K=b is not None and flat and x.dtype in (torch.float16, torch.bfloat16),
         HAS_GAIN=float(gain) != 1.0,
         HAS_CLAMP=clamp is not None,
         # The narrow-input path only (its epilogue is most of the kernel; the wide path's
