@@ -764,6 +764,42 @@ def _dense_rows(out: torch.Tensor) -> bool:
     return (h == 1 or sh == w * sw) and (n_ == 1 or sn == h * w * sw)
 
 
+def _checked_sizes(x: torch.Tensor, w: torch.Tensor, act: str) -> tuple[int, int, int, int, int]:
+    """``(N, Ci, H, W, Co)`` of a 3×3 call, after the checks every conv launcher makes."""
+    if act not in ACT_CODES:
+        raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
+    n, ci, h, wd = x.shape
+    co = w.shape[0]
+    if w.shape[1] != ci:
+        raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    return n, ci, h, wd, co
+
+
+def _bias_arg(b: Optional[torch.Tensor], x: torch.Tensor, dummy: torch.Tensor) -> torch.Tensor:
+    """The bias in x's dtype, or ``dummy`` (any valid pointer: the kernel reads no bias)."""
+    return b.detach().to(x.dtype).contiguous() if b is not None else dummy
+
+
+def _epilogue_args(alpha: float, gain: float, clamp: Optional[float]) -> tuple[float, float, float]:
+    """The epilogue's runtime scalars (alpha, gain, clamp; clamp 0 when off)."""
+    return float(alpha), float(gain), float(clamp if clamp is not None else 0.0)
+
+
+def _epilogue_consts(
+    x: torch.Tensor, out: torch.Tensor, b: Optional[torch.Tensor], act: str, gain: float, clamp: Optional[float]
+) -> dict:
+    """The compile-time flags every conv kernel's epilogue and addressing take."""
+    return dict(
+        ACT=ACT_CODES[act],
+        HAS_BIAS=b is not None,
+        HAS_GAIN=float(gain) != 1.0,
+        HAS_CLAMP=clamp is not None,
+        X_INT32=span(x) <= INT32_LIMIT,
+        OUT_INT32=span(out) <= INT32_LIMIT,
+        PRECISION=_precision(x),
+    )
+
+
 def _launch(
     mode: int,
     x: torch.Tensor,
@@ -774,12 +810,7 @@ def _launch(
     gain: float,
     clamp: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if act not in ACT_CODES:
-        raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
-    n, ci, h, wd = x.shape
-    co = w.shape[0]
-    if w.shape[1] != ci:
-        raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    n, ci, h, wd, co = _checked_sizes(x, w, act)
     if mode == MODE_CONV:
         hb, wb, out_shape = h, wd, (n, co, h, wd)
     elif mode == MODE_POOL:
@@ -794,7 +825,7 @@ def _launch(
         return out, idx
 
     wp = packed_weight(w, x.dtype, phases=(mode == MODE_UP))
-    bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
+    bias = _bias_arg(b, x, wp)
     flat = ci < _FLAT_K_BELOW
     args = (
         x,
@@ -812,31 +843,23 @@ def _launch(
         m,
         *x.stride(),
         *out.stride(),
-        float(alpha),
-        float(gain),
-        float(clamp if clamp is not None else 0.0),
+        *_epilogue_args(alpha, gain, clamp),
     )
     consts = dict(
         CI=ci,
         CO=co,
         MODE=mode,
-        ACT=ACT_CODES[act],
-        HAS_BIAS=b is not None,
+        **_epilogue_consts(x, out, b, act, gain, clamp),
         # Narrow inputs, 16-bit: the bias may ride in K's padding (the kernel checks there is
         # one). Not for fp32, whose TF32 products would round the bias.
         BIAS_IN_K=b is not None and flat and x.dtype in (torch.float16, torch.bfloat16),
-        HAS_GAIN=float(gain) != 1.0,
-        HAS_CLAMP=clamp is not None,
         # The narrow-input path only (its epilogue is most of the kernel; the wide path's
         # static rows are recorded with the select form).
         LRELU_MAX=flat and act == "lrelu" and 0.0 < float(alpha) <= 1.0,
         FLAT_K=flat,
-        X_INT32=span(x) <= INT32_LIMIT,
-        OUT_INT32=span(out) <= INT32_LIMIT,
         # Only the narrow-input (first-layer) path takes it so far: the wide path's epilogue
         # is amortised over its K loop, and its static rows are recorded without it.
         OUT_DENSE_ROWS=flat and mode != MODE_UP and _dense_rows(out),
-        PRECISION=_precision(x),
     )
 
     phases = 4 if mode == MODE_UP else 1  # the up-conv's output phases are separate programs

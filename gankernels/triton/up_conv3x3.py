@@ -37,7 +37,7 @@ import triton.language as tl
 from gankernels.triton import conv3x3 as _conv
 from gankernels.triton.conv3x3 import _decode_rows, _epilogue
 from gankernels.triton.tuning import FamilyTuning
-from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
+from gankernels.triton.utils import INTERPRET
 
 __all__ = ["up_conv3x3_four_phase", "serves", "MIN_CI"]
 
@@ -442,12 +442,7 @@ def up_conv3x3_four_phase(
     here): ``x`` [N, Ci, H, W], ``w`` [Co, Ci, 3, 3], ``b`` [Co] or None, one dtype and
     device, a call ``supports_up_conv3x3`` accepts. Returns ``(out, saved)``: ``out``
     [N, Co, 2H, 2W] in x's memory format, ``saved`` an empty tensor."""
-    if act not in _conv.ACT_CODES:
-        raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(_conv.ACT_CODES)}")
-    n, ci, h, wd = x.shape
-    co = w.shape[0]
-    if w.shape[1] != ci:
-        raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    n, ci, h, wd, co = _conv._checked_sizes(x, w, act)
     out = _conv._empty_out((n, co, 2 * h, 2 * wd), x)
     saved = x.new_empty((0,))
     m = n * h * wd  # GEMM rows: low-resolution pixels
@@ -455,22 +450,15 @@ def up_conv3x3_four_phase(
         return out, saved
 
     wp = _conv.packed_weight(w, x.dtype, phases=True)
-    bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
+    bias = _conv._bias_arg(b, x, wp)
     zero_rows = x.stride(1) == 1
     zeros = _zero_row(ci, x) if zero_rows else wp  # dummy pointer when unused
-    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, *x.stride(), *out.stride(), float(alpha), float(gain))
-    args += (float(clamp if clamp is not None else 0.0),)
+    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, *x.stride(), *out.stride(), *_conv._epilogue_args(alpha, gain, clamp))
     consts = dict(
         CI=ci,
         CO=co,
-        ACT=_conv.ACT_CODES[act],
-        HAS_BIAS=b is not None,
-        HAS_GAIN=float(gain) != 1.0,
-        HAS_CLAMP=clamp is not None,
-        X_INT32=span(x) <= INT32_LIMIT,
-        OUT_INT32=span(out) <= INT32_LIMIT,
+        **_conv._epilogue_consts(x, out, b, act, gain, clamp),
         ZERO_ROWS=zero_rows,
-        PRECISION=_conv._precision(x),
     )
 
     def grid(meta):
@@ -478,6 +466,6 @@ def up_conv3x3_four_phase(
 
     if INTERPRET or x.device.type != "cuda":
         _up_conv3x3_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
-        return out, saved
-    _TUNING.launch(grid, args, consts, x.device, _conv.AUTOTUNE, {"x_ptr": x})
+    else:
+        _TUNING.launch(grid, args, consts, x.device, _conv.AUTOTUNE, {"x_ptr": x})
     return out, saved

@@ -45,7 +45,7 @@ from gankernels.triton import up_conv3x3 as _four
 from gankernels.triton.conv3x3 import _decode_rows
 from gankernels.triton.tuning import FamilyTuning
 from gankernels.triton.up_conv3x3 import _store_phase
-from gankernels.triton.utils import INT32_LIMIT, INTERPRET, span
+from gankernels.triton.utils import INTERPRET
 
 __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
 
@@ -315,12 +315,7 @@ def up_conv3x3_phase_pairs(
     here): ``x`` [N, Ci, H, W], ``w`` [Co, Ci, 3, 3], ``b`` [Co] or None, one dtype and
     device, a call ``supports_up_conv3x3`` accepts, ``x`` with channel stride 1. Returns ``(out, saved)``: ``out``
     [N, Co, 2H, 2W] in x's memory format, ``saved`` an empty tensor."""
-    if act not in _conv.ACT_CODES:
-        raise ValueError(f"act: unknown activation {act!r}; expected one of {tuple(_conv.ACT_CODES)}")
-    n, ci, h, wd = x.shape
-    co = w.shape[0]
-    if w.shape[1] != ci:
-        raise ValueError(f"w: has {w.shape[1]} input channels but x has {ci}")
+    n, ci, h, wd, co = _conv._checked_sizes(x, w, act)
     if x.stride(1) != 1 and ci > 1:
         raise ValueError(
             f"x: channel stride {x.stride(1)}; this kernel reads channels_last inputs (channel stride 1): "
@@ -333,21 +328,14 @@ def up_conv3x3_phase_pairs(
         return out, saved
 
     wp = _conv.packed_weight(w, x.dtype, phases=True, pairs=True)
-    bias = b.detach().to(x.dtype).contiguous() if b is not None else wp  # dummy pointer when absent
+    bias = _conv._bias_arg(b, x, wp)
     zeros = _four._zero_row(ci, x)
     sxn, _, sxh, sxw = x.stride()
-    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, sxn, sxh, sxw, *out.stride(), float(alpha), float(gain))
-    args += (float(clamp if clamp is not None else 0.0),)
+    args = (x, wp, bias, out, zeros, n, h, wd, ci, m, sxn, sxh, sxw, *out.stride(), *_conv._epilogue_args(alpha, gain, clamp))
     consts = dict(
         CI=ci,
         CO=co,
-        ACT=_conv.ACT_CODES[act],
-        HAS_BIAS=b is not None,
-        HAS_GAIN=float(gain) != 1.0,
-        HAS_CLAMP=clamp is not None,
-        X_INT32=span(x) <= INT32_LIMIT,
-        OUT_INT32=span(out) <= INT32_LIMIT,
-        PRECISION=_conv._precision(x),
+        **_conv._epilogue_consts(x, out, b, act, gain, clamp),
     )
 
     def grid(meta):
@@ -355,6 +343,6 @@ def up_conv3x3_phase_pairs(
 
     if INTERPRET or x.device.type != "cuda":
         _up_conv3x3_pairs_fwd_kernel[grid](*args, **consts, **_INTERPRETER_CONFIG)
-        return out, saved
-    _TUNING.launch(grid, args, consts, x.device, _conv.AUTOTUNE, {"x_ptr": x})
+    else:
+        _TUNING.launch(grid, args, consts, x.device, _conv.AUTOTUNE, {"x_ptr": x})
     return out, saved
