@@ -21,7 +21,7 @@ MARGIN = 0.03  # relative; instruction counts are deterministic for one triton r
 
 # A made-up function in `cuobjdump -sass` form: an outer loop (0x0040..0x00c0) around an
 # inner one (0x0060..0x00a0) that holds the MMA, a forward branch inside the outer loop,
-# and the `BRA self` trap after EXIT that is not a loop.
+# and the end padding (the `BRA self` trap after EXIT, alignment NOPs) that is never issued.
 _SASS = textwrap.dedent(
     """
     \tcode for sm_90a
@@ -43,13 +43,15 @@ _SASS = textwrap.dedent(
         /*00d0*/                   STG.E.U16 desc[UR4][R8.64], R5 ;
         /*00e0*/                   EXIT ;
         /*00f0*/                   BRA 0xf0;
+        /*0100*/                   NOP;
+        /*0110*/                   NOP;
     """
 )
 
 
 def test_parse_and_loops():
     ins = sass.parse(_SASS)
-    assert len(ins) == 16
+    assert len(ins) == 15 and ins[-1].op == "EXIT"  # the end padding is left out
     assert ins[5].guard == "@P0" and ins[5].op == "BRA" and ins[5].branch_target() == 0x90
     found = sass.loops(ins)
     assert [(lp.start, lp.end, lp.size) for lp in found] == [(0x60, 0xA0, 5), (0x40, 0xC0, 9)]
@@ -137,7 +139,7 @@ def test_memory_side_arithmetic():
     row = static_report.Row("forward", "conv3x3", "t", "c", True, "id", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16})
     row.num_warps, row.k_steps, row.hbm_bytes_per_cta = 8, 2, 1000.0
     static_report.analyse_sass(row, _SASS, "toy_kernel", row.blocks)
-    issue = (16 - 5) + 2 * 2.5
+    issue = (15 - 5) + 2 * 2.5  # 15 instructions: the end padding (BRA self, NOPs) is never issued
     assert row.memory_time_load == pytest.approx(issue * 2 / (1000.0 / static_report.HBM_BYTES_PER_SM_CYCLE))
     assert row.epilogue_floor_load == pytest.approx(16 * e / 32)  # K = 2 steps × 16
     assert row.memory_bound and row.judged_load == row.memory_time_load
@@ -199,14 +201,12 @@ FORWARD_MEMORY_BOUND = (
     "forward conv3x3 3->64 @128",
     "forward conv3x3_pool 3->64 @128",
 )
-# Forward rows still above the target on the load they are judged on, and why: the first
-# layer's conv issues 0.7 of its memory time (the epilogue alone 0.27); the pooled one
-# writes 4× fewer bytes for more epilogue work (window compares), so its issue exceeds its
-# memory time (issue-bound on the CUDA cores whatever the gather costs).
-FORWARD_ABOVE_TARGET = (
-    "forward conv3x3 3->64 @128",
-    "forward conv3x3_pool 3->64 @128",
-)
+# Forward rows still above the target on the load they are judged on, and why: the pooled
+# first layer writes 4× fewer bytes than the conv for more epilogue work (the tie rule
+# rounds every candidate, then the window compares), so its issue exceeds its memory time
+# (~1.0 is the floor of its exact fp32 form; 0.5 is out of reach of any exact form:
+# benchmarks/NOTES.md, "Compile-time addressing for the first layer").
+FORWARD_ABOVE_TARGET = ("forward conv3x3_pool 3->64 @128",)
 
 
 def test_recorded_forward_rows_meet_the_target():

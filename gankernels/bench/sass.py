@@ -115,7 +115,20 @@ def parse(sass: str, function: Optional[str] = None) -> list[Instruction]:
         out.append(Instruction(int(addr, 16), (guard or "").strip(), opcode, operands.strip()))
     if not out:
         raise ValueError(f"no instructions parsed for function {function!r}")
-    return out
+    return _without_end_padding(out)
+
+
+def _without_end_padding(instructions: list[Instruction]) -> list[Instruction]:
+    """``instructions`` without what follows the kernel's last instruction and is never
+    issued: the NOPs that pad the function to its alignment and the ``BRA`` to itself that
+    ptxas puts after the final ``EXIT`` (a trap no thread reaches)."""
+    end = len(instructions)
+    while end > 1 and instructions[end - 1].op == "NOP":
+        end -= 1
+    last = instructions[end - 1]
+    if end > 1 and last.branch_target() == last.address and instructions[end - 2].op == "EXIT":
+        end -= 1
+    return instructions[:end]
 
 
 @dataclasses.dataclass(frozen=True)

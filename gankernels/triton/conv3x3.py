@@ -88,6 +88,11 @@ _FLAT_K_BELOW = 16
 # orientation gives the same values).
 _LANES_ON_LAST_DIM = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 8))
 _INT32_MAX = 2**31 - 1
+# Every BLOCK_M divides it: a launch whose M does has no partial row tile (M_ALIGNED).
+_MAX_TILE_ROWS = tl.constexpr(MAX_TILE_ROWS)
+# The narrow path's compile-time addressing for dense channels_last tensors (DENSE_CL);
+# a test switches it off to compare against the runtime-stride form.
+_DENSE_CL = True
 
 
 # ----------------------------------------------------------------------------------
@@ -146,6 +151,15 @@ def _decode_rows(m, HB, WB):
     wb = WB.to(tl.uint32)
     t = um // wb
     return (t // hb).to(tl.int32), (t % hb).to(tl.int32), (um % wb).to(tl.int32)
+
+
+@triton.jit
+def _decode_rows_const(m, HB: tl.constexpr, WB: tl.constexpr):
+    """``_decode_rows`` for a grid known at compile time: divisions by constants (shifts
+    and masks for powers of two), no runtime division."""
+    um = m.to(tl.uint32)
+    t = um // WB
+    return (t // HB).to(tl.int32), (t % HB).to(tl.int32), (um % WB).to(tl.int32)
 
 
 @triton.jit
@@ -212,6 +226,10 @@ def _conv3x3_fwd_kernel(
     X_INT32: tl.constexpr,
     OUT_INT32: tl.constexpr,
     OUT_DENSE_ROWS: tl.constexpr,
+    M_ALIGNED: tl.constexpr,
+    DENSE_CL: tl.constexpr,
+    H_C: tl.constexpr,
+    W_C: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -231,6 +249,25 @@ def _conv3x3_fwd_kernel(
     else:
         BIAS_K: tl.constexpr = False
     EVEN_N: tl.constexpr = CO % BLOCK_N == 0
+    # M_ALIGNED: M is a multiple of every BLOCK_M, so no tile has rows past M (no row
+    # masks). DENSE_CL (narrow path, conv and pool): x and out are dense channels_last
+    # and the image size is the compile-time H_C × W_C, so the grid decoding divides by
+    # constants and every stride is a constant: a thread's input loads sit at immediate
+    # offsets from one pointer.
+    if M_ALIGNED:
+        tl.static_assert(_MAX_TILE_ROWS % BLOCK_M == 0)
+    if DENSE_CL:
+        tl.static_assert(FLAT_K and MODE != 2, "DENSE_CL is the narrow conv and pool paths' addressing")
+        if MODE == 1:
+            HB_C: tl.constexpr = H_C // 2
+            WB_C: tl.constexpr = W_C // 2
+        else:
+            HB_C: tl.constexpr = H_C
+            WB_C: tl.constexpr = W_C
+        SXC: tl.constexpr = 1
+        SXW: tl.constexpr = CI
+        SXH: tl.constexpr = W_C * CI
+        SXN: tl.constexpr = H_C * W_C * CI
 
     # Program order: Co tiles fastest, then (up-conv) the 4 output phases, then pixel
     # tiles, so the programs that read one tile of input pixels run together. Phases
@@ -261,17 +298,29 @@ def _conv3x3_fwd_kernel(
         # tiles start at multiples of 16, so its bit fields are the in-tile ones.
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.uint32)
         row_p = (((r >> 4) << 2) | ((r >> 1) & 3)).to(tl.int32)  # the row's pooled pixel
-        m_ok = row_p < M // 4
-        row_p = tl.where(m_ok, row_p, 0)
-        bn, bh, bw = _decode_rows(row_p, HB, WB)
+        if M_ALIGNED:
+            m_ok = tl.full((BLOCK_M,), 1, tl.int1)
+        else:
+            m_ok = row_p < M // 4
+            row_p = tl.where(m_ok, row_p, 0)
+        if DENSE_CL:
+            bn, bh, bw = _decode_rows_const(row_p, HB_C, WB_C)
+        else:
+            bn, bh, bw = _decode_rows(row_p, HB, WB)
         ch = bh * 2 + (r & 1).to(tl.int32)  # dy: row bit 0
         cw = bw * 2 + ((r >> 3) & 1).to(tl.int32)  # dx: row bit 3
     else:
         # Rows are output pixels (conv) or low-resolution pixels (up-conv).
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        offs_m = tl.where(m_ok, offs_m, 0)
-        bn, bh, bw = _decode_rows(offs_m, HB, WB)
+        if M_ALIGNED:
+            m_ok = tl.full((BLOCK_M,), 1, tl.int1)
+        else:
+            m_ok = offs_m < M
+            offs_m = tl.where(m_ok, offs_m, 0)
+        if DENSE_CL:
+            bn, bh, bw = _decode_rows_const(offs_m, HB_C, WB_C)
+        else:
+            bn, bh, bw = _decode_rows(offs_m, HB, WB)
         ch = bh
         cw = bw
     ar_k = tl.arange(0, BLOCK_K)
@@ -291,7 +340,13 @@ def _conv3x3_fwd_kernel(
         w_q = w_ptr
     # Each row's offset to its pixel (ih0, iw0): from x_ptr in 32 bits when x spans less
     # than 2^31 elements, else from the row's own image (64-bit base, 32-bit in-image offset).
-    if X_INT32:
+    if DENSE_CL and X_INT32:
+        a_base = x_ptr
+        row_off = bn * SXN + ih0 * SXH + iw0 * SXW
+    elif DENSE_CL:
+        a_base = x_ptr + bn.to(tl.int64) * SXN
+        row_off = ih0 * SXH + iw0 * SXW
+    elif X_INT32:
         a_base = x_ptr
         row_off = bn * sxn + ih0 * sxh + iw0 * sxw
     else:
@@ -300,10 +355,16 @@ def _conv3x3_fwd_kernel(
 
     # Bit tr·KT + tc of a row's mask: tap (tr, tc) reads inside the image (0 for rows
     # past M). Computed once, so a step tests one bit per row instead of four bounds.
+    if DENSE_CL:
+        H_IN = H_C
+        W_IN = W_C
+    else:
+        H_IN = H
+        W_IN = W
     tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for dr in tl.static_range(KT):
         for dc in tl.static_range(KT):
-            inside = m_ok & (ih0 + dr >= 0) & (ih0 + dr < H) & (iw0 + dc >= 0) & (iw0 + dc < W)
+            inside = m_ok & (ih0 + dr >= 0) & (ih0 + dr < H_IN) & (iw0 + dc >= 0) & (iw0 + dc < W_IN)
             tap_ok = tap_ok | (inside.to(tl.int32) << (dr * KT + dc))
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -322,17 +383,24 @@ def _conv3x3_fwd_kernel(
                 # Triton would then give K the lanes (many rows per thread, 6.5 KB of spills at
                 # Ci = 8). `one` (N >= 1 on every launch) hides that from its analysis.
                 one = (N > 0).to(tl.int32)
-                k_off = tr * sxh + tc * sxw + ci * (sxc * one)
+                if DENSE_CL:
+                    k_off = tr * SXH + tc * SXW + ci * one
+                else:
+                    k_off = tr * sxh + tc * sxw + ci * (sxc * one)
+            elif DENSE_CL:
+                k_off = tr * SXH + tc * SXW + ci * SXC  # a constant per register
             else:
                 k_off = tr * sxh + tc * sxw + ci * sxc
             # Rows on the dimension Triton gives the lanes (see _LANES_ON_LAST_DIM). A K column
-            # past KTOT has tap T, a bit no mask has.
+            # past KTOT has tap T, a bit no mask has. The row's pointer first, then the K
+            # offsets: constant ones fold into the loads' immediates.
+            row_ptr = a_base + row_off
             if _LANES_ON_LAST_DIM:
                 a_ok = ((tap_ok[None, :] >> tap[:, None]) & 1) != 0
-                a = tl.trans(tl.load(a_base + (k_off[:, None] + row_off[None, :]), mask=a_ok, other=0.0))
+                a = tl.trans(tl.load(row_ptr[None, :] + k_off[:, None], mask=a_ok, other=0.0))
             else:
                 a_ok = ((tap_ok[:, None] >> tap[None, :]) & 1) != 0
-                a = tl.load(a_base + (row_off[:, None] + k_off[None, :]), mask=a_ok, other=0.0)
+                a = tl.load(row_ptr[:, None] + k_off[None, :], mask=a_ok, other=0.0)
             b_ptrs = w_q + kk[:, None] * CO + offs_n[None, :]
             if BIAS_K:
                 # The bias as one more product, in the padding of K: column KTOT of A is 1,
@@ -388,7 +456,11 @@ def _conv3x3_fwd_kernel(
         else:
             yh = ch * 2 + q // 2
             yw = cw * 2 + q % 2
-        if OUT_DENSE_ROWS:  # the row's offset is m·sow: no (image, row, column) decoding
+        if DENSE_CL and OUT_INT32:  # dense channels_last: the row's offset is m·CO
+            o_ptrs = out_ptr + (offs_m * CO)[:, None] + offs_n[None, :]
+        elif DENSE_CL:
+            o_ptrs = out_ptr + (offs_m.to(tl.int64) * CO)[:, None] + offs_n[None, :]
+        elif OUT_DENSE_ROWS:  # the row's offset is m·sow: no (image, row, column) decoding
             if OUT_INT32:
                 o_ptrs = out_ptr + (offs_m * sow)[:, None] + (offs_n * soc)[None, :]
             else:
@@ -425,9 +497,16 @@ def _conv3x3_fwd_kernel(
         best_q = tl.reshape(best_q, (BLOCK_P, BLOCK_N))
 
         offs_p = pid_m * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < M // 4
-        offs_p = tl.where(p_ok, offs_p, 0)
-        if OUT_DENSE_ROWS:  # the pooled pixel's offset is p·sow: no decoding
+        if M_ALIGNED:
+            p_ok = tl.full((BLOCK_P,), 1, tl.int1)
+        else:
+            p_ok = offs_p < M // 4
+            offs_p = tl.where(p_ok, offs_p, 0)
+        if DENSE_CL and OUT_INT32:  # dense channels_last: the pooled pixel's offset is p·CO
+            o_row = offs_p * CO
+        elif DENSE_CL:
+            o_row = offs_p.to(tl.int64) * CO
+        elif OUT_DENSE_ROWS:  # the pooled pixel's offset is p·sow: no decoding
             if OUT_INT32:
                 o_row = offs_p * sow
             else:
@@ -764,6 +843,14 @@ def _dense_rows(out: torch.Tensor) -> bool:
     return (h == 1 or sh == w * sw) and (n_ == 1 or sn == h * w * sw)
 
 
+def _dense_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` [N, C, H, W] has the strides of a dense channels_last tensor (dims of
+    size 1 excepted: their index is always 0)."""
+    _, c, h, w = t.shape
+    want = (h * w * c, 1, w * c, c)
+    return all(size == 1 or st == wst for size, st, wst in zip(t.shape, t.stride(), want, strict=True))
+
+
 def _checked_sizes(x: torch.Tensor, w: torch.Tensor, act: str) -> tuple[int, int, int, int, int]:
     """``(N, Ci, H, W, Co)`` of a 3×3 call, after the checks every conv launcher makes."""
     if act not in ACT_CODES:
@@ -827,6 +914,7 @@ def _launch(
     wp = packed_weight(w, x.dtype, phases=(mode == MODE_UP))
     bias = _bias_arg(b, x, wp)
     flat = ci < _FLAT_K_BELOW
+    dense_cl = _DENSE_CL and flat and mode != MODE_UP and _dense_channels_last(x) and _dense_channels_last(out)
     args = (
         x,
         wp,
@@ -860,6 +948,12 @@ def _launch(
         # Only the narrow-input (first-layer) path takes it so far: the wide path's epilogue
         # is amortised over its K loop, and its static rows are recorded without it.
         OUT_DENSE_ROWS=flat and mode != MODE_UP and _dense_rows(out),
+        M_ALIGNED=m % MAX_TILE_ROWS == 0,
+        # The narrow path's compile-time addressing (see the kernel): one compilation per
+        # image size, which the tuning key (H, W) has anyway.
+        DENSE_CL=dense_cl,
+        H_C=h if dense_cl else 0,
+        W_C=wd if dense_cl else 0,
     )
 
     phases = 4 if mode == MODE_UP else 1  # the up-conv's output phases are separate programs

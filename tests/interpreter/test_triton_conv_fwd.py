@@ -159,6 +159,41 @@ def test_narrow_input_tile_orientations_agree(op, dtype, n, ci, h, w, layout, mo
     assert torch.equal(y2, y1) and torch.equal(s2, s1)
 
 
+@pytest.mark.parametrize("op", ("conv3x3", "conv3x3_pool"))
+@pytest.mark.parametrize(
+    "dtype,n,ci,h,w",
+    [
+        (torch.float32, 1, 3, 16, 16),  # RGB; M = 256 (pool: 4·64): whole row tiles, no row masks
+        (torch.float16, 2, 3, 8, 16),  # two images in one tile
+        (torch.float32, 1, 1, 17, 16),  # odd height: the pool drops the last row; M still whole tiles
+        (torch.float16, 1, 8, 16, 16),  # Ci a power of two (channel offsets hidden from the analysis)
+        (torch.float32, 3, 3, 5, 7),  # partial row tiles with compile-time addressing
+    ],
+)
+def test_dense_channels_last_addressing_agrees(op, dtype, n, ci, h, w, monkeypatch):
+    """The merged-K path's compile-time addressing of dense channels_last tensors
+    (DENSE_CL: constant strides and image size) and its row-mask-free form for whole row
+    tiles (M_ALIGNED) give the bits of the runtime-stride form, equal to the reference."""
+    x, wt, b = _make(n, ci, 5, h, w, dtype, "channels_last", True, 31)
+    assert tconv._dense_channels_last(x)
+    outs = {}
+    for dense in (True, False):
+        monkeypatch.setattr(tconv, "_DENSE_CL", dense)
+        outs[dense] = getattr(tconv, f"{op}_forward")(x, wt, b, "lrelu", 0.2, 1.0, None)
+    (y1, s1), (y0, s0) = outs[True], outs[False]
+    assert torch.equal(y1, y0) and torch.equal(s1, s0)
+    assert_close_rel(y1, _reference(op, x, wt, b, "lrelu", 0.2, 1.0, None), dtype=dtype)
+
+
+def test_dense_channels_last_detection():
+    x = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert tconv._dense_channels_last(x)
+    assert not tconv._dense_channels_last(torch.empty(2, 3, 4, 5))  # NCHW
+    assert not tconv._dense_channels_last(torch.empty(2, 3, 4, 6).contiguous(memory_format=torch.channels_last)[..., :5])
+    # A size-1 dimension's stride is never used: NCHW with one channel is dense channels_last.
+    assert tconv._dense_channels_last(torch.empty(2, 1, 4, 5))
+
+
 def _pool_positions(y64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's argmax of each 2×2 window as dy*2+dx, and the gap between the window's
     largest and second-largest value (to skip near-ties)."""
