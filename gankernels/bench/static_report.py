@@ -172,23 +172,29 @@ def epilogue_floor_load(k_total: int, macs_per_cycle: int) -> float:
     return issue_per_element / (k_total / macs_per_cycle)
 
 
-def forward_hbm_bytes_per_cta(jit_name: str, op: str, ci: int, co: int, h: int, blocks: dict, n: int) -> float:
-    """A CTA's share of the forward layer's compulsory HBM traffic (bf16, batch ``n``, H = W =
-    ``h``): the output written once (the pooled op: value and int8 position per pooled
-    pixel), the input, weights and bias read once, over the kernel's CTAs. Modelled for the
-    implicit-GEMM kernel's conv and pool (one CTA per BLOCK_M pixel rows × BLOCK_N output
-    channels); 0 elsewhere."""
-    if jit_name != "_conv3x3_fwd_kernel" or op not in ("conv", "pool"):
-        return 0.0
+def forward_hbm_bytes(op: str, ci: int, co: int, h: int, n: int) -> float:
+    """The forward conv or pooled conv layer's compulsory HBM traffic (bf16, batch ``n``,
+    H = W = ``h``): the output written once (the pooled op: value and int8 position per
+    pooled pixel), the input, weights and bias read once."""
     if op == "conv":
         out_bytes = n * co * h * h * ELEMENT_BYTES
-    else:
+    elif op == "pool":
         out_bytes = n * co * (h // 2) * (h // 2) * (ELEMENT_BYTES + 1)
+    else:
+        raise ValueError(f"op: the compulsory bytes are modelled for 'conv' and 'pool', not {op!r}")
     in_bytes = n * ci * h * h * ELEMENT_BYTES
     param_bytes = (9 * ci * co + co) * ELEMENT_BYTES
+    return float(out_bytes + in_bytes + param_bytes)
+
+
+def forward_hbm_bytes_per_cta(jit_name: str, op: str, ci: int, co: int, h: int, blocks: dict, n: int) -> float:
+    """A CTA's share of :func:`forward_hbm_bytes`. Modelled for the implicit-GEMM kernel's
+    conv and pool (one CTA per BLOCK_M pixel rows × BLOCK_N output channels); 0 elsewhere."""
+    if jit_name != "_conv3x3_fwd_kernel" or op not in ("conv", "pool"):
+        return 0.0
     rows = n * h * h if op == "conv" else n * (h // 2) * (h // 2) * 4  # GEMM rows (pool: 4 per pooled pixel)
     ctas = math.ceil(rows / blocks["BLOCK_M"]) * math.ceil(co / blocks["BLOCK_N"])
-    return (out_bytes + in_bytes + param_bytes) / ctas
+    return forward_hbm_bytes(op, ci, co, h, n) / ctas
 
 
 def ctas_per_sm(num_warps: int, registers: int, smem: int) -> tuple[int, str]:

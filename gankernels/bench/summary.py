@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from gankernels.bench import bound_vs_time, static_report
 from gankernels.bench.report import fmt_ms, load_results
 from gankernels.bench.targets import COPY_BANDWIDTH, MET, TRAIN_MEMORY, verdicts
 
@@ -59,6 +60,22 @@ def _tests_line(folder: Path, stages: list[dict]) -> Optional[str]:
     return None
 
 
+def _bound_tables(runs: list[Path]) -> list[str]:
+    """The static bound beside each run's Triton kernel times (:mod:`gankernels.bench.bound_vs_time`),
+    for the runs that timed a forward row the report has."""
+    out: list[str] = []
+    for run in runs:
+        try:
+            results = load_results(run)
+            static_path = bound_vs_time.static_path_for(results)
+            found = bound_vs_time.rows(results, static_report.load(static_path))
+        except (OSError, ValueError, KeyError):
+            continue  # no recorded report for this triton, or no results: nothing to set beside
+        if found:
+            out += ["", f"{run.name}: " + bound_vs_time.markdown(found, results, str(static_path)).rstrip()]
+    return out
+
+
 def render(folder: Path) -> str:
     stages = read_stages(folder)
     lines: list[str] = [f"== summary of {folder}"]
@@ -93,6 +110,7 @@ def render(folder: Path) -> str:
             vs = f" vs {v.against} {fmt_ms(v.against_ms)} ms" if v.against else ""
             gk = f"{v.gankernels} {fmt_ms(v.gankernels_ms)} ms{vs}" if v.gankernels_ms else ""
             lines.append(f"| {name} | {v.case} | {v.target.describe()} | {_reached(v)} {gk} | {verdict} |")
+    lines += _bound_tables(runs)
     host = folder / "host" / "host_cost.md"
     if host.exists():  # the host-cost stage: its table as written
         lines += ["", *host.read_text().strip().splitlines()[2:]]
