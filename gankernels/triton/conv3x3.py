@@ -90,8 +90,8 @@ _LANES_ON_LAST_DIM = tl.constexpr(tuple(int(v) for v in triton.__version__.split
 _INT32_MAX = 2**31 - 1
 # Every BLOCK_M divides it: a launch whose M does has no partial row tile (M_ALIGNED).
 _MAX_TILE_ROWS = tl.constexpr(MAX_TILE_ROWS)
-# The narrow path's compile-time addressing for dense channels_last tensors (DENSE_CL);
-# a test switches it off to compare against the runtime-stride form.
+# Compile-time addressing for dense channels_last tensors (DENSE_CL, conv and pool); a
+# test switches it off to compare against the runtime-stride form.
 _DENSE_CL = True
 
 
@@ -250,14 +250,14 @@ def _conv3x3_fwd_kernel(
         BIAS_K: tl.constexpr = False
     EVEN_N: tl.constexpr = CO % BLOCK_N == 0
     # M_ALIGNED: M is a multiple of every BLOCK_M, so no tile has rows past M (no row
-    # masks). DENSE_CL (narrow path, conv and pool): x and out are dense channels_last
-    # and the image size is the compile-time H_C × W_C, so the grid decoding divides by
-    # constants and every stride is a constant: a thread's input loads sit at immediate
-    # offsets from one pointer.
+    # masks). DENSE_CL (conv and pool): x and out are dense channels_last and the image
+    # size is the compile-time H_C × W_C, so the grid decoding divides by constants and
+    # every stride is a constant: the narrow path's input loads sit at immediate offsets
+    # from one pointer, the wide path's steps add constants, and output rows sit m·CO apart.
     if M_ALIGNED:
         tl.static_assert(_MAX_TILE_ROWS % BLOCK_M == 0)
     if DENSE_CL:
-        tl.static_assert(FLAT_K and MODE != 2, "DENSE_CL is the narrow conv and pool paths' addressing")
+        tl.static_assert(MODE != 2, "DENSE_CL is the conv and pool kernels' addressing")
         if MODE == 1:
             HB_C: tl.constexpr = H_C // 2
             WB_C: tl.constexpr = W_C // 2
@@ -433,7 +433,11 @@ def _conv3x3_fwd_kernel(
                 k_ok = ci0 + ar_k < CI
                 a_ok = row_in[:, None] & k_ok[None, :]
                 w_k_ok = k_ok[:, None]
-            a = tl.load(a_base + (tr * sxh + tc * sxw + ci0 * sxc) + a_off, mask=a_ok, other=0.0)
+            if DENSE_CL:
+                tap_off = tr * SXH + tc * SXW + ci0
+            else:
+                tap_off = tr * sxh + tc * sxw + ci0 * sxc
+            a = tl.load(a_base + tap_off + a_off, mask=a_ok, other=0.0)
             b_ptrs = w_q + (tap * CI + ci0) * CO + b_off
             if EVEN_K and EVEN_N:
                 bmat = tl.load(b_ptrs)
@@ -914,7 +918,7 @@ def _launch(
     wp = packed_weight(w, x.dtype, phases=(mode == MODE_UP))
     bias = _bias_arg(b, x, wp)
     flat = ci < _FLAT_K_BELOW
-    dense_cl = _DENSE_CL and flat and mode != MODE_UP and _dense_channels_last(x) and _dense_channels_last(out)
+    dense_cl = _DENSE_CL and mode != MODE_UP and _dense_channels_last(x) and _dense_channels_last(out)
     args = (
         x,
         wp,
@@ -941,16 +945,15 @@ def _launch(
         # Narrow inputs, 16-bit: the bias may ride in K's padding (the kernel checks there is
         # one). Not for fp32, whose TF32 products would round the bias.
         BIAS_IN_K=b is not None and flat and x.dtype in (torch.float16, torch.bfloat16),
-        # The narrow-input path only (its epilogue is most of the kernel; the wide path's
-        # static rows are recorded with the select form).
-        LRELU_MAX=flat and act == "lrelu" and 0.0 < float(alpha) <= 1.0,
+        # The leaky ReLU as max(p, alpha·p): the select form's bits in one instruction less.
+        LRELU_MAX=act == "lrelu" and 0.0 < float(alpha) <= 1.0,
         FLAT_K=flat,
         # Only the narrow-input (first-layer) path takes it so far: the wide path's epilogue
         # is amortised over its K loop, and its static rows are recorded without it.
         OUT_DENSE_ROWS=flat and mode != MODE_UP and _dense_rows(out),
         M_ALIGNED=m % MAX_TILE_ROWS == 0,
-        # The narrow path's compile-time addressing (see the kernel): one compilation per
-        # image size, which the tuning key (H, W) has anyway.
+        # Compile-time addressing (see the kernel): one compilation per image size, which
+        # the tuning key (H, W) has anyway.
         DENSE_CL=dense_cl,
         H_C=h if dense_cl else 0,
         W_C=wd if dense_cl else 0,

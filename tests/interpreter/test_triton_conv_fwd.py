@@ -168,12 +168,14 @@ def test_narrow_input_tile_orientations_agree(op, dtype, n, ci, h, w, layout, mo
         (torch.float32, 1, 1, 17, 16),  # odd height: the pool drops the last row; M still whole tiles
         (torch.float16, 1, 8, 16, 16),  # Ci a power of two (channel offsets hidden from the analysis)
         (torch.float32, 3, 3, 5, 7),  # partial row tiles with compile-time addressing
+        (torch.float32, 1, 17, 16, 16),  # the per-tap (wide) path: partial K chunks
+        (torch.float16, 2, 32, 6, 7),  # the wide path, odd sizes
     ],
 )
 def test_dense_channels_last_addressing_agrees(op, dtype, n, ci, h, w, monkeypatch):
-    """The merged-K path's compile-time addressing of dense channels_last tensors
-    (DENSE_CL: constant strides and image size) and its row-mask-free form for whole row
-    tiles (M_ALIGNED) give the bits of the runtime-stride form, equal to the reference."""
+    """The compile-time addressing of dense channels_last tensors (DENSE_CL: constant
+    strides and image size; merged-K and per-tap paths) and the row-mask-free form for whole
+    row tiles (M_ALIGNED) give the bits of the runtime-stride form, equal to the reference."""
     x, wt, b = _make(n, ci, 5, h, w, dtype, "channels_last", True, 31)
     assert tconv._dense_channels_last(x)
     outs = {}
