@@ -855,6 +855,20 @@ def _dense_channels_last(t: torch.Tensor) -> bool:
     return all(size == 1 or st == wst for size, st, wst in zip(t.shape, t.stride(), want, strict=True))
 
 
+def _addressing_consts(x: torch.Tensor, out: torch.Tensor, m: int, dense_ok: bool = True) -> dict:
+    """The compile-time addressing flags of the conv kernels for ``m`` GEMM rows: M_ALIGNED
+    (m a multiple of every BLOCK_M: no row masks) and, where ``dense_ok`` and x and out are
+    dense channels_last, DENSE_CL with the image size H_C × W_C (one compilation per image
+    size, which the tuning keys (H, W) have anyway)."""
+    dense = _DENSE_CL and dense_ok and _dense_channels_last(x) and _dense_channels_last(out)
+    return dict(
+        M_ALIGNED=m % MAX_TILE_ROWS == 0,
+        DENSE_CL=dense,
+        H_C=x.shape[2] if dense else 0,
+        W_C=x.shape[3] if dense else 0,
+    )
+
+
 def _checked_sizes(x: torch.Tensor, w: torch.Tensor, act: str) -> tuple[int, int, int, int, int]:
     """``(N, Ci, H, W, Co)`` of a 3×3 call, after the checks every conv launcher makes."""
     if act not in ACT_CODES:
@@ -918,7 +932,6 @@ def _launch(
     wp = packed_weight(w, x.dtype, phases=(mode == MODE_UP))
     bias = _bias_arg(b, x, wp)
     flat = ci < _FLAT_K_BELOW
-    dense_cl = _DENSE_CL and mode != MODE_UP and _dense_channels_last(x) and _dense_channels_last(out)
     args = (
         x,
         wp,
@@ -951,12 +964,7 @@ def _launch(
         # Only the narrow-input (first-layer) path takes it so far: the wide path's epilogue
         # is amortised over its K loop, and its static rows are recorded without it.
         OUT_DENSE_ROWS=flat and mode != MODE_UP and _dense_rows(out),
-        M_ALIGNED=m % MAX_TILE_ROWS == 0,
-        # Compile-time addressing (see the kernel): one compilation per image size, which
-        # the tuning key (H, W) has anyway.
-        DENSE_CL=dense_cl,
-        H_C=h if dense_cl else 0,
-        W_C=wd if dense_cl else 0,
+        **_addressing_consts(x, out, m, dense_ok=mode != MODE_UP),
     )
 
     phases = 4 if mode == MODE_UP else 1  # the up-conv's output phases are separate programs

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from gankernels.triton import conv3x3 as _conv
-from gankernels.triton.conv3x3 import _decode_rows, _epilogue
+from gankernels.triton.conv3x3 import _MAX_TILE_ROWS, _decode_rows, _decode_rows_const, _epilogue
 from gankernels.triton.tuning import FamilyTuning
 from gankernels.triton.utils import INTERPRET
 
@@ -203,6 +203,10 @@ def _up_conv3x3_fwd_kernel(
     X_INT32: tl.constexpr,
     OUT_INT32: tl.constexpr,
     ZERO_ROWS: tl.constexpr,
+    M_ALIGNED: tl.constexpr,
+    DENSE_CL: tl.constexpr,
+    H_C: tl.constexpr,
+    W_C: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -210,6 +214,29 @@ def _up_conv3x3_fwd_kernel(
 ):
     EVEN_N: tl.constexpr = CO % BLOCK_N == 0
     EVEN_K: tl.constexpr = CI % BLOCK_K == 0
+    # As conv3x3's kernel: M_ALIGNED, no row masks (M a multiple of every BLOCK_M);
+    # DENSE_CL, x and out dense channels_last of H_C × W_C images: the grid decoding divides
+    # by constants and every stride is a constant.
+    if M_ALIGNED:
+        tl.static_assert(_MAX_TILE_ROWS % BLOCK_M == 0)
+    if DENSE_CL:
+        H_IN = H_C
+        W_IN = W_C
+        SXN: tl.constexpr = H_C * W_C * CI
+        SXH: tl.constexpr = W_C * CI
+        SXW: tl.constexpr = CI
+        SON: tl.constexpr = 4 * H_C * W_C * CO
+        SOH: tl.constexpr = 2 * W_C * CO
+        SOW: tl.constexpr = CO
+    else:
+        H_IN = H
+        W_IN = W
+        SXN = sxn
+        SXH = sxh
+        SXW = sxw
+        SON = son
+        SOH = soh
+        SOW = sow
 
     # Co tiles fastest, so the programs that read one tile of input pixels run together.
     pid = tl.program_id(0)
@@ -220,10 +247,16 @@ def _up_conv3x3_fwd_kernel(
     # Rows: low-resolution pixels, 32-bit (the host keeps M + BLOCK_M below 2^31).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < CO
-    offs_m = tl.where(m_ok, offs_m, 0)
-    bn, bh, bw = _decode_rows(offs_m, H, W)
+    if M_ALIGNED:
+        m_ok = tl.full((BLOCK_M,), 1, tl.int1)
+    else:
+        m_ok = offs_m < M
+        offs_m = tl.where(m_ok, offs_m, 0)
+    if DENSE_CL:
+        bn, bh, bw = _decode_rows_const(offs_m, H_C, W_C)
+    else:
+        bn, bh, bw = _decode_rows(offs_m, H, W)
     ar_k = tl.arange(0, BLOCK_K)
 
     # Bit (dr + 1)·3 + (dc + 1) of a row's mask: the pixel at shift (dr, dc) is inside the
@@ -232,21 +265,21 @@ def _up_conv3x3_fwd_kernel(
     tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for r in tl.static_range(3):
         for c in tl.static_range(3):
-            inside = m_ok & (bh + r - 1 >= 0) & (bh + r - 1 < H) & (bw + c - 1 >= 0) & (bw + c - 1 < W)
+            inside = m_ok & (bh + r - 1 >= 0) & (bh + r - 1 < H_IN) & (bw + c - 1 >= 0) & (bw + c - 1 < W_IN)
             tap_ok = tap_ok | (inside.to(tl.int32) << (r * 3 + c))
     # Each row's offset to its own pixel (the shift (0, 0)): from x_ptr in 32 bits when x
     # spans less than 2^31 elements, else from the row's image (64-bit base).
     if X_INT32:
         a_rows = x_ptr
-        row_off = bn * sxn + bh * sxh + bw * sxw
+        row_off = bn * SXN + bh * SXH + bw * SXW
     else:
-        a_rows = (x_ptr + bn.to(tl.int64) * sxn)[:, None]
-        row_off = bh * sxh + bw * sxw
-    # The 8 non-zero shifts as element offsets (scalars: uniform registers).
-    up = -sxh
-    down = sxh
-    left = -sxw
-    right = sxw
+        a_rows = (x_ptr + bn.to(tl.int64) * SXN)[:, None]
+        row_off = bh * SXH + bw * SXW
+    # The 8 non-zero shifts as element offsets (scalars: uniform registers, or constants).
+    up = -SXH
+    down = SXH
+    left = -SXW
+    right = SXW
 
     acc00 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc01 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -313,15 +346,15 @@ def _up_conv3x3_fwd_kernel(
         bias = None
     # Output pixel (2i + a, 2j + c): the row's (2i, 2j) plus a scalar per phase.
     if OUT_INT32:  # the output spans < 2^31 elements: 32-bit offsets
-        o_ptrs = out_ptr + (bn * son + (2 * bh) * soh + (2 * bw) * sow)[:, None] + (offs_n * soc)[None, :]
+        o_ptrs = out_ptr + (bn * SON + (2 * bh) * SOH + (2 * bw) * SOW)[:, None] + (offs_n * soc)[None, :]
     else:
-        o_row = bn.to(tl.int64) * son + (2 * bh).to(tl.int64) * soh + (2 * bw).to(tl.int64) * sow
+        o_row = bn.to(tl.int64) * SON + (2 * bh).to(tl.int64) * SOH + (2 * bw).to(tl.int64) * SOW
         o_ptrs = out_ptr + o_row[:, None] + (offs_n.to(tl.int64) * soc)[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
     _store_phase(acc00, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
-    _store_phase(acc01, bias, out_ptr, o_ptrs + sow, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
-    _store_phase(acc10, bias, out_ptr, o_ptrs + soh, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
-    _store_phase(acc11, bias, out_ptr, o_ptrs + (soh + sow), o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_phase(acc01, bias, out_ptr, o_ptrs + SOW, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_phase(acc10, bias, out_ptr, o_ptrs + SOH, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_phase(acc11, bias, out_ptr, o_ptrs + (SOH + SOW), o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
 
 
 # ----------------------------------------------------------------------------------
@@ -459,6 +492,7 @@ def up_conv3x3_four_phase(
         CO=co,
         **_conv._epilogue_consts(x, out, b, act, gain, clamp),
         ZERO_ROWS=zero_rows,
+        **_conv._addressing_consts(x, out, m),
     )
 
     def grid(meta):

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from gankernels.triton import conv3x3 as _conv
 from gankernels.triton import up_conv3x3 as _four
-from gankernels.triton.conv3x3 import _decode_rows
+from gankernels.triton.conv3x3 import _decode_rows, _decode_rows_const
 from gankernels.triton.tuning import FamilyTuning
 from gankernels.triton.up_conv3x3 import _store_phase
 from gankernels.triton.utils import INTERPRET
@@ -131,6 +131,10 @@ def _up_conv3x3_pairs_fwd_kernel(
     HAS_CLAMP: tl.constexpr,
     X_INT32: tl.constexpr,
     OUT_INT32: tl.constexpr,
+    M_ALIGNED: tl.constexpr,
+    DENSE_CL: tl.constexpr,
+    H_C: tl.constexpr,
+    W_C: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -138,6 +142,29 @@ def _up_conv3x3_pairs_fwd_kernel(
 ):
     EVEN_N: tl.constexpr = CO % BLOCK_N == 0
     EVEN_K: tl.constexpr = CI % BLOCK_K == 0
+    # As conv3x3's kernel: M_ALIGNED, no row masks (M a multiple of every BLOCK_M);
+    # DENSE_CL, x and out dense channels_last of H_C × W_C images: the grid decoding divides
+    # by constants and every stride is a constant.
+    if M_ALIGNED:
+        tl.static_assert(_conv._MAX_TILE_ROWS % BLOCK_M == 0)
+    if DENSE_CL:
+        H_IN = H_C
+        W_IN = W_C
+        SXN: tl.constexpr = H_C * W_C * CI
+        SXH: tl.constexpr = W_C * CI
+        SXW: tl.constexpr = CI
+        SON: tl.constexpr = 4 * H_C * W_C * CO
+        SOH: tl.constexpr = 2 * W_C * CO
+        SOW: tl.constexpr = CO
+    else:
+        H_IN = H
+        W_IN = W
+        SXN = sxn
+        SXH = sxh
+        SXW = sxw
+        SON = son
+        SOH = soh
+        SOW = sow
 
     pid = tl.program_id(0)
     num_n: tl.constexpr = (CO + BLOCK_N - 1) // BLOCK_N
@@ -147,9 +174,15 @@ def _up_conv3x3_pairs_fwd_kernel(
     # Rows: (image, r, column j) on an N × (H + 1) × W grid (M of them); row r covers
     # output rows 2r − 1 and 2r (both read input rows r − 1 and r), columns 2j, 2j + 1.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_m = tl.where(m_ok, offs_m, 0)
-    bn, br, bw = _decode_rows(offs_m, H + 1, W)
+    if M_ALIGNED:
+        m_ok = tl.full((BLOCK_M,), 1, tl.int1)
+    else:
+        m_ok = offs_m < M
+        offs_m = tl.where(m_ok, offs_m, 0)
+    if DENSE_CL:
+        bn, br, bw = _decode_rows_const(offs_m, H_C + 1, W_C)
+    else:
+        bn, br, bw = _decode_rows(offs_m, H + 1, W)
     # Accumulator column j (of both, one per output column parity c): output row
     # 2r − 1 + j // BLOCK_N, channel co.
     ar_j = tl.arange(0, 2 * BLOCK_N)
@@ -161,17 +194,17 @@ def _up_conv3x3_pairs_fwd_kernel(
     tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for dr in tl.static_range(2):
         for dc in tl.static_range(3):
-            inside = m_ok & (br + dr - 1 >= 0) & (br + dr - 1 < H) & (bw + dc - 1 >= 0) & (bw + dc - 1 < W)
+            inside = m_ok & (br + dr - 1 >= 0) & (br + dr - 1 < H_IN) & (bw + dc - 1 >= 0) & (bw + dc - 1 < W_IN)
             tap_ok = tap_ok | (inside.to(tl.int32) << (dr * 3 + dc))
     if X_INT32:
         a_rows = x_ptr
-        row_off = bn * sxn + br * sxh + bw * sxw
+        row_off = bn * SXN + br * SXH + bw * SXW
     else:
-        a_rows = (x_ptr + bn.to(tl.int64) * sxn)[:, None]
-        row_off = br * sxh + bw * sxw
-    up = -sxh
-    left = -sxw
-    right = sxw
+        a_rows = (x_ptr + bn.to(tl.int64) * SXN)[:, None]
+        row_off = br * SXH + bw * SXW
+    up = -SXH
+    left = -SXW
+    right = SXW
 
     # K inside a chunk: q < BLOCK_K reads input row r − 1 (tap row 0 of both output rows),
     # the rest input row r (tap row 1), channel q % BLOCK_K.
@@ -208,15 +241,15 @@ def _up_conv3x3_pairs_fwd_kernel(
     # Output pixel (2r − 1 + h, 2j + c): row 2r − 1 exists from r = 1 on, row 2r up to
     # r = H − 1.
     if OUT_INT32:
-        o_row = bn * son + (2 * br - 1) * soh + (2 * bw) * sow
-        o_ptrs = out_ptr + o_row[:, None] + (col_h * soh + offs_co * soc)[None, :]
+        o_row = bn * SON + (2 * br - 1) * SOH + (2 * bw) * SOW
+        o_ptrs = out_ptr + o_row[:, None] + (col_h * SOH + offs_co * soc)[None, :]
     else:
-        o_row = bn.to(tl.int64) * son + (2 * br - 1).to(tl.int64) * soh + (2 * bw).to(tl.int64) * sow
-        o_ptrs = out_ptr + o_row[:, None] + (col_h.to(tl.int64) * soh + offs_co.to(tl.int64) * soc)[None, :]
+        o_row = bn.to(tl.int64) * SON + (2 * br - 1).to(tl.int64) * SOH + (2 * bw).to(tl.int64) * SOW
+        o_ptrs = out_ptr + o_row[:, None] + (col_h.to(tl.int64) * SOH + offs_co.to(tl.int64) * soc)[None, :]
     row_ok = tl.where(col_h[None, :] == 0, (br >= 1)[:, None], (br < H)[:, None])
     o_mask = m_ok[:, None] & n_ok[None, :] & row_ok
     _store_phase(acc0, bias, out_ptr, o_ptrs, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
-    _store_phase(acc1, bias, out_ptr, o_ptrs + sow, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
+    _store_phase(acc1, bias, out_ptr, o_ptrs + SOW, o_mask, alpha, gain, clamp, ACT, HAS_BIAS, HAS_GAIN, HAS_CLAMP)
 
 
 # ----------------------------------------------------------------------------------
@@ -336,6 +369,7 @@ def up_conv3x3_phase_pairs(
         CI=ci,
         CO=co,
         **_conv._epilogue_consts(x, out, b, act, gain, clamp),
+        **_conv._addressing_consts(x, out, m),
     )
 
     def grid(meta):

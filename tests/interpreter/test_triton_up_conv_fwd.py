@@ -152,3 +152,29 @@ def test_phase_weights_follow_the_parameter_version():
     out2, _ = tup.up_conv3x3_four_phase(x, wt, b, "linear", 0.2, 1.0, None)
     assert_close_rel(out2, reference(x, wt, b, "linear", 0.2, 1.0, None), dtype=torch.float32)
     assert not torch.allclose(out1, out2)
+
+
+@pytest.mark.parametrize(
+    "kernel,dtype,n,ci,co,h,w",
+    [
+        ("four_phase", torch.float32, 1, 16, 8, 16, 16),  # M = 256: whole row tiles, no row masks
+        ("four_phase", torch.float16, 2, 17, 5, 5, 7),  # partial tiles, odd sizes
+        ("pairs", torch.float32, 1, 16, 8, 15, 16),  # M = 1·16·16 row pairs: whole row tiles
+        ("pairs", torch.float16, 2, 17, 5, 5, 7),
+    ],
+)
+def test_dense_channels_last_addressing_agrees(kernel, dtype, n, ci, co, h, w, monkeypatch):
+    """Both up-conv kernels' compile-time addressing of dense channels_last tensors
+    (DENSE_CL) and row-mask-free whole tiles (M_ALIGNED) give the bits of the runtime-stride
+    form, equal to the reference."""
+    from gankernels.triton import up_conv3x3_pairs as tpair
+
+    fn = tup.up_conv3x3_four_phase if kernel == "four_phase" else tpair.up_conv3x3_phase_pairs
+    x, wt, b = make_inputs(n, ci, co, h, w, dtype, "channels_last", True, 41)
+    assert tconv._dense_channels_last(x)
+    outs = {}
+    for dense in (True, False):
+        monkeypatch.setattr(tconv, "_DENSE_CL", dense)
+        outs[dense], _ = fn(x, wt, b, "lrelu", 0.2, 1.0, None)
+    assert torch.equal(outs[True], outs[False])
+    assert_close_rel(outs[True], reference(x, wt, b, "lrelu", 0.2, 1.0, None), dtype=dtype)
