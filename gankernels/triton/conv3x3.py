@@ -849,10 +849,9 @@ def _dense_rows(out: torch.Tensor) -> bool:
 
 def _dense_channels_last(t: torch.Tensor) -> bool:
     """Whether ``t`` [N, C, H, W] has the strides of a dense channels_last tensor (dims of
-    size 1 excepted: their index is always 0)."""
-    _, c, h, w = t.shape
-    want = (h * w * c, 1, w * c, c)
-    return all(size == 1 or st == wst for size, st, wst in zip(t.shape, t.stride(), want, strict=True))
+    size 1 excepted: their index is always 0), which is PyTorch's own channels_last
+    contiguity test (one C++ call: this runs on every launch)."""
+    return t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _addressing_consts(x: torch.Tensor, out: torch.Tensor, m: int, dense_ok: bool = True) -> dict:
@@ -861,12 +860,8 @@ def _addressing_consts(x: torch.Tensor, out: torch.Tensor, m: int, dense_ok: boo
     dense channels_last, DENSE_CL with the image size H_C × W_C (one compilation per image
     size, which the tuning keys (H, W) have anyway)."""
     dense = _DENSE_CL and dense_ok and _dense_channels_last(x) and _dense_channels_last(out)
-    return dict(
-        M_ALIGNED=m % MAX_TILE_ROWS == 0,
-        DENSE_CL=dense,
-        H_C=x.shape[2] if dense else 0,
-        W_C=x.shape[3] if dense else 0,
-    )
+    h, w = (x.shape[2], x.shape[3]) if dense else (0, 0)
+    return {"M_ALIGNED": m % MAX_TILE_ROWS == 0, "DENSE_CL": dense, "H_C": h, "W_C": w}
 
 
 def _checked_sizes(x: torch.Tensor, w: torch.Tensor, act: str) -> tuple[int, int, int, int, int]:
