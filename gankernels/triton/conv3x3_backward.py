@@ -482,27 +482,36 @@ _M_GRANULE = max(c.kwargs["BLOCK_M"] for c in _wgrad_configs())
 @triton.jit
 def _dgrad_kernel(
     gp_ptr, wt_ptr, gx_ptr, gx_s0, gx_s1, gx_s2, gx_s3,
-    N, H, W, Ci, Co, ROWS, FRONT, N_STEPS,
+    N, H: tl.constexpr, W: tl.constexpr, Ci: tl.constexpr, Co: tl.constexpr, ROWS, FRONT, N_STEPS,
     MODE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, K_CHUNKS: tl.constexpr,
-    PAIRS: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr, IDX64: tl.constexpr, M_ALIGNED: tl.constexpr, GX_CL: tl.constexpr, GX_INT32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gx[n, ci, h, w] = Σ_taps Σ_co G[plane(tap), pixel + shift(tap), co] · wt[tap, ci, co]
     (``wt`` the forward's packed ``[taps·Ci, Co]`` weight, read transposed). With PAIRS
     (up-conv, BLOCK_K = 2·Co) a step is the tap pair (2s + 1, 2s): see
-    :func:`_dgrad_pairs_taps`."""
+    :func:`_dgrad_pairs_taps`.
+
+    The image size and channel counts are compile-time constants (each layer is its own
+    compilation anyway): the pixel decoding divides by constants, the tap shifts and the
+    row strides are constants. M_ALIGNED: N·H·W is a multiple of BLOCK_M (no row masks);
+    GX_CL: gx is dense channels_last (pixel m's channels at m·Ci)."""
     pid = tl.program_id(0)
-    num_n = tl.cdiv(Ci, BLOCK_N)
+    num_n: tl.constexpr = (Ci + BLOCK_N - 1) // BLOCK_N
     pid_n = pid % num_n
     pid_m = pid // num_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * H * W
-    offs_m = tl.where(m_ok, offs_m, 0)  # rows past the end read pixel 0; never stored
-    xw = offs_m % W
-    t = offs_m // W
-    xh = t % H
-    nn = t // H
-    WP2 = W + 2
+    if M_ALIGNED:
+        m_ok = tl.full((BLOCK_M,), 1, tl.int1)
+    else:
+        m_ok = offs_m < N * H * W
+        offs_m = tl.where(m_ok, offs_m, 0)  # rows past the end read pixel 0; never stored
+    um = offs_m.to(tl.uint32)  # >= 0: unsigned division by the constants
+    xw = (um % W).to(tl.int32)
+    t = um // W
+    xh = (t % H).to(tl.int32)
+    nn = (t // H).to(tl.int32)
+    WP2: tl.constexpr = W + 2
     # Each row's grid row, computed once; a tap adds a scalar.
     if IDX64:
         row = FRONT + (nn.to(tl.int64) * (H + 2) + xh + 1) * WP2 + xw + 1
@@ -548,7 +557,12 @@ def _dgrad_kernel(
             a = tl.load(a_base + a_offs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_base + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    gx_off = nn.to(tl.int64)[:, None] * gx_s0 + offs_n[None, :] * gx_s1 + xh[:, None] * gx_s2 + xw[:, None] * gx_s3
+    if GX_CL and GX_INT32:
+        gx_off = offs_m[:, None] * Ci + offs_n[None, :]
+    elif GX_CL:
+        gx_off = offs_m.to(tl.int64)[:, None] * Ci + offs_n[None, :]
+    else:
+        gx_off = nn.to(tl.int64)[:, None] * gx_s0 + offs_n[None, :] * gx_s1 + xh[:, None] * gx_s2 + xw[:, None] * gx_s3
     tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -938,7 +952,8 @@ def _launch_dgrad(mode: int, gp: torch.Tensor, wt: torch.Tensor, x: torch.Tensor
     _dgrad_kernel[(triton.cdiv(n * h * wd, bm) * triton.cdiv(ci, bn),)](
         gp, wt, gx, *gx.stride(), n, h, wd, ci, co, grid.rows, grid.front, _NTAP[mode] // 2 if pairs else _NTAP[mode] * k_chunks,
         MODE=mode, EVEN_N=ci % bn == 0, EVEN_K=pairs or co % bk == 0, K_CHUNKS=k_chunks, PAIRS=pairs,
-        IDX64=gp.numel() > INT32_LIMIT, PRECISION=precision,
+        IDX64=gp.numel() > INT32_LIMIT, M_ALIGNED=(n * h * wd) % bm == 0,
+        GX_CL=gx.is_contiguous(memory_format=torch.channels_last), GX_INT32=gx.numel() <= INT32_LIMIT, PRECISION=precision,
     )
     return gx
 

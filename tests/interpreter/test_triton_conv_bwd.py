@@ -196,6 +196,14 @@ def test_split_k_is_deterministic_and_correct(op):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_whole_row_tiles(op, layout):
+    # N·H·W = 256 input pixels: dgrad's row tiles are whole (no row masks, M_ALIGNED), and
+    # a dense channels_last gx is stored at pixel·Ci (GX_CL); NCHW keeps the strided store.
+    check(op, (1, 16, 8, 16, 16), torch.float32, layout, "lrelu", 1.0, None, seed=19)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_wide_tiles_even_channels(op):
     # Co = 64 takes wgrad's unswapped tile (Co on the MMA's M side) and channel counts that
     # the tiles divide take the mask-free loads of both GEMMs.
