@@ -280,9 +280,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--ema: must be in [0, 1) (0 = off), got {args.ema}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution & (args.resolution - 1)):
         p.error(f"--resolution: must be a power of two >= 8 (4·2^k), got {args.resolution}")
-    if args.d_depth is not None and args.resolution is not None and 2**args.d_depth > args.resolution:
-        p.error(f"--d-depth: {args.d_depth} blocks halve {args.resolution}² below 1×1; at most {int(math.log2(args.resolution))}")
+    if args.d_depth is not None and args.resolution is not None and (why := d_depth_problem(args.d_depth, args.resolution)):
+        p.error(why)
     return args
+
+
+def d_depth_problem(d_depth: int, resolution: int) -> Optional[str]:
+    """Why ``d_depth`` discriminator blocks cannot run at ``resolution`` (each halves it), or
+    None. Checked at parsing when --resolution is given, else once the default is filled."""
+    if 2**d_depth > resolution:
+        return f"--d-depth: {d_depth} blocks halve {resolution}² below 1×1; at most {int(math.log2(resolution))}"
+    return None
 
 
 def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
@@ -301,10 +309,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Na
         args.d_width = args.width
     if args.d_depth is None:
         args.d_depth = int(math.log2(args.resolution // 4))
-    elif 2**args.d_depth > args.resolution:
-        raise SystemExit(
-            f"--d-depth: {args.d_depth} blocks halve {args.resolution}² below 1×1; at most {int(math.log2(args.resolution))}"
-        )
+    elif why := d_depth_problem(args.d_depth, args.resolution):
+        raise SystemExit(why)
     if args.lr_d is None:
         args.lr_d = args.lr
     if args.sample_every is None:

@@ -482,3 +482,16 @@ def test_captured_step_warms_up_each_kind_then_captures_once_and_replays(monkeyp
     assert kinds[12:] == ["replay"] * 4 and set(captured.graphs) == {True, False}
     assert events[7][2:] == (32.0 * 6, pytest.approx(0.56))  # the capture read the static copies
     assert captured.real.sum() == 32.0 * 11 and float(captured.ema_beta) == pytest.approx(0.61)
+
+
+def test_d_depth_checked_against_the_resolution_given_or_defaulted(capsys):
+    """Too many discriminator blocks for the resolution is refused with one message: at
+    parsing when --resolution is given, once the default is filled otherwise."""
+    assert tg.d_depth_problem(3, 8) is None and tg.d_depth_problem(4, 16) is None
+    assert "at most 3" in tg.d_depth_problem(4, 8)
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--resolution", "8", "--d-depth", "4"])
+    assert "--d-depth: 4 blocks halve 8² below 1×1; at most 3" in capsys.readouterr().err
+    args = tg.parse_args(["--d-depth", "6"])  # the default resolution is not known yet
+    with pytest.raises(SystemExit, match="--d-depth: 6 blocks halve 32² below 1×1; at most 5"):
+        tg.fill_defaults(args, torch.device("cpu"))
