@@ -227,14 +227,16 @@ def _gp_kernel(
     a_ptr, a_s0, a_s1, a_s2, a_s3,
     i_ptr, i_s0, i_s1, i_s2, i_s3,
     gp_ptr, bpart_ptr,
-    N, H, W, Co, Hp, Wp, ROWS, FRONT,
+    N, H: tl.constexpr, W: tl.constexpr, Co: tl.constexpr, Hp: tl.constexpr, Wp: tl.constexpr, ROWS, FRONT,
     alpha, gain, clamp,
     MODE: tl.constexpr, FROM_Y: tl.constexpr, ACT: tl.constexpr, HAS_CLAMP: tl.constexpr,
     HAS_BIAS: tl.constexpr, IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """G[plane, row, co] = gp at the row's pixel (0 off the images), in gp's dtype, and
     bpart[plane, row block, co] = Σ_rows gp (fp32). Planes: the up-conv's 4 output phases
-    (a, c) on the low-resolution grid; one full-resolution plane otherwise."""
+    (a, c) on the low-resolution grid; one full-resolution plane otherwise. The image sizes
+    and Co are compile-time constants (each layer compiles once anyway): the grid decoding
+    divides by constants."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     plane = tl.program_id(2)
