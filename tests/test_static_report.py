@@ -259,3 +259,26 @@ def test_memory_bound_rows_not_regressed(what, recorded, measured):
         f"(+{MARGIN:.0%}); {row.instructions_per_step:.0f} instructions per warp, by class {row.by_class}. "
         "If intended, rerun `python -m gankernels.bench static` to record it."
     )
+
+
+@pytest.fixture(scope="module")
+def helpers_measured():
+    from gankernels.bench import static_helpers
+
+    return {r["key"]: r for r in static_helpers.measure()}
+
+
+def test_backward_helpers_not_regressed(helpers_measured):
+    """The backward's memory-bound helper kernels (``python -m gankernels.bench.static_helpers``):
+    their instructions per warp stay within the margin of the recorded counts (the pooled
+    block's gp kernel issues more than its memory time: a rise is a slowdown)."""
+    from gankernels.bench import static_helpers
+
+    path = static_report.default_out_dir() / "helpers.json"
+    if not path.exists():
+        pytest.skip(f"no helper counts recorded for triton {static_report.triton_version()} ({path})")
+    recorded = static_helpers.load(path)
+    assert sorted(recorded) == sorted(helpers_measured), "rerun `python -m gankernels.bench.static_helpers` to record"
+    for key, old in recorded.items():
+        now = helpers_measured[key]["instructions"]
+        assert now <= old["instructions"] * (1 + MARGIN), f"{key}: {now} instructions per warp > recorded {old['instructions']}"
