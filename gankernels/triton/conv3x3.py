@@ -163,6 +163,24 @@ def _decode_rows_const(m, HB: tl.constexpr, WB: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(offs_m, M, HB, WB, HB_C: tl.constexpr, WB_C: tl.constexpr, M_ALIGNED: tl.constexpr, DENSE_CL: tl.constexpr):
+    """A tile's GEMM rows ``offs_m`` on an N×HB×WB grid of M rows: ``(offs_m, m_ok, n, row,
+    column)``, rows past M clamped to 0 and masked off. M_ALIGNED (M a multiple of every
+    BLOCK_M): no mask. DENSE_CL: the grid is the compile-time HB_C × WB_C (decoding by
+    constants)."""
+    if M_ALIGNED:
+        m_ok = tl.full(offs_m.shape, 1, tl.int1)
+    else:
+        m_ok = offs_m < M
+        offs_m = tl.where(m_ok, offs_m, 0)
+    if DENSE_CL:
+        bn, bh, bw = _decode_rows_const(offs_m, HB_C, WB_C)
+    else:
+        bn, bh, bw = _decode_rows(offs_m, HB, WB)
+    return offs_m, m_ok, bn, bh, bw
+
+
+@triton.jit
 def _widen(v):
     """``v`` (the output dtype) exactly in fp32, to pool with fp32 compares and selects.
     For bf16 by the bit shift, which LLVM does not fold back into bf16x2 compares: those
@@ -256,14 +274,15 @@ def _conv3x3_fwd_kernel(
     # from one pointer, the wide path's steps add constants, and output rows sit m·CO apart.
     if M_ALIGNED:
         tl.static_assert(_MAX_TILE_ROWS % BLOCK_M == 0)
+    # The compile-time grid (0 without DENSE_CL): pooled pixels for the pool.
+    if MODE == 1:
+        HB_C: tl.constexpr = H_C // 2
+        WB_C: tl.constexpr = W_C // 2
+    else:
+        HB_C: tl.constexpr = H_C
+        WB_C: tl.constexpr = W_C
     if DENSE_CL:
         tl.static_assert(MODE != 2, "DENSE_CL is the conv and pool kernels' addressing")
-        if MODE == 1:
-            HB_C: tl.constexpr = H_C // 2
-            WB_C: tl.constexpr = W_C // 2
-        else:
-            HB_C: tl.constexpr = H_C
-            WB_C: tl.constexpr = W_C
         SXC: tl.constexpr = 1
         SXW: tl.constexpr = CI
         SXH: tl.constexpr = W_C * CI
@@ -298,29 +317,13 @@ def _conv3x3_fwd_kernel(
         # tiles start at multiples of 16, so its bit fields are the in-tile ones.
         r = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.uint32)
         row_p = (((r >> 4) << 2) | ((r >> 1) & 3)).to(tl.int32)  # the row's pooled pixel
-        if M_ALIGNED:
-            m_ok = tl.full((BLOCK_M,), 1, tl.int1)
-        else:
-            m_ok = row_p < M // 4
-            row_p = tl.where(m_ok, row_p, 0)
-        if DENSE_CL:
-            bn, bh, bw = _decode_rows_const(row_p, HB_C, WB_C)
-        else:
-            bn, bh, bw = _decode_rows(row_p, HB, WB)
+        row_p, m_ok, bn, bh, bw = _tile_rows(row_p, M // 4, HB, WB, HB_C, WB_C, M_ALIGNED, DENSE_CL)
         ch = bh * 2 + (r & 1).to(tl.int32)  # dy: row bit 0
         cw = bw * 2 + ((r >> 3) & 1).to(tl.int32)  # dx: row bit 3
     else:
         # Rows are output pixels (conv) or low-resolution pixels (up-conv).
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if M_ALIGNED:
-            m_ok = tl.full((BLOCK_M,), 1, tl.int1)
-        else:
-            m_ok = offs_m < M
-            offs_m = tl.where(m_ok, offs_m, 0)
-        if DENSE_CL:
-            bn, bh, bw = _decode_rows_const(offs_m, HB_C, WB_C)
-        else:
-            bn, bh, bw = _decode_rows(offs_m, HB, WB)
+        offs_m, m_ok, bn, bh, bw = _tile_rows(offs_m, M, HB, WB, HB_C, WB_C, M_ALIGNED, DENSE_CL)
         ch = bh
         cw = bw
     ar_k = tl.arange(0, BLOCK_K)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from gankernels.triton import conv3x3 as _conv
-from gankernels.triton.conv3x3 import _MAX_TILE_ROWS, _decode_rows, _decode_rows_const, _epilogue
+from gankernels.triton.conv3x3 import _MAX_TILE_ROWS, _epilogue, _tile_rows
 from gankernels.triton.tuning import FamilyTuning
 from gankernels.triton.utils import INTERPRET
 
@@ -171,6 +171,17 @@ def _store_phase(
 # compilations). The channel counts come twice, as in conv3x3's kernel: constexpr CI, CO
 # (no division in the weight addressing, masks vanish where the tiles divide them) and the
 # runtime Ci for the K loop's trip count (a constant one makes ptxas unroll the loop whole).
+@triton.jit
+def _up_strides(sxn, sxh, sxw, son, soh, sow, H, W, H_C: tl.constexpr, W_C: tl.constexpr, CI: tl.constexpr,
+                CO: tl.constexpr, DENSE_CL: tl.constexpr):  # fmt: skip
+    """(H, W, x's image/row/pixel strides, out's image/row/pixel strides) of an up-conv
+    launch: DENSE_CL (x and out dense channels_last of H_C × W_C inputs) makes them all
+    constants, else the runtime ones."""
+    if DENSE_CL:
+        return H_C, W_C, H_C * W_C * CI, W_C * CI, CI, 4 * H_C * W_C * CO, 2 * W_C * CO, CO
+    return H, W, sxn, sxh, sxw, son, soh, sow
+
+
 @triton.jit(do_not_specialize=["N", "H", "W", "M"])
 def _up_conv3x3_fwd_kernel(
     x_ptr,
@@ -219,24 +230,7 @@ def _up_conv3x3_fwd_kernel(
     # by constants and every stride is a constant.
     if M_ALIGNED:
         tl.static_assert(_MAX_TILE_ROWS % BLOCK_M == 0)
-    if DENSE_CL:
-        H_IN = H_C
-        W_IN = W_C
-        SXN: tl.constexpr = H_C * W_C * CI
-        SXH: tl.constexpr = W_C * CI
-        SXW: tl.constexpr = CI
-        SON: tl.constexpr = 4 * H_C * W_C * CO
-        SOH: tl.constexpr = 2 * W_C * CO
-        SOW: tl.constexpr = CO
-    else:
-        H_IN = H
-        W_IN = W
-        SXN = sxn
-        SXH = sxh
-        SXW = sxw
-        SON = son
-        SOH = soh
-        SOW = sow
+    H_IN, W_IN, SXN, SXH, SXW, SON, SOH, SOW = _up_strides(sxn, sxh, sxw, son, soh, sow, H, W, H_C, W_C, CI, CO, DENSE_CL)
 
     # Co tiles fastest, so the programs that read one tile of input pixels run together.
     pid = tl.program_id(0)
@@ -248,15 +242,7 @@ def _up_conv3x3_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < CO
-    if M_ALIGNED:
-        m_ok = tl.full((BLOCK_M,), 1, tl.int1)
-    else:
-        m_ok = offs_m < M
-        offs_m = tl.where(m_ok, offs_m, 0)
-    if DENSE_CL:
-        bn, bh, bw = _decode_rows_const(offs_m, H_C, W_C)
-    else:
-        bn, bh, bw = _decode_rows(offs_m, H, W)
+    offs_m, m_ok, bn, bh, bw = _tile_rows(offs_m, M, H, W, H_C, W_C, M_ALIGNED, DENSE_CL)
     ar_k = tl.arange(0, BLOCK_K)
 
     # Bit (dr + 1)·3 + (dc + 1) of a row's mask: the pixel at shift (dr, dc) is inside the

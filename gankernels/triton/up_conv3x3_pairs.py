@@ -42,9 +42,9 @@ import triton.language as tl
 
 from gankernels.triton import conv3x3 as _conv
 from gankernels.triton import up_conv3x3 as _four
-from gankernels.triton.conv3x3 import _decode_rows, _decode_rows_const
+from gankernels.triton.conv3x3 import _tile_rows
 from gankernels.triton.tuning import FamilyTuning
-from gankernels.triton.up_conv3x3 import _store_phase
+from gankernels.triton.up_conv3x3 import _store_phase, _up_strides
 from gankernels.triton.utils import INTERPRET
 
 __all__ = ["up_conv3x3_phase_pairs", "serves", "MAX_CO"]
@@ -147,24 +147,7 @@ def _up_conv3x3_pairs_fwd_kernel(
     # by constants and every stride is a constant.
     if M_ALIGNED:
         tl.static_assert(_conv._MAX_TILE_ROWS % BLOCK_M == 0)
-    if DENSE_CL:
-        H_IN = H_C
-        W_IN = W_C
-        SXN: tl.constexpr = H_C * W_C * CI
-        SXH: tl.constexpr = W_C * CI
-        SXW: tl.constexpr = CI
-        SON: tl.constexpr = 4 * H_C * W_C * CO
-        SOH: tl.constexpr = 2 * W_C * CO
-        SOW: tl.constexpr = CO
-    else:
-        H_IN = H
-        W_IN = W
-        SXN = sxn
-        SXH = sxh
-        SXW = sxw
-        SON = son
-        SOH = soh
-        SOW = sow
+    H_IN, W_IN, SXN, SXH, SXW, SON, SOH, SOW = _up_strides(sxn, sxh, sxw, son, soh, sow, H, W, H_C, W_C, CI, CO, DENSE_CL)
 
     pid = tl.program_id(0)
     num_n: tl.constexpr = (CO + BLOCK_N - 1) // BLOCK_N
@@ -174,15 +157,7 @@ def _up_conv3x3_pairs_fwd_kernel(
     # Rows: (image, r, column j) on an N × (H + 1) × W grid (M of them); row r covers
     # output rows 2r − 1 and 2r (both read input rows r − 1 and r), columns 2j, 2j + 1.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if M_ALIGNED:
-        m_ok = tl.full((BLOCK_M,), 1, tl.int1)
-    else:
-        m_ok = offs_m < M
-        offs_m = tl.where(m_ok, offs_m, 0)
-    if DENSE_CL:
-        bn, br, bw = _decode_rows_const(offs_m, H_C + 1, W_C)
-    else:
-        bn, br, bw = _decode_rows(offs_m, H + 1, W)
+    offs_m, m_ok, bn, br, bw = _tile_rows(offs_m, M, H + 1, W, H_C + 1, W_C, M_ALIGNED, DENSE_CL)
     # Accumulator column j (of both, one per output column parity c): output row
     # 2r − 1 + j // BLOCK_N, channel co.
     ar_j = tl.arange(0, 2 * BLOCK_N)
