@@ -60,13 +60,12 @@ def _tests_line(folder: Path, stages: list[dict]) -> Optional[str]:
     return None
 
 
-def _bound_tables(runs: list[Path]) -> list[str]:
+def _bound_tables(loaded: list[tuple[Path, dict]]) -> list[str]:
     """The static bound beside each run's Triton kernel times (:mod:`gankernels.bench.bound_vs_time`),
-    for the runs that timed a forward row the report has."""
+    for the runs (folder, results) that timed a forward row the report has."""
     out: list[str] = []
-    for run in runs:
+    for run, results in loaded:
         try:
-            results = load_results(run)
             static_path = bound_vs_time.static_path_for(results)
             found = bound_vs_time.rows(results, static_report.load(static_path))
         except (OSError, ValueError, KeyError):
@@ -81,12 +80,14 @@ def render(folder: Path) -> str:
     lines: list[str] = [f"== summary of {folder}"]
     runs = sorted(p.parent for p in folder.glob("*/results.json"))
     all_verdicts = []
+    loaded: list[tuple[Path, dict]] = []
     for run in runs:
         try:
             results = load_results(run)
         except (OSError, ValueError) as e:
             lines.append(f"- {run.name}: unreadable results ({e})")
             continue
+        loaded.append((run, results))
         env = results["env"]
         cases = results["cases"]
         ok = sum(1 for c in cases if c["best_gankernels"])
@@ -110,7 +111,7 @@ def render(folder: Path) -> str:
             vs = f" vs {v.against} {fmt_ms(v.against_ms)} ms" if v.against else ""
             gk = f"{v.gankernels} {fmt_ms(v.gankernels_ms)} ms{vs}" if v.gankernels_ms else ""
             lines.append(f"| {name} | {v.case} | {v.target.describe()} | {_reached(v)} {gk} | {verdict} |")
-    lines += _bound_tables(runs)
+    lines += _bound_tables(loaded)
     host = folder / "host" / "host_cost.md"
     if host.exists():  # the host-cost stage: its table as written
         lines += ["", *host.read_text().strip().splitlines()[2:]]
