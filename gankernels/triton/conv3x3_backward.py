@@ -65,6 +65,7 @@ import triton.language as tl
 
 from gankernels.ops import reference as ref
 from gankernels.ops.dispatch import get_impl, register, registered_backends
+from gankernels.triton.conv3x3 import _tile_rows
 from gankernels.triton.utils import INT32_LIMIT, INTERPRET, ROW_INDEX_LIMIT, empty
 
 try:  # The forward family (issue 4): its packed weights and pre-activation recompute.
@@ -503,16 +504,8 @@ def _dgrad_kernel(
     pid_n = pid % num_n
     pid_m = pid // num_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if M_ALIGNED:
-        m_ok = tl.full((BLOCK_M,), 1, tl.int1)
-    else:
-        m_ok = offs_m < N * H * W
-        offs_m = tl.where(m_ok, offs_m, 0)  # rows past the end read pixel 0; never stored
-    um = offs_m.to(tl.uint32)  # >= 0: unsigned division by the constants
-    xw = (um % W).to(tl.int32)
-    t = um // W
-    xh = (t % H).to(tl.int32)
-    nn = (t // H).to(tl.int32)
+    # Rows past the end read pixel 0 and are never stored; H, W constant: the decoding divides by constants.
+    offs_m, m_ok, nn, xh, xw = _tile_rows(offs_m, N * H * W, H, W, H, W, M_ALIGNED, True)
     WP2: tl.constexpr = W + 2
     # Each row's grid row, computed once; a tap adds a scalar.
     if IDX64:
